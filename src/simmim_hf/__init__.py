@@ -1,0 +1,35 @@
+"""simmim_hf: SimMIM masked image modeling as a first-class Hugging Face citizen.
+
+Importing the package registers `SimMIMConfig` and the models with `AutoConfig`, `AutoModel` and
+`AutoModelForMaskedImageModeling`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
+
+from .configuration_simmim import PRESETS, SimMIMConfig
+from .convert import export_encoder, from_transformers, to_transformers
+from .masking import SimMIMMaskGenerator
+from .modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel, SimMIMPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register("simmim", SimMIMConfig, exist_ok=True)
+AutoModel.register(SimMIMConfig, SimMIMModel, exist_ok=True)
+AutoModelForMaskedImageModeling.register(SimMIMConfig, SimMIMForMaskedImageModeling, exist_ok=True)
+# save_pretrained also writes the two source files and an `auto_map`, so checkpoints load with
+# `trust_remote_code=True` on machines without simmim_hf.
+SimMIMConfig.register_for_auto_class()
+SimMIMModel.register_for_auto_class("AutoModel")
+SimMIMForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
+
+__all__ = [
+    "PRESETS",
+    "SimMIMConfig",
+    "SimMIMForMaskedImageModeling",
+    "SimMIMMaskGenerator",
+    "SimMIMModel",
+    "SimMIMPreTrainedModel",
+    "export_encoder",
+    "from_transformers",
+    "to_transformers",
+]

@@ -99,7 +99,9 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_fashion_mnist(split: str = "train", directory: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(
+    split: str = "train", directory: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Returns `(images, labels)`: images `(N, 28, 28)` uint8, labels `(N,)` int64. `split` is "train" or "test"."""
     if split not in FILES:
         raise ValueError(f"split must be one of {sorted(FILES)}, got {split!r}")

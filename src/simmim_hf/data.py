@@ -1,0 +1,249 @@
+"""The pretraining data pipeline: which images to read, and how to stream them to the DataLoader.
+
+`load_pretrain_dataset` returns a `datasets` dataset whose examples are `{"pixel_values": (C, H, W) float tensor}`.
+Streaming (the default) goes: `load_dataset(..., streaming=True)` -> keep the image column, cast it to
+`Image(decode=False)` (bytes only) -> `shuffle(seed, buffer_size)` -> `split_dataset_by_node(rank, world_size)` ->
+`map(decode + transform)` -> drop undecodable images. Decoding and augmentation therefore run lazily inside the
+DataLoader workers. Feed the result to `simmim_hf.collate.StreamLoader`, which repeats it endlessly (one reshuffled
+epoch after another, bounded by the Trainer's `max_steps`) and can save/restore the stream position.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import PIL.Image
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from .transforms import ImageDecoder, build_pretrain_transform
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST = "fashion-mnist"
+# Fallback names when no column is typed `Image` (e.g. a parquet file with raw bytes, or a webdataset "jpg" key).
+IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
+# Shards used when the embedded Fashion-MNIST is streamed; 48 splits evenly over 1, 2, 3, 4, 6, 8, 12, ... readers.
+FASHION_MNIST_SHARDS = 48
+
+
+@dataclass
+class DataArguments:
+    """Which images to pretrain on and how to read them (parsed by `transformers.HfArgumentParser`)."""
+
+    dataset_name: str = field(
+        default=FASHION_MNIST,
+        metadata={
+            "help": "A Hub dataset id, a local builder (`webdataset`, `parquet`, `imagefolder`, with --data_files or "
+            "--data_dir), a folder written by `save_to_disk`, or `fashion-mnist` (the embedded default corpus)."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    data_files: list[str] | None = field(
+        default=None, metadata={"help": "Data files or globs for a local builder, e.g. `shards/train-*.tar`."}
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "Data folder for a local builder or a Hub dataset."})
+    train_split: str = field(default="train", metadata={"help": "The split to pretrain on."})
+    streaming: bool = field(
+        default=True,
+        metadata={"help": "Stream the data (no full download, lazy decoding); `--streaming false` loads map-style."},
+    )
+    image_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "The image column. Default: the single column typed Image, else a column named "
+            + "/".join(IMAGE_COLUMN_NAMES)
+            + "."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000, metadata={"help": "Examples held in the streaming shuffle buffer (per DataLoader worker)."}
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Truncate each epoch to about this many images in total (for quick runs). When streaming it is "
+            "split evenly over ranks and DataLoader workers."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data_files, str):
+            self.data_files = [self.data_files]
+        if self.shuffle_buffer_size < 1:
+            raise ValueError(f"shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"max_train_samples must be >= 1, got {self.max_train_samples}")
+
+
+def detect_image_column(features: datasets.Features | Sequence[str] | None, image_column: str | None = None) -> str:
+    """Picks the image column from a dataset's `features` (or bare column names when the types are unknown).
+
+    An explicit `image_column` must exist. Otherwise: the single `Image`-typed feature; failing that, the single column
+    named one of `IMAGE_COLUMN_NAMES`. Raises `ValueError` listing the columns when there is none or more than one.
+    """
+    columns = list(features or [])
+    if image_column is not None:
+        if image_column not in columns:
+            raise ValueError(f"image_column {image_column!r} is not a column of the dataset; columns: {columns}")
+        return image_column
+    if isinstance(features, (datasets.Features, dict)):
+        typed = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+        if len(typed) == 1:
+            return typed[0]
+        if len(typed) > 1:
+            raise ValueError(f"Several Image columns {typed}: pass --image_column. Columns: {columns}")
+    named = [name for name in columns if name.lower() in IMAGE_COLUMN_NAMES]
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        raise ValueError(f"Several candidate image columns {named}: pass --image_column. Columns: {columns}")
+    raise ValueError(f"No image column found (looked for an Image feature or {IMAGE_COLUMN_NAMES}); columns: {columns}")
+
+
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    folder = Path(path)
+    return folder.is_dir() and any((folder / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
+def fashion_mnist_subset(split: str = "train", max_samples: int | None = None) -> datasets.Dataset:
+    """The embedded Fashion-MNIST as a map-style dataset (`image` PIL "L", `label`), encoding only the rows kept."""
+    from .fashion_mnist import CLASS_NAMES, load_fashion_mnist
+
+    images, labels = load_fashion_mnist(split)
+    if max_samples is not None:
+        images, labels = images[:max_samples], labels[:max_samples]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
+    return datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+
+
+def load_source_dataset(
+    name: str,
+    config_name: str | None = None,
+    split: str = "train",
+    data_files: str | Sequence[str] | None = None,
+    data_dir: str | None = None,
+    streaming: bool = False,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Opens one split of any supported source: `fashion-mnist`, a `save_to_disk` folder, or `load_dataset(name)`."""
+    if name == FASHION_MNIST:
+        dataset = fashion_mnist_subset(split)
+        return dataset.to_iterable_dataset(num_shards=FASHION_MNIST_SHARDS) if streaming else dataset
+    if is_saved_dataset(name):
+        loaded = datasets.load_from_disk(name)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"split {split!r} not in the saved dataset {name}; splits: {list(loaded)}")
+            loaded = loaded[split]
+        return loaded.to_iterable_dataset(num_shards=max(1, len(loaded.data.blocks))) if streaming else loaded
+    if isinstance(data_files, str):
+        data_files = [data_files]
+    files = {split: list(data_files)} if data_files else None
+    return datasets.load_dataset(
+        name, config_name, data_dir=data_dir, data_files=files, split=split, streaming=streaming
+    )
+
+
+def check_shard_count(num_shards: int, world_size: int = 1, num_workers: int = 0, source: str = "") -> bool:
+    """Warns unless `num_shards` is a multiple of `world_size * max(1, num_workers)`; returns whether it is.
+
+    Streaming splits a dataset by *shards* (files): with fewer shards than readers some workers idle, and with an
+    uneven count some readers see more data than others.
+    """
+    readers = world_size * max(1, num_workers)
+    if num_shards % readers == 0:
+        return True
+    logger.warning(
+        "The dataset %s has %d shard(s), not a multiple of world_size * num_workers = %d * %d = %d readers: some "
+        "readers will get more data than others, or none. A local imagefolder streams as ONE shard; write tar or "
+        "parquet shards with `scripts/prepare_data.py --num_shards N` (N a multiple of the reader count).",
+        source,
+        num_shards,
+        world_size,
+        max(1, num_workers),
+        readers,
+    )
+    return False
+
+
+def load_pretrain_dataset(
+    data_args: DataArguments,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    *,
+    config: Any = None,
+    transform: Callable[[PIL.Image.Image], torch.Tensor] | None = None,
+) -> datasets.IterableDataset | datasets.Dataset:
+    """The pretraining stream for one rank: examples `{"pixel_values": (C, H, W) float tensor}`.
+
+    Args:
+        data_args: where to read images from.
+        seed: shuffle seed; must be the same on every rank (the shard order is shuffled with it before splitting).
+        rank, world_size: this process's slice; streaming splits by shards (`split_dataset_by_node`).
+        num_workers: DataLoader workers per rank, only used to check the shard count and split `max_train_samples`.
+        config: a SimMIMConfig-like object for `build_pretrain_transform`; or pass `transform` directly.
+        transform: PIL image -> tensor; overrides `config`.
+
+    Streaming returns a `datasets.IterableDataset`, decoded and transformed lazily, undecodable images dropped (the
+    decoder's counter is `dataset.simmim_decoder.num_skipped` in the process that iterates it). Map-style
+    (`streaming=False`) returns a `datasets.Dataset` whose `with_transform` yields `None` for an undecodable image,
+    which `SimMIMCollator` drops; it is not split by rank (the Trainer's distributed sampler does that).
+    """
+    if transform is None:
+        if config is None:
+            raise ValueError("load_pretrain_dataset needs `config` (to build the transform) or `transform`")
+        transform = build_pretrain_transform(config)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    dataset = load_source_dataset(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_split,
+        data_args.data_files,
+        data_args.data_dir,
+        streaming=data_args.streaming,
+    )
+    features = dataset.features
+    if features is None:  # some streaming builders only know their columns after reading
+        features = list(next(iter(dataset)).keys())
+    column = detect_image_column(features, data_args.image_column)
+    dataset = dataset.select_columns([column])
+    if column != "pixel_values":
+        # Named like the model input, so the Trainer's `remove_unused_columns` keeps it.
+        dataset = dataset.rename_column(column, "pixel_values")
+    dataset = dataset.cast_column("pixel_values", datasets.Image(decode=False))
+    decoder = ImageDecoder(transform)
+
+    if not data_args.streaming:
+        if data_args.max_train_samples is not None:
+            dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
+        dataset = dataset.with_transform(decoder.decode_batch)
+        dataset.simmim_decoder = decoder
+        return dataset
+
+    check_shard_count(dataset.num_shards, world_size, num_workers, source=data_args.dataset_name)
+    dataset = dataset.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    if world_size > 1:
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    if data_args.max_train_samples is not None:
+        # `take` counts per DataLoader worker (each iterates its own shards), hence the split.
+        readers = world_size * max(1, num_workers)
+        dataset = dataset.take(math.ceil(data_args.max_train_samples / readers))
+    dataset = dataset.map(decoder.decode_example)
+    dataset = dataset.filter(_is_decoded)
+    dataset.simmim_decoder = decoder
+    return dataset
+
+
+def _is_decoded(example: dict[str, Any]) -> bool:
+    return example["pixel_values"] is not None

@@ -1,0 +1,251 @@
+"""Publishing a pretraining run on the Hugging Face Hub: the encoder, its image processor and the SimMIM model card.
+
+`push_run_to_hub(run_dir, repo_id)` makes exactly one commit holding, at the repository root, what a stock
+`AutoModel.from_pretrained(repo)` / `AutoImageProcessor.from_pretrained(repo)` needs (the files of
+`run_dir/encoder/`), the reconstruction picture and the card; optionally the full SimMIM checkpoint under `simmim/`.
+The token comes from `HF_TOKEN` or `hf auth login`; it is never printed, and every uploaded byte is scanned for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
+
+from .model_card import (
+    ENCODER_DIRNAME,
+    RECONSTRUCTION_NAME,
+    RUN_SUMMARY_NAME,
+    eval_results_to_model_index,
+    hub_dataset_id,
+    read_json,
+    render_model_card,
+    write_model_card,
+)
+
+__all__ = [
+    "HubPublishError",
+    "NotARunDirError",
+    "eval_results_to_model_index",
+    "hub_dataset_id",
+    "push_run_to_hub",
+    "render_model_card",
+    "validate_run_dir",
+    "write_model_card",
+]
+
+logger = logging.getLogger(__name__)
+
+ENCODER_REQUIRED_FILES = ("config.json", "preprocessor_config.json")
+FULL_CHECKPOINT_DIR = "simmim"
+# Files of the full checkpoint worth publishing; optimizer states and trainer checkpoints stay local.
+_FULL_CHECKPOINT_SUFFIXES = (".safetensors", ".py")
+_FULL_CHECKPOINT_NAMES = ("config.json", "model.safetensors.index.json", "preprocessor_config.json")
+
+
+class HubPublishError(RuntimeError):
+    """A push that cannot go ahead; the message says what to do about it."""
+
+
+class NotARunDirError(HubPublishError, ValueError):
+    """The folder given is not the output of a SimMIM pretraining run."""
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+
+
+def validate_run_dir(run_dir: str | os.PathLike, include_full_checkpoint: bool = False) -> Path:
+    """Checks that `run_dir` is a pretraining output that can be published; returns it as a `Path`.
+
+    Needs `simmim_run.json` and `encoder/` (config.json, safetensors weights, preprocessor_config.json), plus the
+    full checkpoint (config.json with model_type "simmim" and safetensors weights) when `include_full_checkpoint`.
+    Raises `NotARunDirError` naming every missing piece.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise NotARunDirError(f"{run_dir} is not a folder; pass the output_dir of scripts/pretrain.py")
+    encoder = run_dir / ENCODER_DIRNAME
+    missing = [] if (run_dir / RUN_SUMMARY_NAME).is_file() else [RUN_SUMMARY_NAME]
+    missing += [f"{ENCODER_DIRNAME}/{name}" for name in ENCODER_REQUIRED_FILES if not (encoder / name).is_file()]
+    if not _has_weights(encoder):
+        missing.append(f"{ENCODER_DIRNAME}/model.safetensors")
+    if include_full_checkpoint:
+        missing += [] if (run_dir / "config.json").is_file() else ["config.json"]
+        missing += [] if _has_weights(run_dir) else ["model.safetensors"]
+    if missing:
+        raise NotARunDirError(
+            f"{run_dir} is not a SimMIM pretraining output: missing {', '.join(missing)}. Pass the output_dir of "
+            "scripts/pretrain.py (it writes simmim_run.json and, through simmim_hf.export_encoder, encoder/)."
+        )
+    try:
+        read_json(run_dir / RUN_SUMMARY_NAME)
+        encoder_config = read_json(encoder / "config.json")
+        processor_config = read_json(encoder / "preprocessor_config.json")
+        full_config = read_json(run_dir / "config.json") if include_full_checkpoint else {}
+    except ValueError as error:
+        raise NotARunDirError(f"{run_dir} is not a usable pretraining output: {error}") from error
+    if include_full_checkpoint and full_config.get("model_type") != "simmim":
+        raise NotARunDirError(
+            f"{run_dir / 'config.json'} has model_type {full_config.get('model_type')!r}, not 'simmim'; it is not a "
+            "full SimMIM checkpoint, so --include_full_checkpoint cannot publish it."
+        )
+    if encoder_config.get("num_channels", 3) == 3 and not processor_config.get("do_convert_rgb"):
+        # Stock processors then reject greyscale/RGBA images instead of converting them; still loadable, so a warning.
+        logger.warning("encoder/preprocessor_config.json lacks do_convert_rgb=true: greyscale inputs will fail")
+    return run_dir
+
+
+def _collect_files(run_dir: Path, include_full_checkpoint: bool) -> list[tuple[str, Path]]:
+    """(path in repo, local file) pairs, README excluded: encoder files at the root, then picture, then simmim/."""
+    files = [
+        (path.relative_to(run_dir / ENCODER_DIRNAME).as_posix(), path)
+        for path in sorted((run_dir / ENCODER_DIRNAME).rglob("*"))
+        if path.is_file() and path.name != "README.md" and not path.name.startswith(".")
+    ]
+    if (run_dir / RECONSTRUCTION_NAME).is_file():
+        files.append((RECONSTRUCTION_NAME, run_dir / RECONSTRUCTION_NAME))
+    if include_full_checkpoint:
+        for path in sorted(run_dir.iterdir()):
+            if path.is_file() and (path.name in _FULL_CHECKPOINT_NAMES or path.suffix in _FULL_CHECKPOINT_SUFFIXES):
+                files.append((f"{FULL_CHECKPOINT_DIR}/{path.name}", path))
+    return files
+
+
+def _contains(path: Path, needle: bytes) -> bool:
+    """Whether the file holds `needle`; memory-mapped so multi-GB weights are not read into RAM."""
+    if path.stat().st_size < len(needle):
+        return False
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return data.find(needle) != -1
+
+
+def _refuse_token_leaks(token: str, files: list[tuple[str, Path]], texts: dict[str, str]) -> None:
+    needle = token.encode()
+    leaked = [repo_path for repo_path, path in files if _contains(path, needle)]
+    leaked += [name for name, text in texts.items() if token in text]
+    if leaked:
+        raise HubPublishError(
+            f"refusing to push: your Hugging Face token appears in {', '.join(leaked)}. Remove it from these files "
+            "(and revoke the token at https://huggingface.co/settings/tokens if it was ever shared)."
+        )
+
+
+def _resolve_repo_id(api: HfApi, repo_id: str, token: str) -> str:
+    """Checks the token and that the user may write under the repo's namespace; returns `namespace/name`."""
+    try:
+        me = api.whoami(token=token)
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            raise HubPublishError(
+                "the Hub rejected your token (401). Create a token with write access at "
+                "https://huggingface.co/settings/tokens, then set HF_TOKEN or run `hf auth login`."
+            ) from None
+        raise
+    user = me.get("name")
+    orgs = [org.get("name") for org in me.get("orgs", []) if org.get("name")]
+    if "/" not in repo_id:
+        repo_id = f"{user}/{repo_id}"
+    namespace = repo_id.split("/")[0]
+    if namespace != user and namespace not in orgs:
+        allowed = ", ".join([str(user), *orgs])
+        raise HubPublishError(
+            f"cannot push to {repo_id}: the namespace {namespace!r} is neither your user nor one of your "
+            f"organizations ({allowed}). Use --repo_id {user}/{repo_id.split('/')[-1]} or an organization you "
+            "belong to."
+        )
+    return repo_id
+
+
+def _forbidden(error: HfHubHTTPError, repo_id: str) -> HubPublishError | None:
+    status = error.response.status_code if error.response is not None else None
+    if status == 403:
+        return HubPublishError(
+            f"the Hub refused to let you write to {repo_id} (403): the repository or its organization belongs to "
+            "someone else, or your role/token lacks write access. Push to a namespace where you can write, or ask "
+            "an admin for write access and use a token with the write scope."
+        )
+    return None
+
+
+def push_run_to_hub(
+    run_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    include_full_checkpoint: bool = False,
+    eval_results: str | os.PathLike | dict[str, Any] | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    license: str = "apache-2.0",
+) -> str:
+    """Publishes a pretraining output to the Hub in one commit; returns the commit URL.
+
+    Args:
+        run_dir: the output_dir of scripts/pretrain.py.
+        repo_id: `namespace/name` (or just `name`, pushed under your user); created when missing.
+        private: create the repository as private (ignored when it exists).
+        revision: branch to commit to (created from main when missing); default main.
+        include_full_checkpoint: also upload the full SimMIM checkpoint under `simmim/`.
+        eval_results: evaluation JSON of scripts/evaluate.py (path or dict), shown in the card and its model-index.
+        token: Hub token; default `HF_TOKEN` or the token stored by `hf auth login`.
+        commit_message: default describes the run.
+        license: license id for the card metadata.
+    """
+    run_dir = validate_run_dir(run_dir, include_full_checkpoint=include_full_checkpoint)
+    if isinstance(eval_results, (str, os.PathLike)):
+        try:
+            eval_results = read_json(eval_results)
+        except (OSError, ValueError) as error:
+            raise HubPublishError(f"cannot read the evaluation results: {error}") from None
+    if constants.HF_HUB_OFFLINE:
+        raise HubPublishError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (e.g. HF_HUB_OFFLINE=0).")
+    token = token or get_token()
+    if not token:
+        raise HubPublishError(
+            "no Hugging Face token found. Set the HF_TOKEN environment variable or run `hf auth login` with a token "
+            "that has write access (https://huggingface.co/settings/tokens)."
+        )
+    api = HfApi(token=token)
+    repo_id = _resolve_repo_id(api, repo_id, token)
+
+    run = read_json(run_dir / RUN_SUMMARY_NAME)
+    try:
+        card = render_model_card(
+            run_dir,
+            eval_results=eval_results,
+            repo_id=repo_id,
+            license=license,
+            include_full_checkpoint=include_full_checkpoint,
+        )
+    except ValueError as error:  # a malformed evaluation JSON
+        raise HubPublishError(f"cannot write the model card: {error}") from None
+    commit_message = commit_message or (
+        f"Upload SimMIM {run.get('backbone', 'encoder')} encoder"
+        f" ({run.get('preset') or 'custom'} preset, {run.get('max_steps', '?')} steps)"
+    )
+    files = _collect_files(run_dir, include_full_checkpoint)
+    _refuse_token_leaks(token, files, {"README.md (model card)": str(card), "the commit message": commit_message})
+
+    # The card goes last, so that it is the README of this commit whatever the Hub does with the other files.
+    operations = [CommitOperationAdd(path_in_repo=repo_path, path_or_fileobj=str(path)) for repo_path, path in files]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    try:
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+        if revision and revision != constants.DEFAULT_REVISION:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+    except HfHubHTTPError as error:
+        forbidden = _forbidden(error, repo_id)
+        if forbidden is not None:
+            raise forbidden from None
+        raise
+    logger.info("pushed %d files to %s", len(operations), repo_id)
+    return info.commit_url

@@ -1,0 +1,162 @@
+"""Layer-wise learning-rate decay for fine-tuning transformer encoders (BEiT / SimMIM / MAE recipe).
+
+Every parameter gets a *layer id*: 0 for the patch/position embeddings and special tokens, `i + 1` for transformer
+block `i`, and `num_layers + 1` for everything above the last block (final norm, pooler, classifier head, decoder).
+A parameter with layer id `l` is trained at `base_lr * layer_decay ** (num_layers + 1 - l)`, so the head learns at
+the full rate and the embeddings at the smallest one.
+
+Swin has stages of blocks; blocks are counted across stages (stage `s`, block `b` -> `sum(depths[:s]) + b + 1`) and
+the patch-merging layer at the end of stage `s` shares the id of that stage's last block.
+
+Names are matched by pattern, so the in-memory names of transformers 5 (`vit.layers.3.attention.q_proj.weight`),
+the legacy on-disk names (`encoder.layer.3.attention.attention.query.weight`) and any wrapper prefix (a SimMIM model
+holding the stock encoder under some attribute) all resolve to the same id.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+# Model types whose blocks are grouped in stages (`layers.<stage>.blocks.<block>`).
+SWIN_LIKE = frozenset({"swin", "swinv2", "donut-swin", "maskformer-swin"})
+
+# Substrings of parameter names that are never weight-decayed (besides every 1-D parameter: biases, norms, scales).
+DEFAULT_NO_WEIGHT_DECAY = (
+    "cls_token",
+    "mask_token",
+    "distillation_token",
+    "register_tokens",
+    "position_embeddings",
+    "pos_embed",
+    "relative_position_bias_table",
+)
+
+# Default decay per backbone family, from the SimMIM paper's fine-tuning settings.
+DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9}
+
+_EMBEDDING_KEYS = ("cls_token", "mask_token", "distillation_token", "register_tokens", "position_embeddings")
+_EMBEDDING_SEGMENTS = re.compile(r"(?:^|\.)(?:embeddings|patch_embed|pos_embed)(?:\.|$)")
+# ViT/BEiT/DeiT blocks: `layers.N.` (transformers 5 in memory), `encoder.layer.N.` (legacy / on disk), `blocks.N.`.
+_VIT_BLOCK = re.compile(r"(?:^|\.)(?:encoder\.layer|layers|blocks)\.(\d+)\.")
+# Swin blocks and patch merging: `layers.S.blocks.B.` and `layers.S.downsample.`, with or without `encoder.`.
+_SWIN_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:blocks\.(\d+)\.|downsample\.)")
+
+
+def is_swin_like(model_type: str) -> bool:
+    return model_type in SWIN_LIKE
+
+
+def default_layer_decay(model_type: str) -> float:
+    """0.9 for Swin-like encoders, 0.65 for ViT/BEiT-like ones (SimMIM paper)."""
+    return DEFAULT_LAYER_DECAY["swin" if is_swin_like(model_type) else "vit"]
+
+
+def get_layer_id(
+    param_name: str, num_layers: int, model_type: str, depths: Sequence[int] | None = None
+) -> int:
+    """Returns the layer id of `param_name` in `[0, num_layers + 1]`.
+
+    Args:
+        param_name: a name from `named_parameters()` or a state dict, with any prefix.
+        num_layers: number of transformer blocks (for Swin: `sum(depths)`).
+        model_type: the encoder's `config.model_type` ("vit", "beit", "swin", ...).
+        depths: blocks per stage, required for Swin-like encoders.
+    """
+    if any(key in param_name for key in _EMBEDDING_KEYS) or _EMBEDDING_SEGMENTS.search(param_name):
+        return 0
+    if is_swin_like(model_type):
+        if depths is None:
+            raise ValueError(f"depths (blocks per stage) is required for model_type={model_type!r}")
+        if sum(depths) != num_layers:
+            raise ValueError(f"num_layers={num_layers} must equal sum(depths)={sum(depths)} for Swin")
+        match = _SWIN_BLOCK.search(param_name)
+        if match is None:
+            return num_layers + 1
+        stage = int(match.group(1))
+        if stage >= len(depths):
+            raise ValueError(f"{param_name!r} is in stage {stage}, but depths={list(depths)} has {len(depths)} stages")
+        if match.group(2) is None:  # patch merging at the end of the stage
+            return sum(depths[: stage + 1])
+        block = int(match.group(2))
+        if block >= depths[stage]:
+            raise ValueError(f"{param_name!r}: block {block} does not exist in stage {stage} (depth {depths[stage]})")
+        return sum(depths[:stage]) + block + 1
+    match = _VIT_BLOCK.search(param_name)
+    if match is None:
+        return num_layers + 1
+    block = int(match.group(1))
+    if block >= num_layers:
+        raise ValueError(f"{param_name!r} is block {block}, but the encoder has num_layers={num_layers}")
+    return block + 1
+
+
+def encoder_structure(config: Any) -> tuple[str, int, list[int] | None]:
+    """`(model_type, num_layers, depths)` of the encoder described by `config`.
+
+    A SimMIM config (`model_type == "simmim"`) is unwrapped to its `encoder_config`.
+    """
+    if getattr(config, "model_type", None) == "simmim":
+        config = config.encoder_config
+    model_type = config.model_type
+    if is_swin_like(model_type):
+        depths = [int(d) for d in config.depths]
+        return model_type, sum(depths), depths
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if num_layers is None:
+        raise ValueError(f"cannot find the number of blocks of a {model_type!r} encoder (no num_hidden_layers)")
+    return model_type, int(num_layers), None
+
+
+def _no_weight_decay(name: str, param: nn.Parameter, keys: Iterable[str]) -> bool:
+    return param.ndim <= 1 or any(key in name for key in keys)
+
+
+def param_groups_layer_decay(
+    model: nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    no_weight_decay: Sequence[str] = DEFAULT_NO_WEIGHT_DECAY,
+    named_parameters: Iterable[tuple[str, nn.Parameter]] | None = None,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups with layer-wise LR decay and no weight decay on 1-D params, tokens and positions.
+
+    Args:
+        model: a transformers model whose `config` is a ViT/BEiT/DeiT/Swin config (or a SimMIM config).
+        base_lr: peak learning rate of the top layer (the head).
+        weight_decay: weight decay of the decayed groups.
+        layer_decay: multiplicative decay per layer; `None` picks the SimMIM default (0.65 ViT, 0.9 Swin).
+        no_weight_decay: substrings of parameter names excluded from weight decay (1-D params always are).
+        named_parameters: overrides `model.named_parameters()` (e.g. to pass a subset).
+
+    Returns: a list of dicts with `params`, `lr` (= base_lr * lr_scale), `lr_scale`, `weight_decay`, `layer_id` and
+    `names`; frozen parameters (`requires_grad=False`) are left out.
+    """
+    model_type, num_layers, depths = encoder_structure(model.config)
+    if layer_decay is None:
+        layer_decay = default_layer_decay(model_type)
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in named_parameters if named_parameters is not None else model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer_id = get_layer_id(name, num_layers, model_type, depths)
+        decay = not _no_weight_decay(name, param, no_weight_decay)
+        if (layer_id, decay) not in groups:
+            scale = layer_decay ** (num_layers + 1 - layer_id)
+            groups[(layer_id, decay)] = {
+                "params": [],
+                "names": [],
+                "lr": base_lr * scale,
+                "lr_scale": scale,
+                "weight_decay": weight_decay if decay else 0.0,
+                "layer_id": layer_id,
+            }
+        groups[(layer_id, decay)]["params"].append(param)
+        groups[(layer_id, decay)]["names"].append(name)
+    return [groups[key] for key in sorted(groups)]

@@ -1,0 +1,304 @@
+"""The model card (README.md) of a SimMIM pretraining run, rendered from the package's Jinja template.
+
+The card describes the *encoder* that `export_encoder` wrote to `run_dir/encoder/`: it is what a stock
+`AutoModel.from_pretrained(repo)` loads, so the metadata says `library_name: transformers` and
+`pipeline_tag: image-feature-extraction`. Everything here reads JSON files only (no transformers/torch import), so
+that the push script starts fast and a card can be rendered on a machine without the training stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+RUN_SUMMARY_NAME = "simmim_run.json"
+ENCODER_DIRNAME = "encoder"
+RECONSTRUCTION_NAME = "reconstruction.png"
+TEMPLATE_NAME = "simmim_model_card.md"
+SIMMIM_ARXIV_ID = "2111.09886"
+# The embedded default corpus is read from Debian's copy of Fashion-MNIST; on the Hub the same images are this dataset.
+FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
+_FASHION_MNIST_ALIASES = {
+    "fashion_mnist",
+    "fashion-mnist",
+    "fashionmnist",
+    "embedded",
+    "simmim_hf/fashion_mnist",
+    "simmim_hf.fashion_mnist",
+    FASHION_MNIST_HUB_ID,
+}
+# Loaders of the `datasets` library that take local files: a run that used them has no Hub dataset to link.
+_LOCAL_BUILDERS = {"imagefolder", "webdataset", "parquet", "arrow", "csv", "json", "text", "audiofolder"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_BACKBONE_NAMES = {
+    "vit": "ViT (Dosovitskiy et al., 2021)",
+    "swin": "Swin Transformer (Liu et al., 2021)",
+    "swinv2": "Swin Transformer V2 (Liu et al., 2022)",
+    "beit": "BEiT (Bao et al., 2022)",
+}
+_PROTOCOL_NAMES = {"knn": "kNN", "linear": "Linear probe", "finetune": "Fine-tuning"}
+_METRIC_NAMES = {"accuracy": "top-1 accuracy", "top5_accuracy": "top-5 accuracy"}
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a JSON object from `path`, with the file name in the error when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def hub_dataset_id(name: str | None) -> str | None:
+    """The Hub dataset id that `name` (a run's `dataset_name`) refers to, or None for local data.
+
+    The embedded Fashion-MNIST default maps to `zalando-datasets/fashion_mnist`; `owner/name` strings that are not
+    folders on this machine are taken as Hub ids; local loaders, paths and URLs give None.
+    """
+    if not name:
+        return None
+    if name.lower() in _FASHION_MNIST_ALIASES:
+        return FASHION_MNIST_HUB_ID
+    if name.lower() in _LOCAL_BUILDERS or os.path.exists(name):
+        return None
+    return name if _HUB_ID.match(name) else None
+
+
+def _dataset_pretty_name(name: str | None) -> str:
+    if name and name.lower() in _FASHION_MNIST_ALIASES:
+        return "Fashion-MNIST"
+    return name or "unknown"
+
+
+def eval_results_to_model_index(eval_json: dict[str, Any]) -> list[EvalResult]:
+    """Converts an evaluation JSON (written by scripts/evaluate.py) into `EvalResult`s for the card's model-index.
+
+    One `EvalResult` per entry of `eval_json["results"]`: task `image-classification`, the protocol in the metric
+    name (e.g. "kNN top-1 accuracy"), the value kept in 0..1 as evaluate.py wrote it.
+    """
+    results = eval_json.get("results")
+    if not isinstance(results, list) or not results:
+        raise ValueError("the evaluation JSON has no `results` list; expected the file written by scripts/evaluate.py")
+    default_dataset = eval_json.get("dataset")
+    out = []
+    for index, entry in enumerate(results):
+        missing = [key for key in ("protocol", "metric", "value") if key not in entry]
+        if missing:
+            raise ValueError(f"evaluation result #{index} lacks {missing}")
+        value = float(entry["value"])
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"evaluation result #{index} has value {value}; evaluate.py writes fractions in [0, 1]")
+        dataset = entry.get("dataset") or default_dataset
+        metric_name = f"{_PROTOCOL_NAMES.get(entry['protocol'], entry['protocol'])} "
+        metric_name += _METRIC_NAMES.get(entry["metric"], entry["metric"])
+        if entry.get("train_samples"):
+            metric_name += f" ({entry['train_samples']} labelled train images)"
+        out.append(
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image Classification",
+                dataset_type=hub_dataset_id(dataset) or str(dataset),
+                dataset_name=_dataset_pretty_name(dataset),
+                dataset_config=eval_json.get("dataset_config"),
+                dataset_split=entry.get("split") or eval_json.get("split"),
+                metric_type="accuracy",
+                metric_name=metric_name,
+                metric_value=round(value, 4),
+            )
+        )
+    return out
+
+
+def _safetensors_num_parameters(path: Path) -> int | None:
+    """Counts the parameters stored in a safetensors file from its JSON header (no tensor is read)."""
+    try:
+        with path.open("rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_size))
+    except (OSError, ValueError, struct.error):
+        return None
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in info["shape"]:
+            count *= int(dim)
+        total += count
+    return total
+
+
+def _format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    seconds = int(round(float(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def _format_count(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return str(int(value))
+
+
+def _fmt(value: Any) -> str:
+    if value is None or value == "":
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _hyperparameter_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
+    """The pretraining table: (name, value) pairs from simmim_run.json, "n/a" where a key is absent."""
+    lr = _fmt(run.get("learning_rate"))
+    if run.get("base_learning_rate") is not None:
+        lr += f" (base {_fmt(run.get('base_learning_rate'))}, scaled to the global batch)"
+    schedule = _fmt(run.get("lr_scheduler_type"))
+    if run.get("warmup_steps") is not None:
+        schedule += f", {_fmt(run.get('warmup_steps'))} warmup steps"
+    batch = _fmt(run.get("global_batch_size"))
+    if run.get("per_device_batch_size") is not None:
+        batch += (
+            f" ({run.get('per_device_batch_size')} per device x {run.get('num_processes', 1)} processes"
+            f" x {run.get('gradient_accumulation_steps', 1)} accumulation steps)"
+        )
+    return [
+        ("Preset", _fmt(run.get("preset"))),
+        ("Backbone", _fmt(run.get("backbone"))),
+        ("Pretraining data", _dataset_pretty_name(run.get("dataset_name"))),
+        ("Image size", f"{_fmt(run.get('image_size'))} px, {_fmt(run.get('num_channels'))} channels"),
+        ("Mask patch size / ratio", f"{_fmt(run.get('mask_patch_size'))} px / {_fmt(run.get('mask_ratio'))}"),
+        ("Optimizer steps", _fmt(run.get("max_steps"))),
+        ("Global batch size", batch),
+        ("Images seen", _fmt(run.get("images_seen"))),
+        ("Learning rate", lr),
+        ("LR schedule", schedule),
+        ("Weight decay", _fmt(run.get("weight_decay"))),
+        ("Precision", _fmt(run.get("precision"))),
+        ("Hardware", _fmt(run.get("hardware"))),
+        ("Wall time", _format_duration(run.get("wall_time_seconds"))),
+        ("Final reconstruction loss", _fmt(run.get("final_loss"))),
+        (
+            "Software",
+            f"transformers {_fmt(run.get('transformers_version'))}, torch {_fmt(run.get('torch_version'))}, "
+            f"simmim_hf {_fmt(run.get('simmim_hf_version'))}",
+        ),
+    ]
+
+
+def _evaluation_rows(eval_json: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for entry in eval_json.get("results", []):
+        rows.append(
+            {
+                "protocol": _PROTOCOL_NAMES.get(entry["protocol"], entry["protocol"]),
+                "metric": _METRIC_NAMES.get(entry["metric"], entry["metric"]),
+                "value": f"{100 * float(entry['value']):.2f}%",
+                "dataset": _dataset_pretty_name(entry.get("dataset") or eval_json.get("dataset")),
+                "split": str(entry.get("split") or eval_json.get("split") or "n/a"),
+                "train_samples": _fmt(entry.get("train_samples")) if entry.get("train_samples") else "all",
+                "seed": _fmt(entry.get("seed", eval_json.get("seed"))),
+            }
+        )
+    return rows
+
+
+def _load_template() -> str:
+    return resources.files("simmim_hf").joinpath("templates", TEMPLATE_NAME).read_text(encoding="utf-8")
+
+
+def render_model_card(
+    run_dir: str | os.PathLike,
+    eval_results: str | os.PathLike | dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+    include_full_checkpoint: bool = False,
+) -> ModelCard:
+    """Renders the model card of the pretraining output in `run_dir`.
+
+    Args:
+        run_dir: a pretraining output folder (`simmim_run.json`, `encoder/`, optionally `reconstruction.png`).
+        eval_results: the evaluation JSON of scripts/evaluate.py (path or loaded dict); adds a model-index.
+        repo_id: the Hub repository the card is for; used in the loading snippet (a local path otherwise).
+        license: SPDX-style license id of the weights, as the Hub lists them.
+        include_full_checkpoint: whether the repository also holds the full SimMIM model under `simmim/`.
+    """
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / RUN_SUMMARY_NAME)
+    encoder_config = read_json(run_dir / ENCODER_DIRNAME / "config.json")
+    eval_json = read_json(eval_results) if isinstance(eval_results, (str, os.PathLike)) else eval_results
+
+    backbone = str(encoder_config.get("model_type") or run.get("backbone") or "vit")
+    model_name = repo_id.split("/")[-1] if repo_id else run_dir.resolve().name
+    dataset_id = hub_dataset_id(run.get("dataset_name"))
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        license=license,
+        tags=["simmim", "masked-image-modeling", "vision", backbone, f"arxiv:{SIMMIM_ARXIV_ID}"],
+        datasets=[dataset_id] if dataset_id else None,
+        base_model=run.get("base_model") or None,
+        model_name=model_name,
+        eval_results=eval_results_to_model_index(eval_json) if eval_json else None,
+    )
+    weights = run_dir / ENCODER_DIRNAME / "model.safetensors"
+    architectures = encoder_config.get("architectures") or [f"{backbone} model"]
+    return ModelCard.from_template(
+        card_data,
+        template_str=_load_template(),
+        model_title=model_name,
+        repo_ref=repo_id or str(run_dir / ENCODER_DIRNAME),
+        backbone=backbone,
+        backbone_name=_BACKBONE_NAMES.get(backbone, backbone),
+        architecture=architectures[0],
+        num_parameters=_format_count(_safetensors_num_parameters(weights)),
+        image_size=run.get("image_size") or encoder_config.get("image_size"),
+        num_channels=run.get("num_channels") or encoder_config.get("num_channels"),
+        pretraining_dataset=_dataset_pretty_name(run.get("dataset_name")),
+        pretraining_dataset_id=dataset_id,
+        is_fashion_mnist=dataset_id == FASHION_MNIST_HUB_ID,
+        hyperparameters=_hyperparameter_rows(run),
+        has_reconstruction=(run_dir / RECONSTRUCTION_NAME).is_file(),
+        reconstruction_file=RECONSTRUCTION_NAME,
+        mask_ratio=run.get("mask_ratio"),
+        evaluation_rows=_evaluation_rows(eval_json) if eval_json else [],
+        include_full_checkpoint=include_full_checkpoint,
+        base_model_id=run.get("base_model") or None,
+        simmim_arxiv_id=SIMMIM_ARXIV_ID,
+    )
+
+
+def write_model_card(
+    run_dir: str | os.PathLike,
+    eval_results: str | os.PathLike | dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+    include_full_checkpoint: bool = False,
+) -> Path:
+    """Renders the card (see `render_model_card`) and saves it as `run_dir/README.md`; returns that path."""
+    card = render_model_card(
+        run_dir,
+        eval_results=eval_results,
+        repo_id=repo_id,
+        license=license,
+        include_full_checkpoint=include_full_checkpoint,
+    )
+    path = Path(run_dir) / "README.md"
+    card.save(path)
+    return path

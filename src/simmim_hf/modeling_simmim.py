@@ -1,0 +1,273 @@
+"""SimMIM (Xie et al., CVPR 2022) over stock transformers encoders.
+
+The encoder is an unmodified transformers model (`ViTModel`, `SwinModel`, `Swinv2Model`, `DeiTModel`, `BeitModel`)
+with its mask token switched on, so the checkpoint layout is the stock one under a `simmim.encoder.` prefix, the
+attention kernel is whatever `attn_implementation` selects (eager, sdpa, flash, flex), and export is a key strip.
+The head is the paper's: a 1x1 convolution to `stride**2 * C` channels and a PixelShuffle back to pixels; the loss
+is L1 over masked pixels only.
+
+Self-contained (imports only torch, transformers and the config module) so it also works as Hub remote code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, MaskedImageModelingOutput
+
+from .configuration_simmim import PLAIN_ENCODERS, SimMIMConfig
+
+# Parameter-name fragments that must not be weight-decayed (besides every bias and every 1-D norm weight).
+NO_WEIGHT_DECAY_KEYWORDS = (
+    "mask_token",
+    "cls_token",
+    "distillation_token",
+    "position_embeddings",
+    "relative_position_bias_table",
+    "logit_scale",
+    "lambda_1",
+    "lambda_2",
+)
+
+
+_BLOCK = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+_SWIN_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)\.")
+_SWIN_DOWNSAMPLE = re.compile(r"(?:^|\.)layers\.(\d+)\.downsample\.")
+
+
+def layer_id_for_parameter(name: str, encoder_config: Any) -> int:
+    """Layer id for layer-wise LR decay, for any prefix and both transformers naming schemes (`layers.3.` in
+    memory since 5.2x, `encoder.layer.3.` on disk): 0 = embeddings, tokens, mask token; i + 1 = block i (Swin:
+    counted across stages, a stage's downsampling goes with its last block); num_blocks + 1 = final norm, heads."""
+    if encoder_config.model_type in PLAIN_ENCODERS:
+        num_blocks = encoder_config.num_hidden_layers
+        if "embeddings" in name or "mask_token" in name or "cls_token" in name:
+            return 0
+        if "shared_position_bias" in name or "shared_relative_position_bias" in name:
+            return num_blocks  # used by every block; grouped with the last one as in BEiT's recipe
+        match = _BLOCK.search(name)
+        return int(match.group(1)) + 1 if match else num_blocks + 1
+    depths = list(encoder_config.depths)
+    if "embeddings" in name or "mask_token" in name:
+        return 0
+    match = _SWIN_BLOCK.search(name)
+    if match:
+        stage, block = int(match.group(1)), int(match.group(2))
+        return sum(depths[:stage]) + block + 1
+    match = _SWIN_DOWNSAMPLE.search(name)
+    if match:
+        return sum(depths[: int(match.group(1)) + 1])
+    return sum(depths) + 1
+
+
+def build_encoder(config: SimMIMConfig) -> PreTrainedModel:
+    """The stock encoder for `config.encoder_config`, with a mask token and without a pooler."""
+    encoder_config = config.encoder_config
+    kwargs: dict[str, Any] = {"add_pooling_layer": False}
+    if encoder_config.model_type != "beit":  # BEiT reads `use_mask_token` from its config.
+        kwargs["use_mask_token"] = True
+    model_class = AutoModel._model_mapping[type(encoder_config)]
+    return model_class(encoder_config, **kwargs)
+
+
+@torch.no_grad()
+def init_mask_token(encoder: nn.Module) -> None:
+    """The paper's mask-token init: truncated normal, std 0.02 (stock encoders start it at zero)."""
+    nn.init.trunc_normal_(encoder.embeddings.mask_token, std=0.02)
+
+
+def upsample_mask(bool_masked_pos: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """Patch mask to pixel mask.
+
+    bool_masked_pos: (N, grid_h * grid_w), 1 = masked. Returns (N, 1, grid_h * patch_size, grid_w * patch_size).
+    """
+    mask = bool_masked_pos.reshape(-1, grid[0], grid[1])
+    mask = mask.repeat_interleave(patch_size, dim=1).repeat_interleave(patch_size, dim=2)
+    return mask.unsqueeze(1)
+
+
+def masked_l1_loss(pixel_values: torch.Tensor, reconstruction: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+    """The paper's loss: L1 summed over masked pixels, divided by (masked pixels + 1e-5) and by the channels.
+
+    pixel_values, reconstruction: (N, C, H, W); pixel_mask: (N, 1, H, W), 1 = masked.
+    """
+    mask = pixel_mask.to(reconstruction.dtype)
+    loss = nn.functional.l1_loss(pixel_values.to(reconstruction.dtype), reconstruction, reduction="none")
+    return (loss * mask).sum() / (mask.sum() + 1e-5) / pixel_values.shape[1]
+
+
+class SimMIMPreTrainedModel(PreTrainedModel):
+    config_class = SimMIMConfig
+    base_model_prefix = "simmim"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # The stock encoder initialises itself (transformers dispatches to each sub-model's own init); here only
+        # the SimMIM parts: the mask token as in the paper (truncated normal, std 0.02) and the 1x1 head.
+        if isinstance(module, nn.Conv2d):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters trained without weight decay: mask/cls tokens, position embeddings and relative
+        position tables, layer-scale gammas, and every bias and normalisation weight (all 1-D tensors)."""
+        names = set()
+        for name, param in self.named_parameters():
+            if param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in NO_WEIGHT_DECAY_KEYWORDS):
+                names.add(name)
+        return names
+
+    def num_layers(self) -> int:
+        """Number of transformer blocks, for layer-wise LR decay (Swin: summed over stages)."""
+        encoder_config = self.config.encoder_config
+        if encoder_config.model_type in PLAIN_ENCODERS:
+            return encoder_config.num_hidden_layers
+        return sum(encoder_config.depths)
+
+    def layer_id(self, name: str) -> int:
+        """Layer id of a parameter for layer-wise LR decay: 0 for embeddings (and the mask token), i + 1 for block
+        i (counted across Swin stages), `num_layers() + 1` for the final norm and the head."""
+        return layer_id_for_parameter(name, self.config.encoder_config)
+
+
+class SimMIMModel(SimMIMPreTrainedModel):
+    """The SimMIM encoder: a stock transformers encoder whose mask token replaces masked patch embeddings."""
+
+    # Loading a full SimMIM checkpoint as the bare encoder leaves the reconstruction head out, by design.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+
+    def __init__(self, config: SimMIMConfig) -> None:
+        super().__init__(config)
+        self.encoder = build_encoder(config)
+        self.post_init()
+        init_mask_token(self.encoder)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutput | tuple:
+        """pixel_values: (N, C, H, W); bool_masked_pos: (N, num_patches), 1 = masked.
+
+        Returns the encoder's output: `last_hidden_state` (N, prefix tokens + tokens, D), and the hidden states of
+        every block when asked.
+        """
+        if bool_masked_pos is not None:
+            bool_masked_pos = bool_masked_pos.to(torch.bool)
+        outputs = self.encoder(
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            **kwargs,
+        )
+        output = BaseModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
+    """SimMIM: encoder + 1x1 conv + PixelShuffle head, L1 loss on masked pixels."""
+
+    def __init__(self, config: SimMIMConfig) -> None:
+        super().__init__(config)
+        self.simmim = SimMIMModel(config)
+        stride = config.encoder_stride
+        hidden_size = _output_width(config)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(hidden_size, stride**2 * config.num_channels, kernel_size=1),
+            nn.PixelShuffle(stride),
+        )
+        self.post_init()
+        # transformers re-runs the stock encoder's own init (which zeroes its mask token) inside post_init.
+        init_mask_token(self.simmim.encoder)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.simmim.get_input_embeddings()
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        # Remote code: transformers records only this class in `auto_map`; name the bare encoder too, so that
+        # `AutoModel.from_pretrained(..., trust_remote_code=True)` works on the same checkpoint.
+        if getattr(self, "_auto_class", None) is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", "modeling_simmim.SimMIMModel")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MaskedImageModelingOutput | tuple:
+        """pixel_values: (N, C, H, W), normalised; bool_masked_pos: (N, (H / patch) * (W / patch)), 1 = masked.
+
+        Returns `loss` (when a mask is given), `reconstruction` (N, C, H, W) in normalised pixel units, and the
+        encoder's hidden states / attentions when asked.
+        """
+        batch_size, _, height, width = pixel_values.shape
+        outputs = self.simmim(
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            **kwargs,
+        )
+        stride = self.config.encoder_stride
+        grid = (height // stride, width // stride)
+        tokens = outputs.last_hidden_state
+        tokens = tokens[:, tokens.shape[1] - grid[0] * grid[1] :]  # drop CLS / distillation tokens
+        feature_map = tokens.transpose(1, 2).reshape(batch_size, -1, grid[0], grid[1])
+        reconstruction = self.decoder(feature_map)
+
+        loss = None
+        if bool_masked_pos is not None:
+            patch = self.config.model_patch_size
+            pixel_mask = upsample_mask(bool_masked_pos, (height // patch, width // patch), patch)
+            loss = masked_l1_loss(pixel_values, reconstruction, pixel_mask)
+
+        output = MaskedImageModelingOutput(
+            loss=loss,
+            reconstruction=reconstruction,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+def _output_width(config: SimMIMConfig) -> int:
+    """Channels of the encoder's last hidden state."""
+    encoder_config = config.encoder_config
+    if encoder_config.model_type in PLAIN_ENCODERS:
+        return encoder_config.hidden_size
+    return int(encoder_config.embed_dim * 2 ** (len(encoder_config.depths) - 1))
+
+
+__all__ = ["SimMIMPreTrainedModel", "SimMIMModel", "SimMIMForMaskedImageModeling"]

@@ -1,0 +1,87 @@
+import pytest
+from tiny_configs import tiny_swin, tiny_vit
+
+from simmim_hf import PRESETS, SimMIMConfig
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_and_validates(name):
+    config = SimMIMConfig.from_preset(name)
+    assert config.preset == name
+    assert config.mask_ratio == 0.6
+    assert config.image_size % config.mask_patch_size == 0
+    assert config.mask_patch_size % config.model_patch_size == 0
+
+
+def test_required_presets_exist():
+    assert {
+        "vit-base-patch16-224",
+        "swin-base-window6-192",
+        "swin-large-window12-192",
+        "beit-base-patch16-224",
+        "demo",
+    } <= set(PRESETS)
+
+
+def test_swin_base_preset_matches_paper():
+    config = SimMIMConfig.from_preset("swin-base-window6-192")
+    encoder = config.encoder_config
+    assert (encoder.embed_dim, list(encoder.depths), encoder.window_size) == (128, [2, 2, 18, 2], 6)
+    assert (config.image_size, config.mask_patch_size, config.model_patch_size, config.encoder_stride) == (
+        192,
+        32,
+        4,
+        32,
+    )
+
+
+def test_beit_preset_is_the_official_vit_b_recipe():
+    encoder = SimMIMConfig.from_preset("beit-base-patch16-224").encoder_config
+    assert encoder.use_absolute_position_embeddings is False
+    assert encoder.use_shared_relative_position_bias is True
+    assert encoder.use_relative_position_bias is False
+    assert encoder.layer_scale_init_value == pytest.approx(0.1)
+    assert encoder.use_mask_token is True
+    assert (encoder.hidden_size, encoder.num_hidden_layers, encoder.patch_size) == (768, 12, 16)
+
+
+def test_preset_overrides_reach_simmim_and_encoder_fields():
+    config = SimMIMConfig.from_preset("demo", mask_ratio=0.5, hidden_size=64, num_channels=1)
+    assert config.mask_ratio == 0.5
+    assert config.encoder_config.hidden_size == 64
+    assert config.num_channels == 1 and len(config.image_mean) == 1
+
+
+def test_encoder_stride_is_derived():
+    assert SimMIMConfig(encoder_config=tiny_vit(), mask_patch_size=8).encoder_stride == 4
+    assert SimMIMConfig(encoder_config=tiny_swin(), mask_patch_size=8).encoder_stride == 4  # 2 px patch, 2 stages
+
+
+def test_round_trip_through_dict_keeps_encoder_class(tmp_path):
+    config = SimMIMConfig.from_preset("swin-base-window6-192", mask_ratio=0.3)
+    config.save_pretrained(tmp_path)
+    loaded = SimMIMConfig.from_pretrained(tmp_path)
+    assert type(loaded.encoder_config).__name__ == "SwinConfig"
+    assert loaded.mask_ratio == 0.3 and loaded.preset == "swin-base-window6-192"
+    assert loaded.encoder_config.depths == [2, 2, 18, 2]
+
+
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: SimMIMConfig(encoder_config=tiny_vit(image_size=36), mask_patch_size=8), "image_size"),
+        (
+            lambda: SimMIMConfig(encoder_config=tiny_vit(patch_size=8), mask_patch_size=12, image_size=48),
+            "mask_patch_size",
+        ),
+        (lambda: SimMIMConfig(encoder_config=tiny_vit(), mask_patch_size=8, mask_ratio=1.2), "mask_ratio"),
+        (lambda: SimMIMConfig(encoder_config=tiny_vit(), mask_patch_size=8, mask_ratio=0.0), "mask_ratio"),
+        (lambda: SimMIMConfig.from_preset("vit-huge-nonexistent"), "preset"),
+        (lambda: SimMIMConfig(encoder_config={"model_type": "bert"}), "encoder_config"),
+        (lambda: SimMIMConfig.from_preset("demo", not_a_field=3), "not_a_field"),
+        (lambda: SimMIMConfig(encoder_config=tiny_vit(), mask_patch_size=8, image_mean=[0.5]), "image_mean"),
+    ],
+)
+def test_invalid_combinations_raise_value_error_naming_the_field(build, field):
+    with pytest.raises(ValueError, match=field):
+        build()

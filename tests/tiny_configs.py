@@ -1,0 +1,63 @@
+"""Tiny encoder configs shared by the tests (ModelTester style: a few thousand parameters, a few images)."""
+
+from transformers import BeitConfig, SwinConfig, ViTConfig
+
+from simmim_hf import SimMIMConfig
+
+
+def tiny_vit(**overrides) -> ViTConfig:
+    kwargs = dict(
+        image_size=32,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        encoder_stride=4,
+        qkv_bias=True,
+    )
+    kwargs.update(overrides)
+    return ViTConfig(**kwargs)
+
+
+def tiny_swin(**overrides) -> SwinConfig:
+    kwargs = dict(
+        image_size=32,
+        patch_size=2,
+        num_channels=3,
+        embed_dim=16,
+        depths=[1, 2],
+        num_heads=[2, 2],
+        window_size=4,
+        encoder_stride=4,
+    )
+    kwargs.update(overrides)
+    return SwinConfig(**kwargs)
+
+
+def tiny_beit(**overrides) -> BeitConfig:
+    kwargs = dict(
+        image_size=32,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        use_mask_token=True,
+        use_absolute_position_embeddings=False,
+        use_relative_position_bias=False,
+        use_shared_relative_position_bias=True,
+        layer_scale_init_value=0.1,
+        use_mean_pooling=False,
+    )
+    kwargs.update(overrides)
+    return BeitConfig(**kwargs)
+
+
+ENCODERS = {"vit": tiny_vit, "swin": tiny_swin, "beit": tiny_beit}
+
+
+def tiny_simmim_config(encoder: str = "vit", mask_patch_size: int = 8, **encoder_overrides) -> SimMIMConfig:
+    return SimMIMConfig(encoder_config=ENCODERS[encoder](**encoder_overrides), mask_patch_size=mask_patch_size)
