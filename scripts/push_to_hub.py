@@ -46,7 +46,8 @@ def parse_args(argv: list[str]) -> PushArguments:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("simmim_hf").setLevel(logging.INFO)
     # Imported after parsing so that --help stays fast.
     from huggingface_hub.errors import HfHubHTTPError
 

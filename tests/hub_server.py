@@ -124,18 +124,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
-    def _read_body(self) -> bytes:
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            chunks = []
-            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            self.rfile.readline()
-            return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("content-length") or 0))
-
     def _dispatch(self, method: str) -> None:
-        body = self._read_body()
+        # huggingface_hub sends every body (JSON, NDJSON commit) in one piece with a Content-Length, never chunked.
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
         url = urlsplit(self.path)
         self.query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         with self.hub.lock:
@@ -206,8 +197,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, "this test server only hosts model repositories")
         if not self.hub.can_write(self.token, namespace):
             return self._error(403, f"You don't have the rights to create a model under the namespace {namespace}")
-        if repo_id in self.hub.repos:
-            return self._error(409, "You already created this model repo")
+        if repo_id in self.hub.repos:  # the Hub's 409 still names the repo, and huggingface_hub reads it
+            url = f"http://{self.headers['host']}/{repo_id}"
+            return self._send(409, json.dumps({"error": "You already created this model repo", "url": url}).encode())
         repo = Repo(owner=namespace, private=payload.get("visibility") == "private")
         repo.add_commit("main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, "initial")
         self.hub.repos[repo_id] = repo

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,9 @@ logger = logging.getLogger(__name__)
 FASHION_MNIST = "fashion-mnist"
 # Fallback names when no column is typed `Image` (e.g. a parquet file with raw bytes, or a webdataset "jpg" key).
 IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
-# Shards used when the embedded Fashion-MNIST is streamed; 48 splits evenly over 1, 2, 3, 4, 6, 8, 12, ... readers.
-FASHION_MNIST_SHARDS = 48
+# Shards used when a map-style source (the embedded Fashion-MNIST, a save_to_disk folder) is streamed; 48 splits
+# evenly over 1, 2, 3, 4, 6, 8, 12, 16, 24 and 48 readers.
+STREAM_SHARDS = 48
 
 
 @dataclass
@@ -105,7 +107,9 @@ def detect_image_column(features: datasets.Features | Sequence[str] | None, imag
         return named[0]
     if len(named) > 1:
         raise ValueError(f"Several candidate image columns {named}: pass --image_column. Columns: {columns}")
-    raise ValueError(f"No image column found (looked for an Image feature or {IMAGE_COLUMN_NAMES}); columns: {columns}")
+    raise ValueError(
+        f"No image column found (looked for an Image feature or {IMAGE_COLUMN_NAMES}); columns: {columns}"
+    )
 
 
 def is_saved_dataset(path: str | os.PathLike) -> bool:
@@ -114,15 +118,43 @@ def is_saved_dataset(path: str | os.PathLike) -> bool:
     return folder.is_dir() and any((folder / name).is_file() for name in ("state.json", "dataset_dict.json"))
 
 
-def fashion_mnist_subset(split: str = "train", max_samples: int | None = None) -> datasets.Dataset:
-    """The embedded Fashion-MNIST as a map-style dataset (`image` PIL "L", `label`), encoding only the rows kept."""
-    from .fashion_mnist import CLASS_NAMES, load_fashion_mnist
+def dataset_features(dataset: datasets.Dataset | datasets.IterableDataset) -> datasets.Features | list[str]:
+    """The dataset's features, or just its column names (read from the first example) when a stream has no types."""
+    if dataset.features is not None:
+        return dataset.features
+    first = next(iter(dataset), None)
+    if first is None:
+        raise ValueError("The dataset is empty")
+    return list(first)
 
+
+def fashion_mnist_subset(split: str = "train", max_samples: int | None = None) -> datasets.Dataset:
+    """The embedded Fashion-MNIST as a map-style dataset (`image` PIL "L", `label`).
+
+    A subset encodes only the rows kept. The full split (PNG-encoding 60k images takes ~15 s) is built once and kept
+    as Arrow files next to the IDX files' cache (`$SIMMIM_HF_CACHE`), so later runs and every rank memory-map it.
+    """
+    from .fashion_mnist import CLASS_NAMES, default_cache_dir, load_fashion_mnist
+
+    cached = default_cache_dir().parent / "fashion-mnist-arrow" / split
+    if max_samples is None and is_saved_dataset(cached):
+        return datasets.load_from_disk(str(cached))
     images, labels = load_fashion_mnist(split)
     if max_samples is not None:
         images, labels = images[:max_samples], labels[:max_samples]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
-    return datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+    dataset = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+    if max_samples is None:
+        # Write to a private folder, then rename: ranks starting together never read a half-written cache.
+        temporary = cached.with_name(f"{split}.tmp-{os.getpid()}")
+        dataset.save_to_disk(str(temporary))
+        try:
+            temporary.rename(cached)
+        except OSError:  # another process won the race
+            shutil.rmtree(temporary, ignore_errors=True)
+        if is_saved_dataset(cached):
+            dataset = datasets.load_from_disk(str(cached))
+    return dataset
 
 
 def load_source_dataset(
@@ -132,18 +164,24 @@ def load_source_dataset(
     data_files: str | Sequence[str] | None = None,
     data_dir: str | None = None,
     streaming: bool = False,
+    max_samples: int | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """Opens one split of any supported source: `fashion-mnist`, a `save_to_disk` folder, or `load_dataset(name)`."""
+    """Opens one split of any supported source: `fashion-mnist`, a `save_to_disk` folder, or `load_dataset(name)`.
+
+    `max_samples` only pre-truncates `fashion-mnist` (to skip encoding rows that would be dropped anyway).
+    """
     if name == FASHION_MNIST:
-        dataset = fashion_mnist_subset(split)
-        return dataset.to_iterable_dataset(num_shards=FASHION_MNIST_SHARDS) if streaming else dataset
+        dataset = fashion_mnist_subset(split, max_samples)
+        return (
+            dataset.to_iterable_dataset(num_shards=min(STREAM_SHARDS, len(dataset))) if streaming else dataset
+        )
     if is_saved_dataset(name):
         loaded = datasets.load_from_disk(name)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ValueError(f"split {split!r} not in the saved dataset {name}; splits: {list(loaded)}")
             loaded = loaded[split]
-        return loaded.to_iterable_dataset(num_shards=max(1, len(loaded.data.blocks))) if streaming else loaded
+        return loaded.to_iterable_dataset(num_shards=min(STREAM_SHARDS, len(loaded))) if streaming else loaded
     if isinstance(data_files, str):
         data_files = [data_files]
     files = {split: list(data_files)} if data_files else None
@@ -212,16 +250,14 @@ def load_pretrain_dataset(
         data_args.data_files,
         data_args.data_dir,
         streaming=data_args.streaming,
+        max_samples=data_args.max_train_samples,
     )
-    features = dataset.features
-    if features is None:  # some streaming builders only know their columns after reading
-        features = list(next(iter(dataset)).keys())
-    column = detect_image_column(features, data_args.image_column)
-    dataset = dataset.select_columns([column])
+    column = detect_image_column(dataset_features(dataset), data_args.image_column)
+    # Cast first: later steps (select, rename) re-apply the features, and must not decode the images in the reader.
+    dataset = dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
     if column != "pixel_values":
         # Named like the model input, so the Trainer's `remove_unused_columns` keeps it.
         dataset = dataset.rename_column(column, "pixel_values")
-    dataset = dataset.cast_column("pixel_values", datasets.Image(decode=False))
     decoder = ImageDecoder(transform)
 
     if not data_args.streaming:
@@ -232,7 +268,11 @@ def load_pretrain_dataset(
         return dataset
 
     check_shard_count(dataset.num_shards, world_size, num_workers, source=data_args.dataset_name)
-    dataset = dataset.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    dataset = dataset.shuffle(
+        seed=seed,
+        buffer_size=data_args.shuffle_buffer_size,
+        max_buffer_input_shards=interleaved_shards(dataset.num_shards, world_size, num_workers),
+    )
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     if data_args.max_train_samples is not None:
@@ -242,7 +282,20 @@ def load_pretrain_dataset(
     dataset = dataset.map(decoder.decode_example)
     dataset = dataset.filter(_is_decoded)
     dataset.simmim_decoder = decoder
+    dataset.simmim_num_workers = num_workers  # StreamLoader checks it: the shuffle above was sized for it
     return dataset
+
+
+def interleaved_shards(num_shards: int, world_size: int = 1, num_workers: int = 0, limit: int = 10) -> int:
+    """How many shards each reader interleaves into its shuffle buffer (`shuffle(max_buffer_input_shards=...)`).
+
+    `datasets` loads a saved stream position twice inside a DataLoader worker: first into the rank's whole stream,
+    then into the worker's slice. With the default of 10 interleaved shards the two have different numbers of sources
+    (e.g. 4 vs 2 for 4 shards and 2 workers) and the first load raises `IndexError`. Interleaving at most
+    `num_shards // readers` shards gives both the same structure, so resuming works with any number of workers.
+    """
+    per_reader = num_shards // (world_size * max(1, num_workers))
+    return max(1, min(limit, per_reader))
 
 
 def _is_decoded(example: dict[str, Any]) -> bool:

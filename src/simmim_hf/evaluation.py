@@ -34,21 +34,37 @@ class EvaluationArguments:
     """Command-line arguments of `scripts/evaluate.py` (also loadable from a JSON/YAML file)."""
 
     model: str = field(metadata={"help": "AutoModel folder or Hub id, a full SimMIM checkpoint, or 'pixels'."})
-    dataset_name: str = field(default="fashion-mnist", metadata={"help": "'fashion-mnist' (embedded), a Hub id or a builder (imagefolder, parquet, webdataset)."})
+    dataset_name: str = field(
+        default="fashion-mnist",
+        metadata={"help": "'fashion-mnist' (embedded), a Hub id or a builder (imagefolder, parquet, webdataset)."},
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    data_files: str | None = field(default=None, metadata={"help": "For builders: 'train=a/*.parquet,test=b/*.parquet' or one path/glob."})
+    data_files: str | None = field(
+        default=None, metadata={"help": "For builders: 'train=a/*.parquet,test=b/*.parquet' or one path/glob."}
+    )
     data_dir: str | None = field(default=None, metadata={"help": "For builders such as imagefolder: the data folder."})
     train_split: str = field(default="train", metadata={"help": "Split the probes/fine-tuning train on."})
-    eval_split: str | None = field(default=None, metadata={"help": "Split scored (default: validation, else test, else a 10% hold-out of train)."})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Split scored (default: validation, else test, else a 10% hold-out of train)."}
+    )
     image_column: str | None = field(default=None, metadata={"help": "Image column (detected when unambiguous)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (detected when unambiguous)."})
     protocols: str = field(default="knn,linear", metadata={"help": "Comma-separated subset of knn,linear,finetune."})
     output: str | None = field(default=None, metadata={"help": "Where to write the results JSON."})
     random_init: bool = field(default=False, metadata={"help": "Same architecture with fresh weights (baseline)."})
-    raw_pixels: bool = field(default=False, metadata={"help": "Score raw pixels as features (same as --model pixels)."})
-    image_processor: str | None = field(default=None, metadata={"help": "AutoImageProcessor to use instead of the model's."})
-    image_size: int | None = field(default=None, metadata={"help": "Raw pixels only, without --image_processor: resize side (default: native)."})
-    feature_layer: int | None = field(default=None, metadata={"help": "Hidden state to probe (index into hidden_states, e.g. -2); default: last_hidden_state."})
+    raw_pixels: bool = field(
+        default=False, metadata={"help": "Score raw pixels as features (same as --model pixels)."}
+    )
+    image_processor: str | None = field(
+        default=None, metadata={"help": "AutoImageProcessor to use instead of the model's."}
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Raw pixels only, without --image_processor: resize side (default: native)."}
+    )
+    feature_layer: int | None = field(
+        default=None,
+        metadata={"help": "Hidden state to probe (index into hidden_states, e.g. -2); default: last_hidden_state."},
+    )
     train_samples: int | None = field(default=None, metadata={"help": "Seeded class-balanced training subset size."})
     eval_samples: int | None = field(default=None, metadata={"help": "Seeded class-balanced evaluation subset size."})
     seed: int = field(default=0, metadata={"help": "Seed for subsets, probe and fine-tuning."})
@@ -65,11 +81,15 @@ class EvaluationArguments:
     epochs: int = field(default=10, metadata={"help": "Fine-tuning epochs."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Fine-tuning peak learning rate (of the head)."})
     weight_decay: float = field(default=0.05, metadata={"help": "Fine-tuning AdamW weight decay."})
-    layer_decay: float | None = field(default=None, metadata={"help": "Layer-wise LR decay (default 0.65 ViT/BEiT, 0.9 Swin)."})
+    layer_decay: float | None = field(
+        default=None, metadata={"help": "Layer-wise LR decay (default 0.65 ViT/BEiT, 0.9 Swin)."}
+    )
     label_smoothing: float = field(default=0.1, metadata={"help": "Fine-tuning label smoothing."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Fine-tuning warmup, fraction of steps."})
     crop_min_scale: float = field(default=0.67, metadata={"help": "RandomResizedCrop minimum area fraction."})
-    drop_path_rate: float | None = field(default=0.1, metadata={"help": "Stochastic depth where the model supports it."})
+    drop_path_rate: float | None = field(
+        default=0.1, metadata={"help": "Stochastic depth where the model supports it."}
+    )
     finetune_output_dir: str | None = field(default=None, metadata={"help": "Keep the fine-tuned classifier here."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets/transformers cache folder."})
 
@@ -542,7 +562,8 @@ def format_results_table(results: list[dict[str, Any]]) -> str:
     """A small fixed-width table of result rows."""
     header = ("protocol", "metric", "value", "train_samples", "split")
     rows = [header] + [
-        (r["protocol"], r["metric"], f"{r['value']:.4f}", str(r["train_samples"] or "all"), r["split"]) for r in results
+        (r["protocol"], r["metric"], f"{r['value']:.4f}", str(r["train_samples"] or "all"), r["split"])
+        for r in results
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
@@ -567,8 +588,10 @@ def run_evaluation(args: EvaluationArguments) -> dict[str, Any]:
     started = time.perf_counter()
     device = resolve_device(args.device)
     data = load_eval_data(args)
-    print(f"dataset {args.dataset_name}: {len(data.train)} train / {len(data.eval)} {data.eval_split} images, "
-          f"{data.num_classes} classes")
+    print(
+        f"dataset {args.dataset_name}: {len(data.train)} train / {len(data.eval)} {data.eval_split} images, "
+        f"{data.num_classes} classes"
+    )
     train_labels, eval_labels = torch.as_tensor(data.train_labels), torch.as_tensor(data.eval_labels)
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
@@ -578,25 +601,48 @@ def run_evaluation(args: EvaluationArguments) -> dict[str, Any]:
         frozen = [p for p in args.protocol_list if p in ("knn", "linear")]
         if frozen:
             tick = time.perf_counter()
-            encoder = load_encoder(args.model, args.random_init, args.image_processor,
-                                   args.image_size or data.native_size, args.seed, workdir)
+            encoder = load_encoder(
+                args.model,
+                args.random_init,
+                args.image_processor,
+                args.image_size or data.native_size,
+                args.seed,
+                workdir,
+            )
             train_features, eval_features = _features_for(encoder, data, args, device)
             timings["features"] = time.perf_counter() - tick
-            print(f"features: {tuple(train_features.shape)} train, {tuple(eval_features.shape)} eval "
-                  f"({timings['features']:.1f}s)")
+            print(
+                f"features: {tuple(train_features.shape)} train, {tuple(eval_features.shape)} eval "
+                f"({timings['features']:.1f}s)"
+            )
         if "knn" in frozen:
             tick = time.perf_counter()
-            scores = knn_scores(train_features.to(device), train_labels, eval_features, data.num_classes,
-                                k=args.knn_k, temperature=args.knn_temperature)
+            scores = knn_scores(
+                train_features.to(device),
+                train_labels,
+                eval_features,
+                data.num_classes,
+                k=args.knn_k,
+                temperature=args.knn_temperature,
+            )
             results += accuracy_results(scores, eval_labels, protocol="knn", **row)
             timings["knn"] = time.perf_counter() - tick
         if "linear" in frozen:
             tick = time.perf_counter()
             set_seed(args.seed)
-            logits = linear_probe(train_features, train_labels, eval_features, data.num_classes,
-                                  epochs=args.linear_epochs, learning_rate=args.linear_learning_rate,
-                                  batch_size=args.linear_batch_size, weight_decay=args.linear_weight_decay,
-                                  optimizer=args.linear_optimizer, seed=args.seed, device=device)
+            logits = linear_probe(
+                train_features,
+                train_labels,
+                eval_features,
+                data.num_classes,
+                epochs=args.linear_epochs,
+                learning_rate=args.linear_learning_rate,
+                batch_size=args.linear_batch_size,
+                weight_decay=args.linear_weight_decay,
+                optimizer=args.linear_optimizer,
+                seed=args.seed,
+                device=device,
+            )
             results += accuracy_results(logits, eval_labels, protocol="linear", **row)
             timings["linear"] = time.perf_counter() - tick
         if "finetune" in args.protocol_list:

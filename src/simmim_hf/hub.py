@@ -205,14 +205,16 @@ def push_run_to_hub(
             eval_results = read_json(eval_results)
         except (OSError, ValueError) as error:
             raise HubPublishError(f"cannot read the evaluation results: {error}") from None
-    if constants.HF_HUB_OFFLINE:
-        raise HubPublishError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (e.g. HF_HUB_OFFLINE=0).")
     token = token or get_token()
     if not token:
         raise HubPublishError(
             "no Hugging Face token found. Set the HF_TOKEN environment variable or run `hf auth login` with a token "
             "that has write access (https://huggingface.co/settings/tokens)."
         )
+    files = _collect_files(run_dir, include_full_checkpoint)
+    _refuse_token_leaks(token, files, {})  # before any network traffic
+    if constants.HF_HUB_OFFLINE:
+        raise HubPublishError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (e.g. HF_HUB_OFFLINE=0).")
     api = HfApi(token=token)
     repo_id = _resolve_repo_id(api, repo_id, token)
 
@@ -231,8 +233,7 @@ def push_run_to_hub(
         f"Upload SimMIM {run.get('backbone', 'encoder')} encoder"
         f" ({run.get('preset') or 'custom'} preset, {run.get('max_steps', '?')} steps)"
     )
-    files = _collect_files(run_dir, include_full_checkpoint)
-    _refuse_token_leaks(token, files, {"README.md (model card)": str(card), "the commit message": commit_message})
+    _refuse_token_leaks(token, [], {"README.md (model card)": str(card), "the commit message": commit_message})
 
     # The card goes last, so that it is the README of this commit whatever the Hub does with the other files.
     operations = [CommitOperationAdd(path_in_repo=repo_path, path_or_fileobj=str(path)) for repo_path, path in files]

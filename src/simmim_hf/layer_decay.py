@@ -55,9 +55,7 @@ def default_layer_decay(model_type: str) -> float:
     return DEFAULT_LAYER_DECAY["swin" if is_swin_like(model_type) else "vit"]
 
 
-def get_layer_id(
-    param_name: str, num_layers: int, model_type: str, depths: Sequence[int] | None = None
-) -> int:
+def get_layer_id(param_name: str, num_layers: int, model_type: str, depths: Sequence[int] | None = None) -> int:
     """Returns the layer id of `param_name` in `[0, num_layers + 1]`.
 
     Args:

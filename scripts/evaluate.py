@@ -1,0 +1,46 @@
+"""Downstream evaluation of an image encoder: kNN, linear probe and fine-tuning.
+
+    python scripts/evaluate.py --model runs/demo/encoder --dataset_name fashion-mnist \
+        --protocols knn,linear,finetune --train_samples 1000 --output runs/demo/eval.json
+    python scripts/evaluate.py --model pixels --protocols knn,linear            # raw-pixel baseline
+    python scripts/evaluate.py --model runs/demo/encoder --random_init         # random-weights baseline
+    python scripts/evaluate.py eval_config.yaml                                # arguments from a file
+
+All arguments: `python scripts/evaluate.py --help` (dataclass `simmim_hf.evaluation.EvaluationArguments`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+# This file is named like the `evaluate` library, and Python puts the script's folder first on sys.path, where
+# `import evaluate` (done by the metric code) would find this script instead of the library.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+from transformers import HfArgumentParser  # noqa: E402
+
+from simmim_hf.evaluation import EvaluationArguments, run_evaluation  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser(EvaluationArguments)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        if argv[0].endswith(".json"):
+            (args,) = parser.parse_json_file(argv[0])
+        else:
+            (args,) = parser.parse_yaml_file(argv[0])
+        return args
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_evaluation(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Shards an image corpus for streaming pretraining: N WebDataset tar files or N parquet files.
+
+    python scripts/prepare_data.py --source fashion-mnist --output data/fmnist --num_shards 8
+    python scripts/prepare_data.py --source /photos --output data/photos --num_shards 64 --format parquet
+    python scripts/prepare_data.py config.yaml        # the same arguments from a YAML or JSON file
+
+Then pretrain with `--dataset_name webdataset --data_files 'data/fmnist/train-*.tar'` (or `parquet`, `*.parquet`).
+"""
+
+import json
+import sys
+
+from transformers import HfArgumentParser
+
+from simmim_hf.sharding import PrepareDataArguments, prepare_data
+
+
+def main() -> None:
+    parser = HfArgumentParser(PrepareDataArguments)
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        (args,) = parser.parse_yaml_file(sys.argv[1])
+    elif len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        (args,) = parser.parse_json_file(sys.argv[1])
+    else:
+        (args,) = parser.parse_args_into_dataclasses()
+    summary = prepare_data(args)
+    print(
+        f"Wrote {summary['num_written']} images into {len(summary['shards'])} {args.format} shards "
+        f"({min(summary['shard_counts'])}-{max(summary['shard_counts'])} per shard) in {args.output}; "
+        f"skipped {summary['num_skipped']} unreadable."
+    )
+    if summary["num_skipped"]:
+        print("First skipped:", json.dumps(summary["skipped"][:5], indent=2))
+    print(f"Read back with data_files={summary['data_files']!r}")
+
+
+if __name__ == "__main__":
+    main()

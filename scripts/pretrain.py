@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""SimMIM pretraining with the HF Trainer.
+
+    accelerate launch scripts/pretrain.py --preset demo --output_dir runs/demo --max_steps 300
+    accelerate launch scripts/pretrain.py --config runs/swin-b.yaml [--any_flag value ...]
+
+Every `TrainingArguments` flag works. `--config FILE` (YAML or JSON) supplies defaults; flags given on the command
+line override it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import transformers
+from transformers import HfArgumentParser
+
+from simmim_hf.cli import expand_config_file
+from simmim_hf.data import DataArguments
+from simmim_hf.pretraining import run_pretraining
+from simmim_hf.training import ModelArguments, SimMIMTrainingArguments
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, SimMIMTrainingArguments))
+    argv = expand_config_file(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    transformers.utils.logging.set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.enable_explicit_format()
+    return run_pretraining(model_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Trainer callbacks of the pretraining job: reconstruction pictures during training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from .visualization import grid_image, reconstruction_rows
+
+logger = logging.getLogger(__name__)
+
+
+class ReconstructionCallback(TrainerCallback):
+    """Every `every_n_steps` (and at the end), renders original / masked / reconstructed images of a fixed batch
+    with a fixed mask; writes `output_dir/reconstructions/step-N.png` and logs the grid to TensorBoard when the
+    TensorBoard integration is active. Runs on the main process only.
+
+    pixel_values: (N, C, H, W) normalised; bool_masked_pos: (N, num_patches), 1 = masked.
+    """
+
+    def __init__(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor, every_n_steps: int = 0) -> None:
+        self.pixel_values = pixel_values
+        self.bool_masked_pos = bool_masked_pos
+        self.every_n_steps = every_n_steps
+        self.tensorboard: TrainerCallback | None = None
+
+    def attach(self, trainer) -> ReconstructionCallback:
+        """Finds the Trainer's TensorBoard callback (its writer is created when training starts)."""
+        for callback in trainer.callback_handler.callbacks:
+            if type(callback).__name__ == "TensorBoardCallback":
+                self.tensorboard = callback
+        return self
+
+    @property
+    def tb_writer(self):
+        return getattr(self.tensorboard, "tb_writer", None)
+
+    def render(self, model: torch.nn.Module, output_dir: str, step: int, tb_writer=None) -> Path:
+        rows = reconstruction_rows(model, self.pixel_values, self.bool_masked_pos)
+        scale = max(1, 128 // rows.shape[-1])
+        image = grid_image(rows, scale=scale)
+        path = Path(output_dir) / "reconstructions" / f"step-{step}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        if tb_writer is not None:
+            array = np.asarray(image.convert("RGB"))
+            tb_writer.add_image("reconstruction", array, global_step=step, dataformats="HWC")
+        return path
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every_n_steps and state.global_step % self.every_n_steps == 0 and state.is_world_process_zero:
+            self.render(model, args.output_dir, state.global_step, self.tb_writer)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            self.render(model, args.output_dir, state.global_step, self.tb_writer)

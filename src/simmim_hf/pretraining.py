@@ -1,0 +1,263 @@
+"""The pretraining job end to end: config -> model -> stream -> Trainer -> checkpoint, encoder, picture, card.
+
+`scripts/pretrain.py` parses the three argument dataclasses and calls `run_pretraining`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import __version__
+from .callbacks import ReconstructionCallback
+from .collate import SimMIMCollator, StreamLoader
+from .configuration_simmim import SimMIMConfig
+from .convert import export_encoder
+from .data import DataArguments, load_pretrain_dataset
+from .masking import SimMIMMaskGenerator
+from .modeling_simmim import SimMIMForMaskedImageModeling
+from .training import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
+
+logger = logging.getLogger(__name__)
+
+STREAM_STATE_FILE = "stream_state_rank{rank}.json"
+RUN_SUMMARY_FILE = "simmim_run.json"
+
+
+def build_config(model_args: ModelArguments) -> SimMIMConfig:
+    overrides: dict[str, Any] = {}
+    for key in ("mask_ratio", "mask_patch_size", "image_size"):
+        value = getattr(model_args, key)
+        if value is not None:
+            overrides[key] = value
+    for item in filter(None, (model_args.config_overrides or "").split(",")):
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = _parse_value(value.strip())
+    if model_args.model_name_or_path:
+        config = SimMIMConfig.from_pretrained(model_args.model_name_or_path)
+        for key, value in overrides.items():
+            target = config if key in ("mask_ratio", "mask_patch_size") else config.encoder_config
+            setattr(target, key, value)
+        return config
+    return SimMIMConfig.from_preset(model_args.preset, **overrides)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_model(model_args: ModelArguments, config: SimMIMConfig) -> SimMIMForMaskedImageModeling:
+    kwargs: dict[str, Any] = {}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.model_name_or_path:
+        return SimMIMForMaskedImageModeling.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
+    if kwargs:
+        config.encoder_config._attn_implementation = kwargs["attn_implementation"]
+    return SimMIMForMaskedImageModeling(config)
+
+
+class StreamTrainer(ThroughputTrainer):
+    """Feeds the Trainer from a `StreamLoader` (each rank reads only its own shards; no accelerate re-split, no
+    rank-0 dispatch) and keeps the stream position in every checkpoint, so resume continues the stream instead of
+    replaying it."""
+
+    def __init__(self, *args: Any, stream_loader: StreamLoader | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stream_loader = stream_loader
+
+    def get_train_dataloader(self):
+        if self.stream_loader is None:
+            return super().get_train_dataloader()
+        return self.stream_loader
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.stream_loader is not None:
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / STREAM_STATE_FILE.format(rank=self.args.process_index)
+            path.write_text(json.dumps(self.stream_loader.state_dict()))
+
+
+def restore_stream_position(loader: StreamLoader, checkpoint: str, rank: int) -> bool:
+    path = Path(checkpoint) / STREAM_STATE_FILE.format(rank=rank)
+    if not path.is_file():
+        logger.warning("No stream position in %s; the stream restarts from a fresh shuffle", checkpoint)
+        return False
+    loader.load_state_dict(json.loads(path.read_text()))
+    return True
+
+
+def visualization_batch(dataset: Any, config: SimMIMConfig, count: int, seed: int) -> dict[str, torch.Tensor]:
+    """The first `count` decodable images of the stream with a fixed mask, for the reconstruction pictures."""
+    images = []
+    for example in dataset:
+        if example.get("pixel_values") is not None:
+            images.append(example["pixel_values"])
+        if len(images) == count:
+            break
+    if not images:
+        raise ValueError("The training data yielded no decodable image")
+    mask = SimMIMMaskGenerator.from_config(config)(len(images), generator=torch.Generator().manual_seed(seed))
+    return {"pixel_values": torch.stack(images), "bool_masked_pos": mask}
+
+
+def hardware_description(args: SimMIMTrainingArguments) -> str:
+    if args.device.type == "cuda":
+        return f"{args.world_size}x {torch.cuda.get_device_name(args.device)}"
+    return f"{args.world_size}x CPU process ({os.cpu_count()} cores, {platform.machine()})"
+
+
+def precision_of(args: SimMIMTrainingArguments) -> str:
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
+def run_summary(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: SimMIMTrainingArguments,
+    config: SimMIMConfig,
+    trainer: ThroughputTrainer,
+    wall_time: float,
+) -> dict[str, Any]:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "preset": config.preset,
+        "backbone": config.encoder_type,
+        "image_size": config.image_size,
+        "num_channels": config.num_channels,
+        "mask_patch_size": config.mask_patch_size,
+        "mask_ratio": config.mask_ratio,
+        "max_steps": args.max_steps,
+        "steps_completed": trainer.state.global_step,
+        "per_device_batch_size": args.per_device_train_batch_size,
+        "num_processes": args.world_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "global_batch_size": args.global_batch_size,
+        "images_seen": trainer.state.global_step * args.global_batch_size,
+        "base_learning_rate": args.base_learning_rate,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": "multistep" if args.lr_milestones else str(args.lr_scheduler_type).split(".")[-1].lower(),
+        "warmup_steps": args.get_warmup_steps(args.max_steps),
+        "weight_decay": args.weight_decay,
+        "precision": precision_of(args),
+        "hardware": hardware_description(args),
+        "wall_time_seconds": round(wall_time, 1),
+        "dataset_name": data_args.dataset_name,
+        "dataset_config_name": data_args.dataset_config_name,
+        "base_model": model_args.model_name_or_path,
+        "final_loss": losses[-1] if losses else None,
+        "loss_curve": [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry],
+        "seed": args.seed,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "simmim_hf_version": __version__,
+    }
+
+
+def run_pretraining(
+    model_args: ModelArguments, data_args: DataArguments, args: SimMIMTrainingArguments
+) -> dict[str, Any]:
+    """Pretrains, then leaves in `args.output_dir`: the SimMIM checkpoint, `encoder/` (stock transformers),
+    `reconstruction.png`, `simmim_run.json` and the model card `README.md`. Returns the run summary."""
+    if args.max_steps is None or args.max_steps <= 0:
+        raise ValueError("max_steps: a streaming run needs a positive --max_steps")
+    set_seed(args.seed)
+    config = build_config(model_args)
+    model = build_model(model_args, config)
+    logger.info("SimMIM %s: %.2fM parameters", config.encoder_type, sum(p.numel() for p in model.parameters()) / 1e6)
+
+    dataset = load_pretrain_dataset(
+        data_args,
+        seed=args.seed,
+        rank=args.process_index,
+        world_size=args.world_size,
+        num_workers=args.dataloader_num_workers,
+        config=config,
+    )
+    collator = SimMIMCollator(SimMIMMaskGenerator.from_config(config), seed=args.seed, rank=args.process_index)
+    loader = None
+    if isinstance(dataset, datasets.IterableDataset):
+        loader = StreamLoader(
+            dataset,
+            collator,
+            batch_size=args.per_device_train_batch_size,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory and args.device.type == "cuda",
+            prefetch_factor=args.dataloader_prefetch_factor,
+        )
+    # Preview images from an unshuffled read of the same source (a shuffled stream would first fill its buffer).
+    preview_source = load_pretrain_dataset(dataclasses.replace(data_args, shuffle_buffer_size=1), config=config)
+    preview = visualization_batch(preview_source, config, args.num_visualize_images, args.seed)
+
+    resume = args.resume_from_checkpoint
+    if resume == "latest" or (resume is None and args.output_dir and os.path.isdir(args.output_dir)):
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        resume = last if (resume == "latest" or last) else None
+    if resume and loader is not None:
+        restore_stream_position(loader, resume, args.process_index)
+    # Resume continues the stream from the saved position; the Trainer must not replay batches on top of that.
+    args.ignore_data_skip = True
+
+    hub_push = args.push_to_hub
+    if hub_push and args.hub_strategy == "end":
+        args.push_to_hub = False  # the end-of-run push is ours (encoder + card), not the Trainer's model upload
+
+    reconstruction = ReconstructionCallback(preview["pixel_values"], preview["bool_masked_pos"], args.visualize_steps)
+    trainer = StreamTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[reconstruction],
+        stream_loader=loader,
+    )
+    reconstruction.attach(trainer)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    wall_time = time.perf_counter() - start
+
+    summary = run_summary(model_args, data_args, args, config, trainer, wall_time)
+    if trainer.is_world_process_zero():
+        finish_run(trainer, config, summary, push=hub_push)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def finish_run(trainer: ThroughputTrainer, config: SimMIMConfig, summary: dict[str, Any], push: bool) -> None:
+    """Main process only: full checkpoint, stock encoder, picture, summary, card, optional Hub push."""
+    args = trainer.args
+    output_dir = Path(args.output_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.save_pretrained(output_dir)
+    export_encoder(model, output_dir / "encoder")
+    latest = output_dir / "reconstructions" / f"step-{trainer.state.global_step}.png"
+    if latest.is_file():
+        shutil.copyfile(latest, output_dir / "reconstruction.png")
+    (output_dir / RUN_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    from .hub import push_run_to_hub
+    from .model_card import write_model_card
+
+    write_model_card(output_dir)
+    logger.info("Wrote %s (checkpoint, encoder/, reconstruction.png, model card)", output_dir)
+    if push:
+        repo_id = args.hub_model_id or output_dir.name
+        url = push_run_to_hub(output_dir, repo_id, private=bool(args.hub_private_repo), token=args.hub_token)
+        logger.info("Pushed to %s", url)

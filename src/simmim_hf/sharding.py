@@ -1,0 +1,293 @@
+"""Writes an image corpus as N shards that stream well: WebDataset tar files or parquet files with an Image column.
+
+Sources: a folder of images (searched recursively; the first-level sub-folder names become labels when every image
+sits in one), a `datasets` dataset (a Hub id, or a folder written by `save_to_disk`), or `fashion-mnist` (the
+embedded corpus). Every image is fully decoded with PIL before it is written; unreadable ones are skipped and
+counted. Examples are dealt round-robin, so shard sizes differ by at most one.
+
+Read the result back with `load_dataset("webdataset", data_files="DIR/*.tar")` (keys `__key__`, `png`/`jpg`, and
+`cls` when there are labels) or `load_dataset("parquet", data_files="DIR/*.parquet")` (`image`, and `label`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import PIL.Image
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from .data import FASHION_MNIST, dataset_features, detect_image_column, is_saved_dataset, load_source_dataset
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+LABEL_COLUMN_NAMES = ("label", "labels", "cls", "class", "target")
+FORMATS = ("webdataset", "parquet")
+SUMMARY_FILE = "prepare_data.json"
+_PARQUET_ROWS_PER_GROUP = 256
+
+
+@dataclass
+class PrepareDataArguments:
+    """Command line of `scripts/prepare_data.py` (parsed by `transformers.HfArgumentParser`)."""
+
+    source: str = field(
+        metadata={"help": "An image folder, a `datasets` dataset (Hub id or save_to_disk folder), or `fashion-mnist`."}
+    )
+    output: str = field(metadata={"help": "Folder to write the shards to."})
+    num_shards: int = field(default=8, metadata={"help": "Number of shards (use a multiple of GPUs x workers)."})
+    format: str = field(default="webdataset", metadata={"help": "`webdataset` (tar) or `parquet`."})
+    split: str = field(default="train", metadata={"help": "Split of a dataset source (ignored for a folder)."})
+    max_samples: int | None = field(default=None, metadata={"help": "Write at most this many images."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of a Hub dataset."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column of a dataset (default: detect)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the contents of a non-empty output folder."})
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+
+
+@dataclass
+class _Record:
+    name: str  # for error messages
+    data: bytes | None
+    path: str | None
+    label: int | None
+
+
+def _read_cell(cell: Any) -> tuple[bytes | None, str | None]:
+    if isinstance(cell, dict):
+        return cell.get("bytes"), cell.get("path")
+    if isinstance(cell, PIL.Image.Image):
+        buffer = io.BytesIO()
+        cell.save(buffer, format="PNG")
+        return buffer.getvalue(), None
+    if isinstance(cell, (bytes, bytearray)):
+        return bytes(cell), None
+    return None, str(cell)
+
+
+def _folder_records(folder: Path) -> tuple[list[_Record], list[str] | None]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    parents = [p.relative_to(folder).parts for p in files]
+    class_names = sorted({parts[0] for parts in parents}) if all(len(parts) > 1 for parts in parents) else None
+    index = {name: i for i, name in enumerate(class_names or [])}
+    records = [
+        _Record(str(p), None, str(p), index[parts[0]] if class_names else None) for p, parts in zip(files, parents)
+    ]
+    return records, class_names
+
+
+def _fashion_records(split: str) -> Iterator[_Record]:
+    from .fashion_mnist import load_fashion_mnist
+
+    images, labels = load_fashion_mnist(split)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        data, _ = _read_cell(PIL.Image.fromarray(image, mode="L"))
+        yield _Record(f"{FASHION_MNIST}/{split}/{i}", data, None, int(label))
+
+
+def _dataset_records(dataset: Any, image_column: str | None) -> tuple[Iterator[_Record], list[str] | None]:
+    features = dataset_features(dataset)
+    column = detect_image_column(features, image_column)
+    labels = [name for name in features if name in LABEL_COLUMN_NAMES]
+    label_column = labels[0] if labels else None
+    label_feature = features[label_column] if label_column and isinstance(features, dict) else None
+    class_names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
+    dataset = dataset.cast_column(column, datasets.Image(decode=False))
+
+    def records() -> Iterator[_Record]:
+        for i, example in enumerate(dataset):
+            data, path = _read_cell(example[column])
+            label = example[label_column] if label_column else None
+            yield _Record(path or f"example {i}", data, path, int(label) if label is not None else None)
+
+    return records(), class_names
+
+
+def encode_image(record: _Record, target: str | None = None) -> tuple[bytes, str, bool]:
+    """Decodes the record fully (raising if PIL cannot) and returns `(bytes, "png"|"jpg", re-encoded?)`.
+
+    PNG and JPEG files are kept byte for byte unless `target` asks for the other one; anything else, and any file
+    whose format differs from `target`, is re-encoded (PNG losslessly, JPEG at quality 95).
+    """
+    data = record.data
+    if data is None:
+        if not record.path:
+            raise ValueError("no bytes and no path")
+        data = Path(record.path).read_bytes()
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        image.load()
+        kept = {"PNG": "png", "JPEG": "jpg"}.get(image.format or "")
+        if kept is not None and kept == (target or kept):
+            return data, kept, False
+        buffer = io.BytesIO()
+        if (target or "png") == "jpg":
+            image.convert("L" if image.mode in ("1", "L", "I", "I;16") else "RGB").save(buffer, "JPEG", quality=95)
+            return buffer.getvalue(), "jpg", True
+        if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+            image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+        image.save(buffer, format="PNG")
+        return buffer.getvalue(), "png", True
+
+
+class _TarShards:
+    def __init__(self, paths: list[Path], has_labels: bool) -> None:
+        self.tars = [tarfile.open(path, "w") for path in paths]
+        self.has_labels = has_labels
+
+    def _add(self, shard: int, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: reproducible shards
+        self.tars[shard].addfile(info, io.BytesIO(data))
+
+    def write(self, shard: int, key: str, data: bytes, ext: str, label: int | None) -> None:
+        self._add(shard, f"{key}.{ext}", data)
+        if self.has_labels:  # every sample needs the same fields; -1 marks a missing label
+            self._add(shard, f"{key}.cls", str(-1 if label is None else label).encode())
+
+    def close(self) -> None:
+        for tar in self.tars:
+            tar.close()
+
+
+class _ParquetShards:
+    def __init__(self, paths: list[Path], features: datasets.Features) -> None:
+        self.paths, self.features = paths, features
+        self.schema = features.arrow_schema  # carries the `huggingface` metadata, so `image` loads as Image
+        self.writers = [pq.ParquetWriter(path, self.schema) for path in paths]
+        self.rows: list[list[dict[str, Any]]] = [[] for _ in paths]
+
+    def _flush(self, shard: int) -> None:
+        if self.rows[shard]:
+            self.writers[shard].write_table(pa.Table.from_pylist(self.rows[shard], schema=self.schema))
+            self.rows[shard] = []
+
+    def write(self, shard: int, key: str, data: bytes, ext: str, label: int | None) -> None:
+        row: dict[str, Any] = {"image": {"bytes": data, "path": f"{key}.{ext}"}}
+        if "label" in self.features:
+            row["label"] = label
+        self.rows[shard].append(row)
+        if len(self.rows[shard]) >= _PARQUET_ROWS_PER_GROUP:
+            self._flush(shard)
+
+    def close(self) -> None:
+        for shard, writer in enumerate(self.writers):
+            self._flush(shard)
+            writer.close()
+
+
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"--output {output} is not empty; pass --overwrite to replace its contents")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
+    """Writes the shards and `prepare_data.json` (a summary, also returned) into `args.output`."""
+    output = Path(args.output)
+    source_path = Path(args.source)
+    total: int | None
+    if args.source == FASHION_MNIST:
+        from .fashion_mnist import CLASS_NAMES
+
+        records, class_names = _fashion_records(args.split), list(CLASS_NAMES)
+        total = {"train": 60_000, "test": 10_000}.get(args.split)
+    elif source_path.is_dir() and not is_saved_dataset(source_path):
+        if output.resolve() == source_path.resolve() or source_path.resolve() in output.resolve().parents:
+            raise ValueError("--output must not be inside the source folder")
+        folder_records, class_names = _folder_records(source_path)
+        records, total = iter(folder_records), len(folder_records)
+    else:
+        streaming = not is_saved_dataset(source_path)  # Hub datasets stream, so --max_samples downloads little
+        dataset = load_source_dataset(args.source, args.dataset_config_name, args.split, streaming=streaming)
+        records, class_names = _dataset_records(dataset, args.image_column)
+        total = None if streaming else len(dataset)
+    if total is not None and args.max_samples is not None:
+        total = min(total, args.max_samples)
+    if total is not None and total < args.num_shards:
+        raise ValueError(f"{total} images cannot fill {args.num_shards} shards; lower --num_shards")
+
+    _prepare_output(output, args.overwrite)
+    suffix = "tar" if args.format == "webdataset" else "parquet"
+    paths = [output / f"{args.split}-{i:05d}-of-{args.num_shards:05d}.{suffix}" for i in range(args.num_shards)]
+    first = next(records, None)
+    if first is None:
+        raise ValueError(f"The source {args.source} has no examples")
+    has_labels = first.label is not None
+    if args.format == "webdataset":
+        writer: _TarShards | _ParquetShards = _TarShards(paths, has_labels)
+    else:
+        label = datasets.ClassLabel(names=class_names) if class_names else datasets.Value("int64")
+        features = datasets.Features({"image": datasets.Image(), **({"label": label} if has_labels else {})})
+        writer = _ParquetShards(paths, features)
+
+    # datasets' webdataset reader requires every sample of a tar to carry the same extensions, so the first image
+    # fixes png or jpg and later images of the other format are re-encoded to it. Parquet keeps each file's format.
+    target: str | None = None
+    counts, skipped, written, reencoded = [0] * args.num_shards, [], 0, 0
+    progress = tqdm(total=total, desc=f"Writing {args.num_shards} {args.format} shards", unit="img")
+    try:
+        for record in _chain(first, records):
+            if args.max_samples is not None and written >= args.max_samples:
+                break
+            progress.update(1)
+            try:
+                data, ext, changed = encode_image(record, target)
+            except Exception as error:  # noqa: BLE001 - a bad file costs one image, not the whole conversion
+                skipped.append(f"{record.name}: {type(error).__name__}: {error}")
+                continue
+            if args.format == "webdataset" and target is None:
+                target = ext
+            reencoded += changed
+            shard = written % args.num_shards
+            writer.write(shard, f"{written:09d}", data, ext, record.label)
+            counts[shard] += 1
+            written += 1
+    finally:
+        progress.close()
+        writer.close()
+    if skipped:
+        logger.warning("Skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[:3])
+    if min(counts) == 0:
+        logger.warning("Some shards are empty (%d images for %d shards)", written, args.num_shards)
+    summary = {
+        "arguments": asdict(args),
+        "num_written": written,
+        "num_skipped": len(skipped),
+        "num_reencoded": reencoded,
+        "skipped": skipped[:100],
+        "shards": [path.name for path in paths],
+        "shard_counts": counts,
+        "class_names": class_names,
+        "data_files": str(output / f"{args.split}-*.{suffix}"),
+    }
+    (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _chain(first: _Record, rest: Iterator[_Record]) -> Iterator[_Record]:
+    yield first
+    yield from rest

@@ -1,0 +1,202 @@
+"""End-to-end pretraining runs on local shards of real images (Fashion-MNIST), plus the engine's pieces."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_configs import tiny_simmim_config
+from transformers import HfArgumentParser
+
+from simmim_hf.cli import expand_config_file
+from simmim_hf.data import DataArguments
+from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
+from simmim_hf.training import (
+    ModelArguments,
+    SimMIMTrainer,
+    SimMIMTrainingArguments,
+    scaled_learning_rate,
+    warmup_cosine_lambda,
+    warmup_multistep_lambda,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, fashion_mnist_dir):
+    """256 Fashion-MNIST images in 4 webdataset tar shards, written by scripts/prepare_data.py."""
+    output = tmp_path_factory.mktemp("shards")
+    run([sys.executable, "scripts/prepare_data.py", "--source", "fashion-mnist", "--output", str(output),
+         "--num_shards", "4", "--max_samples", "256", "--overwrite", "true"])  # fmt: skip
+    return sorted(str(p) for p in output.glob("*.tar"))
+
+
+def run(command, env=None):
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", **(env or {})}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def pretrain_args(shards, output_dir, max_steps, *extra):
+    return [
+        "--preset", "demo", "--config_overrides", TINY,
+        "--dataset_name", "webdataset", "--data_files", *shards, "--streaming", "true",
+        "--output_dir", str(output_dir), "--max_steps", str(max_steps),
+        "--per_device_train_batch_size", "16", "--base_learning_rate", "0.08", "--warmup_steps", "2",
+        "--logging_steps", "1", "--save_steps", "1000", "--report_to", "none", "--seed", "7",
+        "--shuffle_buffer_size", "1", "--num_visualize_images", "4", "--dataloader_num_workers", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def read_batches(probe: Path, rank: int = 0) -> list[list[str]]:
+    return [line.split() for line in (probe / f"samples-rank{rank}.txt").read_text().splitlines()]
+
+
+def test_pretrain_end_to_end_loss_goes_down_and_outputs_are_written(shards, tmp_path):
+    output = tmp_path / "run"
+    run([sys.executable, "scripts/pretrain.py", *pretrain_args(shards, output, 24)])
+    summary = json.loads((output / "simmim_run.json").read_text())
+    losses = [loss for _, loss in summary["loss_curve"]]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4, losses
+    assert summary["global_batch_size"] == 16 and summary["images_seen"] == 24 * 16
+    assert summary["learning_rate"] == pytest.approx(0.08 * 16 / 512)
+    for name in ("model.safetensors", "config.json", "encoder/model.safetensors", "encoder/preprocessor_config.json",
+                 "reconstruction.png", "README.md"):  # fmt: skip
+        assert (output / name).is_file(), name
+    model = SimMIMForMaskedImageModeling.from_pretrained(output)
+    assert model.config.encoder_config.hidden_size == 32
+
+
+def test_two_ranks_read_disjoint_samples_and_keep_identical_weights(shards, tmp_path):
+    probe, output = tmp_path / "probe", tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               "tests/pretrain_probe.py", str(probe), *pretrain_args(shards, output, 4)]  # fmt: skip
+    run(command, env={"ACCELERATE_USE_CPU": "true"})
+    assert (probe / "world-rank0.txt").read_text() == "2" == (probe / "world-rank1.txt").read_text()
+    rank0 = {digest for batch in read_batches(probe, 0) for digest in batch}
+    rank1 = {digest for batch in read_batches(probe, 1) for digest in batch}
+    assert len(rank0) == len(rank1) == 4 * 16
+    assert not rank0 & rank1
+    assert (probe / "weights-rank0.txt").read_text() == (probe / "weights-rank1.txt").read_text()
+    assert json.loads((output / "simmim_run.json").read_text())["global_batch_size"] == 32
+
+
+def test_resume_continues_the_stream_without_replaying_it(shards, tmp_path):
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    probe_script = [sys.executable, "tests/pretrain_probe.py"]
+    run([*probe_script, str(straight), *pretrain_args(shards, tmp_path / "a", 6)])
+    run([*probe_script, str(first), *pretrain_args(shards, tmp_path / "b", 3, "--save_steps", "3")])
+    checkpoint = tmp_path / "b" / "checkpoint-3"
+    assert (checkpoint / "stream_state_rank0.json").is_file()
+    run([*probe_script, str(resumed), *pretrain_args(shards, tmp_path / "b", 6, "--resume_from_checkpoint", str(checkpoint))])  # fmt: skip
+    before, after, reference = read_batches(first), read_batches(resumed), read_batches(straight)
+    assert len(before) == 3 and len(after) == 3
+    seen = {digest for batch in before for digest in batch}
+    assert not seen & {digest for batch in after for digest in batch}
+    assert before + after == reference  # exactly the uninterrupted run's stream
+
+
+def test_optimizer_groups_exclude_the_no_weight_decay_set(tmp_path):
+    model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
+    args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    optimizer = SimMIMTrainer(model=model, args=args).create_optimizer()
+    names = {id(param): name for name, param in model.named_parameters()}
+    decay = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    no_decay = {
+        names[id(p)] for group in optimizer.param_groups if group["weight_decay"] == 0 for p in group["params"]
+    }
+    assert no_decay == model.no_weight_decay()
+    assert (
+        "simmim.encoder.embeddings.mask_token" in no_decay
+        and "simmim.encoder.embeddings.position_embeddings" in no_decay
+    )
+    assert "decoder.0.weight" in decay and all(group["betas"] == (0.9, 0.999) for group in optimizer.param_groups)
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {0.0, 0.05}
+
+
+def test_learning_rate_is_scaled_by_global_batch(tmp_path):
+    args = SimMIMTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=32, gradient_accumulation_steps=4,
+        base_learning_rate=2e-4, use_cpu=True, report_to="none",
+    )  # fmt: skip
+    assert args.learning_rate == pytest.approx(2e-4 * 32 * 4 / 512)
+    assert scaled_learning_rate(1e-4, 128, 8, 2) == pytest.approx(1e-4 * 2048 / 512)
+    assert (args.max_grad_norm, args.weight_decay, args.adam_beta2) == (5.0, 0.05, 0.999)
+
+
+def test_schedules_warm_up_then_decay():
+    cosine = warmup_cosine_lambda(warmup_steps=10, total_steps=110, floor=0.1)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1)
+    multistep = warmup_multistep_lambda(warmup_steps=5, milestones=[50, 80], gamma=0.1)
+    assert [multistep(s) for s in (4, 49, 50, 80)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+
+
+def test_scheduler_choice_in_trainer(tmp_path):
+    model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
+    args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, warmup_steps=2,
+                                   lr_milestones="6", base_learning_rate=0.512)  # fmt: skip
+    trainer = SimMIMTrainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    lrs = []
+    for _ in range(8):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lrs == pytest.approx([0.004, 0.008, 0.008, 0.008, 0.008, 0.008, 0.0008, 0.0008])
+
+
+def test_yaml_config_with_command_line_override(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "preset: swin-base-window6-192\nmask_ratio: 0.5\ndataset_name: webdataset\n"
+        "data_files: [a.tar, b.tar]\noutput_dir: out\nmax_steps: 100\nbf16: false\nper_device_train_batch_size: 8\n"
+    )
+    parser = HfArgumentParser((ModelArguments, DataArguments, SimMIMTrainingArguments))
+    argv = expand_config_file(
+        ["--config", str(config), "--max_steps", "7", "--use_cpu", "true", "--report_to", "none"]
+    )
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    assert (model_args.preset, model_args.mask_ratio) == ("swin-base-window6-192", 0.5)
+    assert data_args.data_files == ["a.tar", "b.tar"]
+    assert (args.max_steps, args.per_device_train_batch_size) == (7, 8)
+    assert args.learning_rate == pytest.approx(1e-4 * 8 / 512)
+
+
+def test_config_file_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        expand_config_file(["--config", str(bad)])
+    with pytest.raises(ValueError, match="file path"):
+        expand_config_file(["--config"])
+
+
+def test_zero_max_steps_is_refused(tmp_path):
+    from simmim_hf.pretraining import run_pretraining
+
+    args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="max_steps"):
+        run_pretraining(ModelArguments(), DataArguments(), args)
+
+
+def test_throughput_is_logged(tmp_path):
+    from simmim_hf.training import ThroughputTrainer
+
+    model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
+    args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    trainer = ThroughputTrainer(model=model, args=args)
+    trainer.log({"loss": 1.0})
+    trainer.state.global_step = 5
+    trainer.log({"loss": 0.5})
+    assert trainer.state.log_history[-1]["images_per_second"] > 0
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["images_per_second"]))
