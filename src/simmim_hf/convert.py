@@ -121,6 +121,8 @@ def image_processor_for(config: SimMIMConfig, resample: int = 3) -> ViTImageProc
         do_normalize=True,
         image_mean=list(config.image_mean),
         image_std=list(config.image_std),
+        # Greyscale/RGBA/palette inputs become RGB for a 3-channel encoder, as in pretraining.
+        do_convert_rgb=config.num_channels == 3,
     )
 
 

@@ -172,9 +172,7 @@ def load_source_dataset(
     """
     if name == FASHION_MNIST:
         dataset = fashion_mnist_subset(split, max_samples)
-        return (
-            dataset.to_iterable_dataset(num_shards=min(STREAM_SHARDS, len(dataset))) if streaming else dataset
-        )
+        return dataset.to_iterable_dataset(num_shards=min(STREAM_SHARDS, len(dataset))) if streaming else dataset
     if is_saved_dataset(name):
         loaded = datasets.load_from_disk(name)
         if isinstance(loaded, datasets.DatasetDict):
