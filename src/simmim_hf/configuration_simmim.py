@@ -40,7 +40,7 @@ def _preset_encoders() -> dict[str, tuple[PretrainedConfig, dict[str, Any]]]:
                 hidden_size=128,
                 num_hidden_layers=4,
                 num_attention_heads=4,
-                intermediate_size=512,
+                intermediate_size=256,  # MLP ratio 2 keeps a CPU step cheap
                 qkv_bias=True,
                 encoder_stride=4,
             ),

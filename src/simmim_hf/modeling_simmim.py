@@ -151,6 +151,8 @@ class SimMIMModel(SimMIMPreTrainedModel):
     def __init__(self, config: SimMIMConfig) -> None:
         super().__init__(config)
         self.encoder = build_encoder(config)
+        # FSDP auto-wrapping and `device_map` read the block classes from the top-level model.
+        self._no_split_modules = list(self.encoder._no_split_modules or [])
         self.post_init()
         init_mask_token(self.encoder)
 
@@ -195,6 +197,7 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
     def __init__(self, config: SimMIMConfig) -> None:
         super().__init__(config)
         self.simmim = SimMIMModel(config)
+        self._no_split_modules = self.simmim._no_split_modules
         stride = config.encoder_stride
         hidden_size = _output_width(config)
         self.decoder = nn.Sequential(
