@@ -200,3 +200,41 @@ def test_throughput_is_logged(tmp_path):
     trainer.log({"loss": 0.5})
     assert trainer.state.log_history[-1]["images_per_second"] > 0
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["images_per_second"]))
+
+
+def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
+    import secrets
+
+    from hub_server import HubServer
+
+    token = f"hf_{secrets.token_hex(17)}"
+    output = tmp_path / "run"
+    with HubServer(users={token: ("alice", {})}) as hub:
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"), HF_TOKEN=token)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "scripts/pretrain.py",
+                *pretrain_args(shards, output, 2),
+                "--push_to_hub",
+                "true",
+                "--hub_model_id",
+                "alice/tiny-simmim",
+            ],  # fmt: skip
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**env, "CUDA_VISIBLE_DEVICES": ""},
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        repo = hub.state.repos["alice/tiny-simmim"]
+        files = repo.commits[repo.refs["main"]]
+        commits = [r for r in hub.state.requests if r.method == "POST" and r.path.endswith("/commit/main")]
+    assert len(commits) == 1
+    assert files["model.safetensors"] == (output / "encoder" / "model.safetensors").read_bytes()
+    card = files["README.md"].decode()
+    assert 'AutoModel.from_pretrained("alice/tiny-simmim")' in card and "library_name: transformers" in card
+    assert {"config.json", "preprocessor_config.json", "reconstruction.png"} <= set(files)
+    assert token not in result.stdout + result.stderr

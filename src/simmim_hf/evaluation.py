@@ -68,7 +68,8 @@ class EvaluationArguments:
     train_samples: int | None = field(default=None, metadata={"help": "Seeded class-balanced training subset size."})
     eval_samples: int | None = field(default=None, metadata={"help": "Seeded class-balanced evaluation subset size."})
     seed: int = field(default=0, metadata={"help": "Seed for subsets, probe and fine-tuning."})
-    batch_size: int = field(default=64, metadata={"help": "Batch size of feature extraction and fine-tuning."})
+    batch_size: int = field(default=64, metadata={"help": "Fine-tuning batch size."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Batch size of feature extraction and inference."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps."})
     knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN classifier."})
@@ -348,7 +349,10 @@ def load_encoder(
         torch.manual_seed(seed)
         model = AutoModel.from_config(config)
     else:
-        model = AutoModel.from_pretrained(path)
+        try:  # the pooler is never used here; skipping it avoids a "newly initialized" report
+            model = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        except TypeError:
+            model = AutoModel.from_pretrained(path)
     try:
         processor = AutoImageProcessor.from_pretrained(image_processor or path)
     except OSError as error:
@@ -575,7 +579,7 @@ def format_results_table(results: list[dict[str, Any]]) -> str:
 
 
 def _features_for(encoder: Encoder, data: EvalData, args: EvaluationArguments, device: torch.device) -> tuple:
-    common = dict(feature_layer=args.feature_layer, batch_size=args.batch_size, num_workers=args.num_workers)
+    common = dict(feature_layer=args.feature_layer, batch_size=args.eval_batch_size, num_workers=args.num_workers)
     train = extract_features(encoder, data.train, data.image_column, device=device, desc="train features", **common)
     test = extract_features(encoder, data.eval, data.image_column, device=device, desc="eval features", **common)
     return train, test

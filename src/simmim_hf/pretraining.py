@@ -216,9 +216,11 @@ def run_pretraining(
     # Resume continues the stream from the saved position; the Trainer must not replay batches on top of that.
     args.ignore_data_skip = True
 
+    # The end-of-run push is ours (encoder + processor + card in one commit). The Trainer keeps pushing only when
+    # checkpoints were asked for (`--hub_strategy checkpoint|all_checkpoints`), for resuming elsewhere.
     hub_push = args.push_to_hub
-    if hub_push and args.hub_strategy == "end":
-        args.push_to_hub = False  # the end-of-run push is ours (encoder + card), not the Trainer's model upload
+    if hub_push and str(args.hub_strategy).split(".")[-1].lower() not in ("checkpoint", "all_checkpoints"):
+        args.push_to_hub = False
 
     reconstruction = ReconstructionCallback(preview["pixel_values"], preview["bool_masked_pos"], args.visualize_steps)
     trainer = StreamTrainer(
