@@ -6,7 +6,14 @@ import textwrap
 import pytest
 import torch
 from tiny_configs import tiny_simmim_config, tiny_swin, tiny_vit
-from transformers import SwinForMaskedImageModeling, ViTForMaskedImageModeling
+from transformers import (
+    DeiTConfig,
+    DeiTForMaskedImageModeling,
+    SwinForMaskedImageModeling,
+    Swinv2Config,
+    Swinv2ForMaskedImageModeling,
+    ViTForMaskedImageModeling,
+)
 
 from simmim_hf import (
     SimMIMConfig,
@@ -17,7 +24,23 @@ from simmim_hf import (
     to_transformers,
 )
 
-REFERENCES = {"vit": (ViTForMaskedImageModeling, tiny_vit), "swin": (SwinForMaskedImageModeling, tiny_swin)}
+
+def tiny_deit() -> DeiTConfig:
+    return DeiTConfig(**tiny_vit().to_dict() | {"model_type": "deit"})
+
+
+def tiny_swinv2() -> Swinv2Config:
+    return Swinv2Config(
+        image_size=32, patch_size=2, embed_dim=16, depths=[1, 2], num_heads=[2, 2], window_size=4, encoder_stride=4
+    )
+
+
+REFERENCES = {
+    "vit": (ViTForMaskedImageModeling, tiny_vit),
+    "swin": (SwinForMaskedImageModeling, tiny_swin),
+    "deit": (DeiTForMaskedImageModeling, tiny_deit),  # two prefix tokens (CLS + distillation)
+    "swinv2": (Swinv2ForMaskedImageModeling, tiny_swinv2),
+}
 
 
 def reference_model(encoder: str):
@@ -35,7 +58,7 @@ def inputs_for(config, batch_size=3):
     return pixel_values, SimMIMMaskGenerator.from_config(config)(batch_size, generator=generator)
 
 
-@pytest.mark.parametrize("encoder", ["vit", "swin"])
+@pytest.mark.parametrize("encoder", ["vit", "swin", "deit", "swinv2"])
 def test_from_transformers_matches_reference_loss_and_reconstruction(encoder):
     reference = reference_model(encoder)
     model = from_transformers(reference, mask_patch_size=8).eval()

@@ -161,8 +161,8 @@ def to_pil(image: Any, num_channels: int) -> Any:
 def class_balanced_subset(labels: np.ndarray | list[int], num_samples: int, seed: int = 0) -> np.ndarray:
     """Sorted indices of a seeded subset of `num_samples` rows with classes as equal as the data allows.
 
-    Each class gets `num_samples // C` rows (the remainder goes to randomly chosen classes); a class with too few
-    rows gives all it has and the shortfall is spread over the others.
+    Per-class counts differ by at most one, except that a class with too few rows gives all it has and the others
+    share its shortfall. Rows within a class, and which classes get the odd extra row, are drawn from `seed`.
     """
     labels = np.asarray(labels)
     if num_samples <= 0:
@@ -172,17 +172,15 @@ def class_balanced_subset(labels: np.ndarray | list[int], num_samples: int, seed
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     pools = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
-    quota = {c: 0 for c in classes}
-    remaining = num_samples
-    while remaining > 0:
-        open_classes = [c for c in classes if quota[c] < len(pools[c])]
-        share, extra = divmod(remaining, len(open_classes))
-        lucky = set(rng.choice(open_classes, size=extra, replace=False).tolist()) if extra else set()
-        for c in open_classes:
-            take = min(share + (c in lucky), len(pools[c]) - quota[c])
-            quota[c] += take
-            remaining -= take
-    return np.sort(np.concatenate([pools[c][: quota[c]] for c in classes]))
+    # Water-filling from the smallest class up: each class takes an even share of what is left, or all its rows.
+    # Ties in size are ordered at random, so the odd extra rows go to random classes.
+    order = sorted(classes, key=lambda c: (len(pools[c]), rng.random()))
+    remaining, picked = num_samples, []
+    for position, c in enumerate(order):
+        take = min(len(pools[c]), remaining // (len(order) - position))
+        picked.append(pools[c][:take])
+        remaining -= take
+    return np.sort(np.concatenate(picked))
 
 
 def parse_data_files(data_files: str | None) -> str | dict[str, list[str]] | None:
@@ -219,15 +217,29 @@ def detect_columns(features: Any, image_column: str | None, label_column: str | 
     return image, label
 
 
-def _load_splits(args: EvaluationArguments) -> tuple[Any, Any, str]:
-    if args.dataset_name.lower() in FASHION_MNIST_NAMES and not args.data_files:
-        from simmim_hf.fashion_mnist import fashion_mnist_dataset
+def _fashion_mnist_data(args: EvaluationArguments) -> EvalData:
+    """The embedded corpus, subset on the raw arrays so that only the kept images are wrapped in a Dataset."""
+    import datasets
 
-        eval_split = args.eval_split or "test"
-        for split in (args.train_split, eval_split):
-            if split not in ("train", "test"):
-                raise ValueError(f"fashion-mnist has splits 'train' and 'test', not {split!r}")
-        return fashion_mnist_dataset(args.train_split), fashion_mnist_dataset(eval_split), eval_split
+    from simmim_hf.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+
+    eval_split = args.eval_split or "test"
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
+    parts = []
+    for split, samples in ((args.train_split, args.train_samples), (eval_split, args.eval_samples)):
+        if split not in ("train", "test"):
+            raise ValueError(f"fashion-mnist has splits 'train' and 'test', not {split!r}")
+        images, labels = load_fashion_mnist(split)
+        if samples is not None:
+            keep = class_balanced_subset(labels, samples, args.seed)
+            images, labels = images[keep], labels[keep]
+        dataset = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+        parts += [dataset, labels]
+    train, train_labels, test, eval_labels = parts
+    return EvalData(train, test, "image", train_labels, eval_labels, list(CLASS_NAMES), eval_split)
+
+
+def _load_splits(args: EvaluationArguments) -> tuple[Any, Any, str]:
     import datasets
 
     splits = datasets.load_dataset(
@@ -258,6 +270,8 @@ def load_eval_data(args: EvaluationArguments) -> EvalData:
     """Loads the train/eval splits, finds the columns, maps labels to ids and takes the seeded subsets."""
     import datasets
 
+    if args.dataset_name.lower() in FASHION_MNIST_NAMES and not args.data_files:
+        return _fashion_mnist_data(args)
     train, test, eval_split = _load_splits(args)
     image_column, label_column = detect_columns(train.features, args.image_column, args.label_column)
     feature = train.features[label_column]
@@ -347,12 +361,13 @@ def load_encoder(
     if random_init:
         config = AutoConfig.from_pretrained(path)
         torch.manual_seed(seed)
-        model = AutoModel.from_config(config)
+        build, source = AutoModel.from_config, config
     else:
-        try:  # the pooler is never used here; skipping it avoids a "newly initialized" report
-            model = AutoModel.from_pretrained(path, add_pooling_layer=False)
-        except TypeError:
-            model = AutoModel.from_pretrained(path)
+        build, source = AutoModel.from_pretrained, path
+    try:  # the pooler is never used here; leaving it out avoids a "newly initialized" report
+        model = build(source, add_pooling_layer=False)
+    except TypeError:  # architectures without a pooler option
+        model = build(source)
     try:
         processor = AutoImageProcessor.from_pretrained(image_processor or path)
     except OSError as error:
@@ -488,7 +503,10 @@ def linear_probe(
     """
     generator = torch.Generator().manual_seed(seed)
     dim = train_features.shape[1]
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    # momentum=None: running statistics are the plain average over all training batches, so short probes are not
+    # biased towards the (0, 1) initial statistics.
+    norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None)
+    head = nn.Sequential(norm, nn.Linear(dim, num_classes))
     nn.init.trunc_normal_(head[1].weight, std=0.01, generator=generator)
     nn.init.zeros_(head[1].bias)
     head.to(device)

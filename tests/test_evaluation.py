@@ -1,0 +1,372 @@
+"""Downstream evaluation: kNN, linear probe, fine-tuning, the accuracy metric, subsets, data loading, results JSON."""
+
+import importlib.util
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_configs import tiny_simmim_config, tiny_swin, tiny_vit
+from transformers import AutoModel, SwinModel, ViTForImageClassification, ViTImageProcessor, ViTModel
+
+from simmim_hf import SimMIMForMaskedImageModeling
+from simmim_hf.evaluation import (
+    METRIC_PATH,
+    EvalData,
+    EvaluationArguments,
+    accuracy_results,
+    class_balanced_subset,
+    detect_columns,
+    extract_features,
+    format_results_table,
+    knn_scores,
+    linear_probe,
+    load_encoder,
+    load_eval_data,
+    num_prefix_tokens,
+    resolve_encoder_path,
+)
+from simmim_hf.fashion_mnist import CLASS_NAMES, MEAN, STD, load_fashion_mnist
+from simmim_hf.finetune import LayerDecayTrainer, finetune_classifier, processor_size, train_transform
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_TRAIN, NUM_EVAL = 500, 300
+CHANCE = 1 / len(CLASS_NAMES)
+
+
+def _image_dataset(images: np.ndarray, labels: np.ndarray) -> datasets.Dataset:
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
+    return datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+
+
+def _accuracy(scores: torch.Tensor | np.ndarray, labels: np.ndarray) -> float:
+    return float((np.asarray(scores).argmax(1) == labels).mean())
+
+
+def _save_encoder(model: torch.nn.Module, folder: Path, size: int) -> Path:
+    model.save_pretrained(folder)
+    ViTImageProcessor(
+        size={"height": size, "width": size}, image_mean=[MEAN] * 3, image_std=[STD] * 3
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fmnist(fashion_mnist_dir) -> EvalData:
+    """A class-balanced slice of real Fashion-MNIST: 500 training and 300 test images."""
+    train_x, train_y = load_fashion_mnist("train", fashion_mnist_dir)
+    test_x, test_y = load_fashion_mnist("test", fashion_mnist_dir)
+    tr, te = class_balanced_subset(train_y, NUM_TRAIN, seed=0), class_balanced_subset(test_y, NUM_EVAL, seed=0)
+    return EvalData(
+        _image_dataset(train_x[tr], train_y[tr]),
+        _image_dataset(test_x[te], test_y[te]),
+        "image",
+        train_y[tr],
+        test_y[te],
+        list(CLASS_NAMES),
+        "test",
+    )
+
+
+@pytest.fixture(scope="module")
+def pixel_features(fmnist) -> tuple[torch.Tensor, torch.Tensor]:
+    encoder = load_encoder("pixels", pixel_size=28)
+    return extract_features(encoder, fmnist.train, "image"), extract_features(encoder, fmnist.eval, "image")
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory) -> Path:
+    """A stock tiny ViTModel + ViTImageProcessor folder (the form `simmim_hf.export_encoder` writes)."""
+    torch.manual_seed(0)
+    return _save_encoder(ViTModel(tiny_vit(), add_pooling_layer=False), tmp_path_factory.mktemp("vit"), 32)
+
+
+@pytest.fixture(scope="module")
+def metric():
+    import evaluate
+
+    return evaluate.load(str(METRIC_PATH), keep_in_memory=True)
+
+
+# ----------------------------------------------------------------------------------------------------- kNN
+
+
+def test_knn_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.randn(40, 6, generator=gen), torch.randn(7, 6, generator=gen)
+    labels = torch.randint(0, 4, (40,), generator=gen)
+    k, temperature = 5, 0.1
+    expected = np.zeros((7, 4))
+    for i, query in enumerate(test.numpy()):
+        sims = [float(np.dot(query, row) / np.linalg.norm(query) / np.linalg.norm(row)) for row in train.numpy()]
+        for j in sorted(range(40), key=lambda j: -sims[j])[:k]:
+            expected[i, labels[j]] += np.exp(sims[j] / temperature)
+    scores = knn_scores(train, labels, test, num_classes=4, k=k, temperature=temperature, chunk_size=3)
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-4)
+
+
+def test_knn_on_raw_pixels_is_well_above_chance(fmnist, pixel_features):
+    train, test = pixel_features
+    scores = knn_scores(train, torch.as_tensor(fmnist.train_labels), test, num_classes=10)
+    assert _accuracy(scores, fmnist.eval_labels) > 0.6  # raw-pixel kNN on Fashion-MNIST: ~0.7 here, chance 0.1
+
+
+def test_knn_with_shuffled_labels_falls_to_chance(fmnist, pixel_features):
+    # Control for the threshold above: without the label/feature link, the same pipeline cannot pass it.
+    train, test = pixel_features
+    shuffled = torch.as_tensor(np.random.default_rng(0).permutation(fmnist.train_labels))
+    scores = knn_scores(train, shuffled, test, num_classes=10)
+    assert _accuracy(scores, fmnist.eval_labels) < CHANCE + 0.1
+
+
+# ----------------------------------------------------------------------------------------------------- linear probe
+
+
+def test_linear_probe_on_raw_pixels_is_well_above_chance(fmnist, pixel_features):
+    train, test = pixel_features
+    logits = linear_probe(train, torch.as_tensor(fmnist.train_labels), test, num_classes=10, epochs=30)
+    assert _accuracy(logits, fmnist.eval_labels) > 0.6
+
+
+def test_linear_probe_with_shuffled_labels_falls_to_chance(fmnist, pixel_features):
+    train, test = pixel_features
+    shuffled = torch.as_tensor(np.random.default_rng(0).permutation(fmnist.train_labels))
+    logits = linear_probe(train, shuffled, test, num_classes=10, epochs=30)
+    assert _accuracy(logits, fmnist.eval_labels) < CHANCE + 0.1
+
+
+def test_linear_probe_is_seeded():
+    gen = torch.Generator().manual_seed(1)
+    train, test, labels = torch.randn(64, 8, generator=gen), torch.randn(10, 8, generator=gen), torch.arange(64) % 3
+    first = linear_probe(train, labels, test, num_classes=3, epochs=3, batch_size=16, seed=5)
+    again = linear_probe(train, labels, test, num_classes=3, epochs=3, batch_size=16, seed=5)
+    other = linear_probe(train, labels, test, num_classes=3, epochs=3, batch_size=16, seed=6)
+    torch.testing.assert_close(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_linear_probe_normalises_features_without_affine_params():
+    # BatchNorm(affine=False) in front of the head: rescaling/shifting features leaves predictions unchanged.
+    gen = torch.Generator().manual_seed(2)
+    train, test, labels = torch.randn(96, 8, generator=gen), torch.randn(20, 8, generator=gen), torch.arange(96) % 4
+    scale, shift = torch.linspace(0.5, 20, 8), torch.linspace(-3, 3, 8)
+    plain = linear_probe(train, labels, test, num_classes=4, epochs=4, batch_size=32, optimizer="adamw")
+    moved = linear_probe(
+        train * scale + shift, labels, test * scale + shift, num_classes=4, epochs=4, batch_size=32, optimizer="adamw"
+    )
+    torch.testing.assert_close(plain, moved, atol=1e-3, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------- features
+
+
+def test_features_mean_pool_patch_tokens_without_cls(fmnist, vit_dir):
+    encoder = load_encoder(str(vit_dir))
+    subset = fmnist.eval.select(range(6))
+    pixel_values = encoder.processor(images=[im.convert("RGB") for im in subset["image"]], return_tensors="pt")
+    with torch.no_grad():
+        outputs = encoder.model(**pixel_values, output_hidden_states=True)
+    last = extract_features(encoder, subset, "image", batch_size=4)
+    below = extract_features(encoder, subset, "image", feature_layer=-2, batch_size=4)
+    torch.testing.assert_close(last, outputs.last_hidden_state[:, 1:].mean(1))
+    torch.testing.assert_close(below, outputs.hidden_states[-2][:, 1:].mean(1))
+    assert not torch.allclose(last, outputs.last_hidden_state.mean(1))  # the CLS token is really left out
+
+
+def test_prefix_tokens_per_architecture():
+    assert num_prefix_tokens(ViTModel(tiny_vit())) == 1
+    assert num_prefix_tokens(SwinModel(tiny_swin())) == 0
+
+
+def test_feature_layer_out_of_range_raises(fmnist, vit_dir):
+    encoder = load_encoder(str(vit_dir))
+    with pytest.raises(ValueError, match="feature_layer"):
+        extract_features(encoder, fmnist.eval.select(range(2)), "image", feature_layer=7)
+
+
+def test_random_init_keeps_architecture_not_weights(vit_dir):
+    trained, fresh = load_encoder(str(vit_dir)), load_encoder(str(vit_dir), random_init=True, seed=3)
+    assert type(fresh.model) is type(trained.model) and fresh.model.config.hidden_size == 32
+    a, b = trained.model.state_dict(), fresh.model.state_dict()
+    assert a.keys() == b.keys()
+    assert not torch.equal(
+        a["embeddings.patch_embeddings.projection.weight"], b["embeddings.patch_embeddings.projection.weight"]
+    )
+
+
+def test_full_simmim_checkpoint_resolves_to_its_encoder(tmp_path):
+    SimMIMForMaskedImageModeling(tiny_simmim_config("vit")).save_pretrained(tmp_path / "run")
+    encoder_dir = resolve_encoder_path(str(tmp_path / "run"), tmp_path / "work")
+    model = AutoModel.from_pretrained(encoder_dir)
+    assert model.config.model_type == "vit"
+    assert load_encoder(str(tmp_path / "run"), workdir=tmp_path / "work2").processor is not None
+
+
+# ----------------------------------------------------------------------------------------------------- fine-tuning
+
+
+def test_finetune_is_well_above_chance(fmnist, tmp_path):
+    # 16px inputs and 8px patches keep this a few seconds; a few hundred steps' worth of ViT from scratch.
+    config = tiny_vit(image_size=16, patch_size=8, hidden_size=64, intermediate_size=128)
+    torch.manual_seed(0)
+    folder = _save_encoder(ViTModel(config, add_pooling_layer=False), tmp_path / "enc", 16)
+    logits = finetune_classifier(
+        str(folder), fmnist, tmp_path / "out", epochs=5, batch_size=32, learning_rate=3e-3, use_cpu=True
+    )
+    assert logits.shape == (NUM_EVAL, 10)
+    assert _accuracy(logits, fmnist.eval_labels) > 0.35  # ~0.55 here; shuffled labels give ~0.1
+
+
+def test_trainer_optimizer_uses_layer_decay(tmp_path):
+    from transformers import TrainingArguments
+
+    model = ViTForImageClassification(tiny_vit(num_labels=3))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1e-2, weight_decay=0.05, use_cpu=True, report_to="none"
+    )
+    optimizer = LayerDecayTrainer(model=model, args=args, layer_decay=0.5).create_optimizer()
+    lrs = {group["layer_id"]: group["lr"] for group in optimizer.param_groups}
+    assert lrs == pytest.approx({0: 1e-2 * 0.5**3, 1: 1e-2 * 0.5**2, 2: 1e-2 * 0.5, 3: 1e-2})
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {0.0, 0.05}
+
+
+def test_train_transform_uses_processor_size_and_stats():
+    processor = ViTImageProcessor(
+        size={"height": 20, "width": 20}, image_mean=[0.5, 0.4, 0.3], image_std=[0.1, 0.2, 0.25]
+    )
+    assert processor_size(processor) == (20, 20)
+    out = train_transform(processor)(Image.new("RGB", (28, 28), (128, 128, 128)))
+    assert out.shape == (3, 20, 20)
+    expected = (128 / 255 - torch.tensor([0.5, 0.4, 0.3])) / torch.tensor([0.1, 0.2, 0.25])
+    torch.testing.assert_close(out.mean(dim=(1, 2)), expected, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------- metric
+
+
+def test_metric_top1_and_top5_from_scores(metric):
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 0 ranked first
+            [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # label 2 ranked fifth
+            [0.6, 0.0, 0.5, 0.4, 0.3, 0.2, 0.1],  # label 1 ranked last
+        ]
+    )
+    assert metric.compute(predictions=scores, references=[0, 2, 1]) == {
+        "accuracy": pytest.approx(1 / 3),
+        "top5_accuracy": pytest.approx(2 / 3),
+    }
+
+
+def test_metric_class_ids_and_ranked_lists(metric):
+    import evaluate
+
+    assert metric.compute(predictions=[1, 0, 2, 2], references=[1, 1, 2, 0]) == {"accuracy": 0.5}
+    with pytest.raises(ValueError, match="k > 1"):
+        metric.compute(predictions=[1, 0], references=[1, 1], top_k=5)
+    ranked = evaluate.load(str(METRIC_PATH), "ranked", keep_in_memory=True)
+    out = ranked.compute(predictions=[[3, 1, 7, 0, 2], [0, 1, 2, 3, 4]], references=[1, 9], top_k=[1, 2, 5])
+    assert out == {"accuracy": 0.0, "top2_accuracy": 0.5, "top5_accuracy": 0.5}
+
+
+def test_result_rows_report_top5_only_beyond_five_classes():
+    labels = np.array([0, 1, 2, 3])
+    kwargs = dict(protocol="knn", dataset="d", split="test", train_samples=None, seed=0)
+    few = accuracy_results(np.eye(4)[[0, 1, 3, 2]], labels, **kwargs)
+    many = accuracy_results(np.eye(8)[[0, 1, 3, 2]], labels, **kwargs)
+    assert [(r["metric"], r["value"]) for r in few] == [("accuracy", 0.5)]
+    assert [r["metric"] for r in many] == ["accuracy", "top5_accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def test_class_balanced_subset():
+    labels = np.repeat(np.arange(4), [50, 30, 3, 40])
+    picked = class_balanced_subset(labels, 30, seed=0)
+    assert len(picked) == 30 and len(set(picked.tolist())) == 30
+    counts = np.bincount(labels[picked], minlength=4)
+    assert counts[2] == 3  # the small class gives all it has ...
+    assert counts[[0, 1, 3]].max() - counts[[0, 1, 3]].min() <= 1  # ... the others share the rest evenly
+    np.testing.assert_array_equal(picked, class_balanced_subset(labels, 30, seed=0))
+    assert not np.array_equal(picked, class_balanced_subset(labels, 30, seed=1))
+    with pytest.raises(ValueError, match="only 123"):
+        class_balanced_subset(labels, 124)
+
+
+def test_detect_columns():
+    features = datasets.Features(
+        {"img": datasets.Image(), "fine": datasets.ClassLabel(names=["a", "b"]), "id": datasets.Value("int64")}
+    )
+    assert detect_columns(features, None, None) == ("img", "fine")
+    two_images = datasets.Features({"a": datasets.Image(), "b": datasets.Image(), "label": datasets.Value("int64")})
+    assert detect_columns(two_images, "b", None) == ("b", "label")
+    with pytest.raises(ValueError, match="--image_column"):
+        detect_columns(two_images, None, None)
+
+
+def test_load_eval_data_from_parquet_files_with_string_labels(tmp_path):
+    names = ["cat", "dog", "cat", "emu", "dog", "emu"]
+    images = [Image.new("L", (8, 8), 40 * i) for i in range(6)]
+    features = datasets.Features({"image": datasets.Image(), "animal": datasets.Value("string")})
+    for split, rows in (("train", slice(0, 6)), ("test", slice(2, 5))):
+        data = {"image": images[rows], "animal": names[rows]}
+        datasets.Dataset.from_dict(data, features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
+    args = EvaluationArguments(
+        model="pixels",
+        dataset_name="parquet",
+        data_files=f"train={tmp_path}/train.parquet,test={tmp_path}/test.parquet",
+        label_column="animal",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    data = load_eval_data(args)
+    assert data.class_names == ["cat", "dog", "emu"] and data.eval_split == "test"
+    assert data.train_labels.tolist() == [0, 1, 0, 2, 1, 2] and data.eval_labels.tolist() == [0, 2, 1]
+
+
+# ----------------------------------------------------------------------------------------------------- script
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_writes_results_json(vit_dir, tmp_path, capsys):
+    output = tmp_path / "eval.json"
+    argv = ["--model", str(vit_dir), "--protocols", "knn,linear", "--train_samples", "100", "--eval_samples", "50"]
+    _script().main(argv + ["--linear_epochs", "2", "--seed", "3", "--output", str(output)])
+    payload = json.loads(output.read_text())
+    assert set(payload) == {"model", "dataset", "dataset_config", "split", "seed", "config", "results"}
+    assert (payload["model"], payload["dataset"], payload["split"], payload["seed"]) == (
+        str(vit_dir),
+        "fashion-mnist",
+        "test",
+        3,
+    )
+    assert set(payload["config"]) == {f.name for f in fields(EvaluationArguments)}
+    assert [(r["protocol"], r["metric"]) for r in payload["results"]] == [
+        ("knn", "accuracy"),
+        ("knn", "top5_accuracy"),
+        ("linear", "accuracy"),
+        ("linear", "top5_accuracy"),
+    ]
+    for row in payload["results"]:
+        assert set(row) == {"protocol", "metric", "value", "dataset", "split", "train_samples", "seed"}
+        assert 0.0 <= row["value"] <= 1.0 and row["train_samples"] == 100 and row["seed"] == 3
+    assert format_results_table(payload["results"]) in capsys.readouterr().out
+
+
+def test_script_reads_yaml_config(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text("model: pixels\nprotocols: knn\ntrain_samples: 10\nfeature_layer: -2\n")
+    args = _script().parse_args([str(config)])
+    assert (args.model, args.protocol_list, args.train_samples, args.feature_layer) == ("pixels", ["knn"], 10, -2)
+    with pytest.raises(ValueError, match="nothing to fine-tune"):
+        EvaluationArguments(model="x", raw_pixels=True, protocols="knn,finetune")
