@@ -328,6 +328,30 @@ def test_load_eval_data_from_parquet_files_with_string_labels(tmp_path):
     assert data.train_labels.tolist() == [0, 1, 0, 2, 1, 2] and data.eval_labels.tolist() == [0, 2, 1]
 
 
+def test_load_eval_data_from_imagefolder_picks_held_out_split(tmp_path):
+    for split in ("train", "validation"):
+        for label, colour in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (6, 6), colour).save(tmp_path / split / label / f"{i}.png")
+    args = EvaluationArguments(
+        model="pixels", dataset_name="imagefolder", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c")
+    )
+    data = load_eval_data(args)
+    assert (
+        data.eval_split == "validation"
+        and data.image_column == "image"
+        and sorted(data.class_names) == ["blue", "red"]
+    )
+    assert (data.native_size, data.native_channels) == (6, 3)
+    features = extract_features(load_encoder("pixels", pixel_size=6, pixel_channels=3), data.eval, "image")
+    assert features.shape == (4, 3 * 6 * 6)  # colour is kept for the raw-pixel baseline
+    red = data.class_names.index("red")
+    assert all(
+        (row[0] > row[2]) == (label == red) for row, label in zip(features.view(4, 3, -1).mean(-1), data.eval_labels)
+    )
+
+
 # ----------------------------------------------------------------------------------------------------- script
 
 
@@ -370,3 +394,9 @@ def test_script_reads_yaml_config(tmp_path):
     assert (args.model, args.protocol_list, args.train_samples, args.feature_layer) == ("pixels", ["knn"], 10, -2)
     with pytest.raises(ValueError, match="nothing to fine-tune"):
         EvaluationArguments(model="x", raw_pixels=True, protocols="knn,finetune")
+
+
+def test_script_help_renders(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _script().parse_args(["--help"])
+    assert exit_info.value.code == 0 and "--feature_layer" in capsys.readouterr().out

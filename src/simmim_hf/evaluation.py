@@ -45,7 +45,7 @@ class EvaluationArguments:
     data_dir: str | None = field(default=None, metadata={"help": "For builders such as imagefolder: the data folder."})
     train_split: str = field(default="train", metadata={"help": "Split the probes/fine-tuning train on."})
     eval_split: str | None = field(
-        default=None, metadata={"help": "Split scored (default: validation, else test, else a 10% hold-out of train)."}
+        default=None, metadata={"help": "Split scored (default: validation, else test, else a seeded tenth of train)."}
     )
     image_column: str | None = field(default=None, metadata={"help": "Image column (detected when unambiguous)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (detected when unambiguous)."})
@@ -145,15 +145,26 @@ class EvalData:
     @property
     def native_size(self) -> int:
         """Longest side of the first training image (the raw-pixel baseline's default resolution)."""
-        return max(to_pil(self.train[0][self.image_column], 1).size)
+        return max(to_pil(self.train[0][self.image_column]).size)
+
+    @property
+    def native_channels(self) -> int:
+        """1 when the first training image is greyscale, else 3 (the raw-pixel baseline's channel count)."""
+        return 1 if to_pil(self.train[0][self.image_column]).mode in ("1", "L", "LA") else 3
 
 
-def to_pil(image: Any, num_channels: int) -> Any:
-    """A PIL image in mode "RGB" (3 channels) or "L" (1 channel); greyscale is replicated, colour is averaged."""
+def to_pil(image: Any, num_channels: int | None = None) -> Any:
+    """Decodes an image cell (PIL, array, bytes, path or `{"bytes", "path"}`) to PIL, in mode "RGB" for 3 channels
+    (greyscale is replicated) or "L" for 1 (colour is averaged); `num_channels=None` keeps the mode."""
     from PIL import Image
 
-    if not isinstance(image, Image.Image):
+    from simmim_hf.transforms import decode_image
+
+    if not isinstance(image, (Image.Image, dict, bytes, bytearray, str)):
         image = Image.fromarray(np.asarray(image))
+    image = decode_image(image)  # also rescales 16-bit / float greyscale to 8 bits instead of clipping
+    if num_channels is None:
+        return image
     mode = "RGB" if num_channels == 3 else "L"
     return image if image.mode == mode else image.convert(mode)
 
@@ -345,6 +356,7 @@ def load_encoder(
     random_init: bool = False,
     image_processor: str | None = None,
     pixel_size: int | None = None,
+    pixel_channels: int = 1,
     seed: int = 0,
     workdir: str | os.PathLike | None = None,
 ) -> Encoder:
@@ -355,7 +367,7 @@ def load_encoder(
         if image_processor is not None:
             processor = AutoImageProcessor.from_pretrained(image_processor)
         else:
-            processor = pixel_processor(pixel_size or 32, num_channels=1)
+            processor = pixel_processor(pixel_size or 32, num_channels=pixel_channels)
         return Encoder(None, processor, len(getattr(processor, "image_mean", [0.5])), PIXELS)
     path = resolve_encoder_path(model_name_or_path, workdir or tempfile.mkdtemp(prefix="simmim_eval_"))
     if random_init:
@@ -623,13 +635,15 @@ def run_evaluation(args: EvaluationArguments) -> dict[str, Any]:
         frozen = [p for p in args.protocol_list if p in ("knn", "linear")]
         if frozen:
             tick = time.perf_counter()
+            pixels = args.model == PIXELS
             encoder = load_encoder(
                 args.model,
-                args.random_init,
-                args.image_processor,
-                args.image_size or data.native_size,
-                args.seed,
-                workdir,
+                random_init=args.random_init,
+                image_processor=args.image_processor,
+                pixel_size=(args.image_size or data.native_size) if pixels else None,
+                pixel_channels=data.native_channels if pixels else 1,
+                seed=args.seed,
+                workdir=workdir,
             )
             train_features, eval_features = _features_for(encoder, data, args, device)
             timings["features"] = time.perf_counter() - tick
