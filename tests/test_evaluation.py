@@ -14,23 +14,17 @@ from tiny_configs import tiny_simmim_config, tiny_swin, tiny_vit
 from transformers import AutoModel, SwinModel, ViTForImageClassification, ViTImageProcessor, ViTModel
 
 from simmim_hf import SimMIMForMaskedImageModeling
+from simmim_hf.eval_data import EvalData, class_balanced_subset, detect_columns, load_eval_data
 from simmim_hf.evaluation import (
     METRIC_PATH,
-    EvalData,
     EvaluationArguments,
     accuracy_results,
-    class_balanced_subset,
-    detect_columns,
-    extract_features,
     format_results_table,
     knn_scores,
     linear_probe,
-    load_encoder,
-    load_eval_data,
-    num_prefix_tokens,
-    resolve_encoder_path,
 )
 from simmim_hf.fashion_mnist import CLASS_NAMES, MEAN, STD, load_fashion_mnist
+from simmim_hf.features import extract_features, load_encoder, num_prefix_tokens, resolve_encoder_path
 from simmim_hf.finetune import LayerDecayTrainer, finetune_classifier, processor_size, train_transform
 
 REPO = Path(__file__).resolve().parents[1]

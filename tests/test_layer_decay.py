@@ -164,3 +164,14 @@ def test_simmim_wrapper_and_frozen_params():
     assert all(layer_of[name] == 3 for name in layer_of if name.startswith("decoder."))
     assert max(layer_of.values()) == 3 and sorted(set(layer_of.values())) == [0, 1, 2, 3]
     assert default_layer_decay("vit") == 0.65
+
+
+def test_beit_shared_bias_same_id_in_model_and_library():
+    # BEiT's recipe puts the relative position bias shared by all blocks in the head's group, not the last block's.
+    model = SimMIMForMaskedImageModeling(tiny_simmim_config("beit"))
+    in_memory = next(name for name, _ in model.named_parameters() if "relative_position_bias_table" in name)
+    on_disk = "simmim.encoder.encoder.relative_position_bias.relative_position_bias_table"
+    for name in (in_memory, on_disk):
+        assert model.layer_id(name) == get_layer_id(name, 2, "beit") == model.num_layers() + 1
+    groups = param_groups_layer_decay(model, base_lr=1.0, weight_decay=0.05)
+    assert {g["layer_id"] for g in groups if in_memory in g["names"]} == {model.num_layers() + 1}

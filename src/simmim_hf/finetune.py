@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from transformers import Trainer
 
-from simmim_hf.evaluation import EvalData, EvaluationArguments, resolve_encoder_path, to_pil
+from simmim_hf.eval_data import EvalData, to_pil
+from simmim_hf.evaluation import EvaluationArguments
+from simmim_hf.features import resolve_encoder_path
 from simmim_hf.layer_decay import param_groups_layer_decay
 
 

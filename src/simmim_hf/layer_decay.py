@@ -1,7 +1,9 @@
 """Layer-wise learning-rate decay for fine-tuning transformer encoders (BEiT / SimMIM / MAE recipe).
 
-Every parameter gets a *layer id*: 0 for the patch/position embeddings and special tokens, `i + 1` for transformer
-block `i`, and `num_layers + 1` for everything above the last block (final norm, pooler, classifier head, decoder).
+Every parameter gets a *layer id* (computed by `modeling_simmim.layer_id_for_parameter`, the one implementation):
+0 for the patch/position embeddings and special tokens, `i + 1` for transformer block `i`, and `num_layers + 1` for
+everything else (final norm, pooler, classifier head, decoder, and BEiT's relative position bias shared by all
+blocks, as in BEiT's own recipe).
 A parameter with layer id `l` is trained at `base_lr * layer_decay ** (num_layers + 1 - l)`, so the head learns at
 the full rate and the embeddings at the smallest one.
 
@@ -15,11 +17,13 @@ holding the stock encoder under some attribute) all resolve to the same id.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from torch import nn
+
+from simmim_hf.modeling_simmim import layer_id_for_parameter
 
 # Model types whose blocks are grouped in stages (`layers.<stage>.blocks.<block>`).
 SWIN_LIKE = frozenset({"swin", "swinv2", "donut-swin", "maskformer-swin"})
@@ -38,13 +42,6 @@ DEFAULT_NO_WEIGHT_DECAY = (
 # Default decay per backbone family, from the SimMIM paper's fine-tuning settings.
 DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9}
 
-_EMBEDDING_KEYS = ("cls_token", "mask_token", "distillation_token", "register_tokens", "position_embeddings")
-_EMBEDDING_SEGMENTS = re.compile(r"(?:^|\.)(?:embeddings|patch_embed|pos_embed)(?:\.|$)")
-# ViT/BEiT/DeiT blocks: `layers.N.` (transformers 5 in memory), `encoder.layer.N.` (legacy / on disk), `blocks.N.`.
-_VIT_BLOCK = re.compile(r"(?:^|\.)(?:encoder\.layer|layers|blocks)\.(\d+)\.")
-# Swin blocks and patch merging: `layers.S.blocks.B.` and `layers.S.downsample.`, with or without `encoder.`.
-_SWIN_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:blocks\.(\d+)\.|downsample\.)")
-
 
 def is_swin_like(model_type: str) -> bool:
     return model_type in SWIN_LIKE
@@ -56,7 +53,7 @@ def default_layer_decay(model_type: str) -> float:
 
 
 def get_layer_id(param_name: str, num_layers: int, model_type: str, depths: Sequence[int] | None = None) -> int:
-    """Returns the layer id of `param_name` in `[0, num_layers + 1]`.
+    """Returns the layer id of `param_name` in `[0, num_layers + 1]` (see the module docstring).
 
     Args:
         param_name: a name from `named_parameters()` or a state dict, with any prefix.
@@ -64,32 +61,16 @@ def get_layer_id(param_name: str, num_layers: int, model_type: str, depths: Sequ
         model_type: the encoder's `config.model_type` ("vit", "beit", "swin", ...).
         depths: blocks per stage, required for Swin-like encoders.
     """
-    if any(key in param_name for key in _EMBEDDING_KEYS) or _EMBEDDING_SEGMENTS.search(param_name):
-        return 0
     if is_swin_like(model_type):
         if depths is None:
             raise ValueError(f"depths (blocks per stage) is required for model_type={model_type!r}")
         if sum(depths) != num_layers:
             raise ValueError(f"num_layers={num_layers} must equal sum(depths)={sum(depths)} for Swin")
-        match = _SWIN_BLOCK.search(param_name)
-        if match is None:
-            return num_layers + 1
-        stage = int(match.group(1))
-        if stage >= len(depths):
-            raise ValueError(f"{param_name!r} is in stage {stage}, but depths={list(depths)} has {len(depths)} stages")
-        if match.group(2) is None:  # patch merging at the end of the stage
-            return sum(depths[: stage + 1])
-        block = int(match.group(2))
-        if block >= depths[stage]:
-            raise ValueError(f"{param_name!r}: block {block} does not exist in stage {stage} (depth {depths[stage]})")
-        return sum(depths[:stage]) + block + 1
-    match = _VIT_BLOCK.search(param_name)
-    if match is None:
-        return num_layers + 1
-    block = int(match.group(1))
-    if block >= num_layers:
-        raise ValueError(f"{param_name!r} is block {block}, but the encoder has num_layers={num_layers}")
-    return block + 1
+        config = SimpleNamespace(model_type=model_type, depths=list(depths))
+    else:
+        config = SimpleNamespace(model_type=model_type, num_hidden_layers=num_layers)
+    # One implementation for the library and the Hub remote code (`SimMIMPreTrainedModel.layer_id`).
+    return layer_id_for_parameter(param_name, config)
 
 
 def encoder_structure(config: Any) -> tuple[str, int, list[int] | None]:

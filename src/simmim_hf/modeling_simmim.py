@@ -41,27 +41,39 @@ _SWIN_DOWNSAMPLE = re.compile(r"(?:^|\.)layers\.(\d+)\.downsample\.")
 
 def layer_id_for_parameter(name: str, encoder_config: Any) -> int:
     """Layer id for layer-wise LR decay, for any prefix and both transformers naming schemes (`layers.3.` in
-    memory since 5.2x, `encoder.layer.3.` on disk): 0 = embeddings, tokens, mask token; i + 1 = block i (Swin:
-    counted across stages, a stage's downsampling goes with its last block); num_blocks + 1 = final norm, heads."""
-    if encoder_config.model_type in PLAIN_ENCODERS:
-        num_blocks = encoder_config.num_hidden_layers
-        if "embeddings" in name or "mask_token" in name or "cls_token" in name:
-            return 0
-        if "shared_position_bias" in name or "shared_relative_position_bias" in name:
-            return num_blocks  # used by every block; grouped with the last one as in BEiT's recipe
-        match = _BLOCK.search(name)
-        return int(match.group(1)) + 1 if match else num_blocks + 1
-    depths = list(encoder_config.depths)
-    if "embeddings" in name or "mask_token" in name:
+    memory since 5.2x, `encoder.layer.3.` on disk; also timm's `blocks.3.`, `patch_embed`, `pos_embed`).
+
+    0 = embeddings, tokens, mask token; i + 1 = block i (configs with `depths`, i.e. Swin: counted across stages, a
+    stage's downsampling goes with its last block); num_blocks + 1 = everything else: final norm, pooler, heads and
+    BEiT's relative position bias shared by all blocks (as in the official BEiT and SimMIM fine-tuning recipes).
+    Raises ValueError for a block or stage that `encoder_config` does not have.
+    """
+    tokens = ("embeddings", "cls_token", "mask_token", "distillation_token", "register_tokens")
+    if any(key in name for key in tokens) or re.search(r"(?:^|\.)(?:patch_embed|pos_embed)(?:\.|$)", name):
         return 0
-    match = _SWIN_BLOCK.search(name)
-    if match:
-        stage, block = int(match.group(1)), int(match.group(2))
-        return sum(depths[:stage]) + block + 1
-    match = _SWIN_DOWNSAMPLE.search(name)
-    if match:
-        return sum(depths[: int(match.group(1)) + 1])
-    return sum(depths) + 1
+    depths = getattr(encoder_config, "depths", None)
+    if depths is None:  # plain ViT / DeiT / BEiT
+        num_blocks = encoder_config.num_hidden_layers
+        match = _BLOCK.search(name) or re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+        if match is None:
+            return num_blocks + 1
+        block = int(match.group(1))
+        if block >= num_blocks:
+            raise ValueError(f"{name!r} is block {block}, but the encoder has num_layers={num_blocks} blocks")
+        return block + 1
+    depths = list(depths)
+    match = _SWIN_BLOCK.search(name) or _SWIN_DOWNSAMPLE.search(name)
+    if match is None:
+        return sum(depths) + 1
+    stage = int(match.group(1))
+    if stage >= len(depths):
+        raise ValueError(f"{name!r} is in stage {stage}, but depths={depths} has {len(depths)} stages")
+    if match.lastindex == 1:  # patch merging at the end of the stage
+        return sum(depths[: stage + 1])
+    block = int(match.group(2))
+    if block >= depths[stage]:
+        raise ValueError(f"{name!r}: block {block} does not exist in stage {stage} (depth {depths[stage]})")
+    return sum(depths[:stage]) + block + 1
 
 
 def build_encoder(config: SimMIMConfig) -> PreTrainedModel:

@@ -1,0 +1,201 @@
+"""Loading labelled image data for downstream evaluation: the embedded Fashion-MNIST or any `datasets` source.
+
+`load_eval_data(args)` finds the image/label columns, maps labels to ids `0..C-1` and takes seeded class-balanced
+subsets, returning an `EvalData` that the probes (`evaluation.py`) and fine-tuning (`finetune.py`) share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from simmim_hf.evaluation import EvaluationArguments
+
+FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist")
+_IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
+_LABEL_NAMES = ("label", "labels", "cls", "class", "target", "fine_label")
+_EVAL_SPLITS = ("validation", "valid", "val", "test")
+
+
+@dataclass
+class EvalData:
+    """Train/eval image datasets with integer labels `0..num_classes-1` kept alongside, in row order."""
+
+    train: Any
+    eval: Any
+    image_column: str
+    train_labels: np.ndarray
+    eval_labels: np.ndarray
+    class_names: list[str]
+    eval_split: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def native_size(self) -> int:
+        """Longest side of the first training image (the raw-pixel baseline's default resolution)."""
+        return max(to_pil(self.train[0][self.image_column]).size)
+
+    @property
+    def native_channels(self) -> int:
+        """1 when the first training image is greyscale, else 3 (the raw-pixel baseline's channel count)."""
+        return 1 if to_pil(self.train[0][self.image_column]).mode in ("1", "L", "LA") else 3
+
+
+def to_pil(image: Any, num_channels: int | None = None) -> Any:
+    """Decodes an image cell (PIL, array, bytes, path or `{"bytes", "path"}`) to PIL, in mode "RGB" for 3 channels
+    (greyscale is replicated) or "L" for 1 (colour is averaged); `num_channels=None` keeps the mode."""
+    from PIL import Image
+
+    from simmim_hf.transforms import decode_image
+
+    if not isinstance(image, (Image.Image, dict, bytes, bytearray, str)):
+        image = Image.fromarray(np.asarray(image))
+    image = decode_image(image)  # also rescales 16-bit / float greyscale to 8 bits instead of clipping
+    if num_channels is None:
+        return image
+    mode = "RGB" if num_channels == 3 else "L"
+    return image if image.mode == mode else image.convert(mode)
+
+
+def class_balanced_subset(labels: np.ndarray | list[int], num_samples: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded subset of `num_samples` rows with classes as equal as the data allows.
+
+    Per-class counts differ by at most one, except that a class with too few rows gives all it has and the others
+    share its shortfall. Rows within a class, and which classes get the odd extra row, are drawn from `seed`.
+    """
+    labels = np.asarray(labels)
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if num_samples > len(labels):
+        raise ValueError(f"asked for {num_samples} samples but the split has only {len(labels)}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    pools = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+    # Water-filling from the smallest class up: each class takes an even share of what is left, or all its rows.
+    # Ties in size are ordered at random, so the odd extra rows go to random classes.
+    order = sorted(classes, key=lambda c: (len(pools[c]), rng.random()))
+    remaining, picked = num_samples, []
+    for position, c in enumerate(order):
+        take = min(len(pools[c]), remaining // (len(order) - position))
+        picked.append(pools[c][:take])
+        remaining -= take
+    return np.sort(np.concatenate(picked))
+
+
+def parse_data_files(data_files: str | None) -> str | dict[str, list[str]] | None:
+    """'train=a/*.parquet,test=b/*.parquet' -> {'train': [...], 'test': [...]}; a plain path/glob passes through."""
+    if not data_files or "=" not in data_files:
+        return data_files
+    parsed: dict[str, list[str]] = {}
+    for item in data_files.split(","):
+        split, _, pattern = item.partition("=")
+        if not pattern:
+            raise ValueError(f"bad --data_files entry {item!r}; expected split=path")
+        parsed.setdefault(split.strip(), []).append(pattern.strip())
+    return parsed
+
+
+def detect_columns(features: Any, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+    """The image and label column names: given ones are checked, missing ones found by type then by name."""
+    import datasets
+
+    def pick(given: str | None, kind: type, names: tuple[str, ...], flag: str) -> str:
+        if given is not None:
+            if given not in features:
+                raise ValueError(f"--{flag} {given!r} is not a column; columns: {list(features)}")
+            return given
+        found = [n for n, f in features.items() if isinstance(f, kind)] or [n for n in features if n in names]
+        if len(found) != 1:
+            raise ValueError(f"cannot tell the {flag.split('_')[0]} column among {list(features)}; pass --{flag}")
+        return found[0]
+
+    image = pick(image_column, datasets.Image, _IMAGE_NAMES, "image_column")
+    label = pick(label_column, datasets.ClassLabel, _LABEL_NAMES, "label_column")
+    if image == label:
+        raise ValueError(f"image and label columns are both {image!r}")
+    return image, label
+
+
+def _fashion_mnist_data(args: EvaluationArguments) -> EvalData:
+    """The embedded corpus, subset on the raw arrays so that only the kept images are wrapped in a Dataset."""
+    import datasets
+
+    from simmim_hf.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+
+    eval_split = args.eval_split or "test"
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
+    parts = []
+    for split, samples in ((args.train_split, args.train_samples), (eval_split, args.eval_samples)):
+        if split not in ("train", "test"):
+            raise ValueError(f"fashion-mnist has splits 'train' and 'test', not {split!r}")
+        images, labels = load_fashion_mnist(split)
+        if samples is not None:
+            keep = class_balanced_subset(labels, samples, args.seed)
+            images, labels = images[keep], labels[keep]
+        dataset = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+        parts += [dataset, labels]
+    train, train_labels, test, eval_labels = parts
+    return EvalData(train, test, "image", train_labels, eval_labels, list(CLASS_NAMES), eval_split)
+
+
+def _load_splits(args: EvaluationArguments) -> tuple[Any, Any, str]:
+    import datasets
+
+    splits = datasets.load_dataset(
+        args.dataset_name,
+        args.dataset_config_name,
+        data_files=parse_data_files(args.data_files),
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+    )
+    if args.train_split not in splits:
+        raise ValueError(f"no split {args.train_split!r}; the dataset has {list(splits)}")
+    if args.eval_split is not None:
+        if args.eval_split not in splits:
+            raise ValueError(f"no split {args.eval_split!r}; the dataset has {list(splits)}")
+        return splits[args.train_split], splits[args.eval_split], args.eval_split
+    for name in _EVAL_SPLITS:
+        if name in splits and name != args.train_split:
+            return splits[args.train_split], splits[name], name
+    # No held-out split: carve a seeded 10% out of train (stratified when the labels are a ClassLabel).
+    train = splits[args.train_split]
+    _, label = detect_columns(train.features, args.image_column, args.label_column)
+    stratify = label if isinstance(train.features[label], datasets.ClassLabel) else None
+    parts = train.train_test_split(test_size=0.1, seed=args.seed, stratify_by_column=stratify)
+    return parts["train"], parts["test"], f"{args.train_split}[heldout-10%]"
+
+
+def load_eval_data(args: EvaluationArguments) -> EvalData:
+    """Loads the train/eval splits, finds the columns, maps labels to ids and takes the seeded subsets."""
+    import datasets
+
+    if args.dataset_name.lower() in FASHION_MNIST_NAMES and not args.data_files:
+        return _fashion_mnist_data(args)
+    train, test, eval_split = _load_splits(args)
+    image_column, label_column = detect_columns(train.features, args.image_column, args.label_column)
+    feature = train.features[label_column]
+    train_values, eval_values = list(train[label_column]), list(test[label_column])
+    if isinstance(feature, datasets.ClassLabel):
+        class_names = list(feature.names)
+        train_labels, eval_labels = np.asarray(train_values, np.int64), np.asarray(eval_values, np.int64)
+    else:  # plain ints or strings: classes are the sorted distinct training values
+        class_names = sorted({str(v) for v in train_values}, key=lambda v: (len(v), v) if v.isdigit() else (0, v))
+        ids = {name: i for i, name in enumerate(class_names)}
+        unseen = sorted({str(v) for v in eval_values} - set(ids))
+        if unseen:
+            raise ValueError(f"labels {unseen[:5]} of the eval split never occur in the train split")
+        train_labels = np.asarray([ids[str(v)] for v in train_values], np.int64)
+        eval_labels = np.asarray([ids[str(v)] for v in eval_values], np.int64)
+    if args.train_samples is not None:
+        keep = class_balanced_subset(train_labels, args.train_samples, args.seed)
+        train, train_labels = train.select(keep), train_labels[keep]
+    if args.eval_samples is not None:
+        keep = class_balanced_subset(eval_labels, args.eval_samples, args.seed)
+        test, eval_labels = test.select(keep), eval_labels[keep]
+    return EvalData(train, test, image_column, train_labels, eval_labels, class_names, eval_split)

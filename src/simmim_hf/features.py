@@ -1,0 +1,174 @@
+"""Frozen-feature extraction: loading an encoder (any `AutoModel`, a SimMIM checkpoint or raw pixels) with its
+image processor, and mean-pooling its patch tokens into one vector per image.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from simmim_hf.eval_data import to_pil
+
+PIXELS = "pixels"
+# Token parameters that are prepended to the patch sequence (and left out of mean pooling), each `(1, n, dim)`.
+_PREFIX_TOKENS = ("cls_token", "distillation_token", "register_tokens")
+
+
+@dataclass
+class Encoder:
+    """A feature extractor: a transformers model (or `None` for raw pixels) and its image processor."""
+
+    model: nn.Module | None
+    processor: Any
+    num_channels: int
+    path: str
+
+
+def resolve_encoder_path(model_name_or_path: str, workdir: str | os.PathLike) -> str:
+    """Returns a stock-encoder folder/id for `model_name_or_path`.
+
+    A full SimMIM checkpoint (`model_type == "simmim"`) is turned into its encoder: `<dir>/encoder` when the
+    pretraining run left one, otherwise `simmim_hf.export_encoder` into `workdir`.
+    """
+    from transformers import PretrainedConfig
+
+    config_dict, _ = PretrainedConfig.get_config_dict(model_name_or_path)
+    if config_dict.get("model_type") != "simmim":
+        return model_name_or_path
+    exported = Path(model_name_or_path) / "encoder"
+    if (exported / "config.json").is_file():
+        return str(exported)
+    from simmim_hf import SimMIMForMaskedImageModeling, export_encoder
+
+    model = SimMIMForMaskedImageModeling.from_pretrained(model_name_or_path)
+    return str(export_encoder(model, Path(workdir) / "encoder"))
+
+
+def pixel_processor(image_size: int, num_channels: int = 1) -> Any:
+    """Processor for raw-pixel features: resize to `image_size` and scale to [-1, 1]."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5] * num_channels,
+        image_std=[0.5] * num_channels,
+    )
+
+
+def load_encoder(
+    model_name_or_path: str,
+    random_init: bool = False,
+    image_processor: str | None = None,
+    pixel_size: int | None = None,
+    pixel_channels: int = 1,
+    seed: int = 0,
+    workdir: str | os.PathLike | None = None,
+) -> Encoder:
+    """Loads `AutoModel` + `AutoImageProcessor` (or a raw-pixel "encoder" when `model_name_or_path == "pixels"`)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    if model_name_or_path == PIXELS:
+        if image_processor is not None:
+            processor = AutoImageProcessor.from_pretrained(image_processor)
+        else:
+            processor = pixel_processor(pixel_size or 32, num_channels=pixel_channels)
+        return Encoder(None, processor, len(getattr(processor, "image_mean", [0.5])), PIXELS)
+    path = resolve_encoder_path(model_name_or_path, workdir or tempfile.mkdtemp(prefix="simmim_eval_"))
+    if random_init:
+        config = AutoConfig.from_pretrained(path)
+        torch.manual_seed(seed)
+        build, source = AutoModel.from_config, config
+    else:
+        build, source = AutoModel.from_pretrained, path
+    try:  # the pooler is never used here; leaving it out avoids a "newly initialized" report
+        model = build(source, add_pooling_layer=False)
+    except TypeError:  # architectures without a pooler option
+        model = build(source)
+    try:
+        processor = AutoImageProcessor.from_pretrained(image_processor or path)
+    except OSError as error:
+        raise ValueError(
+            f"no image processor found for {image_processor or path!r} (preprocessor_config.json); "
+            "pass --image_processor with a folder or Hub id that has one"
+        ) from error
+    return Encoder(model.eval(), processor, int(getattr(model.config, "num_channels", 3)), path)
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """Tokens prepended before the patch tokens (CLS, distillation, registers), found from the model's parameters."""
+    return sum(p.shape[-2] for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in _PREFIX_TOKENS)
+
+
+def pool_tokens(hidden: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
+    """Mean of the patch tokens. hidden: `(B, L, D)` tokens or `(B, D, H, W)` maps -> `(B, D)`."""
+    if hidden.ndim == 3:
+        return hidden[:, prefix_tokens:].mean(dim=1)
+    if hidden.ndim == 4:
+        return hidden.mean(dim=(2, 3))
+    if hidden.ndim == 2:
+        return hidden
+    raise ValueError(f"cannot pool a hidden state of shape {tuple(hidden.shape)}")
+
+
+class _ImageCollator:
+    """Turns a list of raw images into `pixel_values: (B, C, H, W)` with the processor, in the channel mode it needs."""
+
+    def __init__(self, processor: Any, num_channels: int, image_column: str) -> None:
+        self.processor, self.num_channels, self.image_column = processor, num_channels, image_column
+
+    def __call__(self, rows: list[dict[str, Any]]) -> torch.Tensor:
+        images = [to_pil(row[self.image_column], self.num_channels) for row in rows]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: Encoder,
+    dataset: Any,
+    image_column: str,
+    feature_layer: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    desc: str = "features",
+) -> torch.Tensor:
+    """Frozen features `(N, D)` float32 on the CPU, in dataset order.
+
+    Models: mean of the patch tokens of `last_hidden_state` (or of `hidden_states[feature_layer]`), CLS and other
+    prefix tokens excluded. Raw pixels: the flattened preprocessed image.
+    """
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_ImageCollator(encoder.processor, encoder.num_channels, image_column),
+    )
+    model = encoder.model
+    prefix = 0
+    if model is not None:
+        model.to(device).eval()
+        prefix = num_prefix_tokens(model)
+    chunks = []
+    for pixel_values in tqdm(loader, desc=desc, leave=False):
+        if model is None:
+            chunks.append(pixel_values.flatten(1).float())
+            continue
+        outputs = model(pixel_values=pixel_values.to(device), output_hidden_states=feature_layer is not None)
+        if feature_layer is None:
+            hidden = outputs.last_hidden_state
+        else:
+            states = outputs.hidden_states
+            if not -len(states) <= feature_layer < len(states):
+                raise ValueError(f"feature_layer={feature_layer} out of range: the model returns {len(states)} states")
+            hidden = states[feature_layer]
+        chunks.append(pool_tokens(hidden, prefix).float().cpu())
+    return torch.cat(chunks)
