@@ -37,6 +37,9 @@ NO_WEIGHT_DECAY_KEYWORDS = (
 _BLOCK = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 _SWIN_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)\.")
 _SWIN_DOWNSAMPLE = re.compile(r"(?:^|\.)layers\.(\d+)\.downsample\.")
+_TIMM_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_TIMM_EMBEDDING = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed)(?:\.|$)")
+_TOKENS = ("embeddings", "cls_token", "mask_token", "distillation_token", "register_tokens")
 
 
 def layer_id_for_parameter(name: str, encoder_config: Any) -> int:
@@ -48,13 +51,12 @@ def layer_id_for_parameter(name: str, encoder_config: Any) -> int:
     BEiT's relative position bias shared by all blocks (as in the official BEiT and SimMIM fine-tuning recipes).
     Raises ValueError for a block or stage that `encoder_config` does not have.
     """
-    tokens = ("embeddings", "cls_token", "mask_token", "distillation_token", "register_tokens")
-    if any(key in name for key in tokens) or re.search(r"(?:^|\.)(?:patch_embed|pos_embed)(?:\.|$)", name):
+    if any(key in name for key in _TOKENS) or _TIMM_EMBEDDING.search(name):
         return 0
     depths = getattr(encoder_config, "depths", None)
     if depths is None:  # plain ViT / DeiT / BEiT
         num_blocks = encoder_config.num_hidden_layers
-        match = _BLOCK.search(name) or re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+        match = _BLOCK.search(name) or _TIMM_BLOCK.search(name)
         if match is None:
             return num_blocks + 1
         block = int(match.group(1))
