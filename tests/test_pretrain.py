@@ -238,3 +238,45 @@ def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
     assert 'AutoModel.from_pretrained("alice/tiny-simmim")' in card and "library_name: transformers" in card
     assert {"config.json", "preprocessor_config.json", "reconstruction.png"} <= set(files)
     assert token not in result.stdout + result.stderr
+
+
+def test_bf16_is_chosen_only_on_capable_gpus(monkeypatch):
+    from types import SimpleNamespace
+
+    import simmim_hf.training as training
+
+    flags = dict(auto_bf16=True, bf16=False, fp16=False, use_cpu=False)
+    monkeypatch.setattr(training, "bf16_capable_gpu", lambda: True)
+    assert training.wants_auto_bf16(SimpleNamespace(**flags))
+    assert not training.wants_auto_bf16(SimpleNamespace(**{**flags, "fp16": True}))
+    assert not training.wants_auto_bf16(SimpleNamespace(**{**flags, "use_cpu": True}))
+    assert not training.wants_auto_bf16(SimpleNamespace(**{**flags, "auto_bf16": False}))
+    monkeypatch.setattr(training, "bf16_capable_gpu", lambda: False)
+    assert not training.wants_auto_bf16(SimpleNamespace(**flags))
+
+
+def test_visualize_script_writes_the_grid(tmp_path):
+    from PIL import Image
+    from skimage import data as photos
+
+    model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
+    model.save_pretrained(tmp_path / "ckpt")
+    paths = []
+    for name in ("astronaut", "camera"):  # an RGB and a greyscale photo
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(getattr(photos, name)()).save(paths[-1])
+    output = tmp_path / "grid.png"
+    run([sys.executable, "scripts/visualize.py", str(tmp_path / "ckpt"), *map(str, paths), "--output", str(output)])
+    grid = Image.open(output)
+    # 3 rows (original, masked, reconstruction) x 2 columns of 32 px images, 2 px padding, upscaled x4.
+    assert grid.size == ((2 * 34 + 2) * 4, (3 * 34 + 2) * 4)
+
+
+def test_map_style_dataset_pretrains(tmp_path):
+    output = tmp_path / "run"
+    run([sys.executable, "scripts/pretrain.py", "--preset", "demo", "--config_overrides", TINY,
+         "--dataset_name", "fashion-mnist", "--streaming", "false", "--max_train_samples", "64",
+         "--output_dir", str(output), "--max_steps", "3", "--per_device_train_batch_size", "16",
+         "--report_to", "none", "--num_visualize_images", "2"])  # fmt: skip
+    assert json.loads((output / "simmim_run.json").read_text())["steps_completed"] == 3
+    assert (output / "encoder" / "model.safetensors").is_file()

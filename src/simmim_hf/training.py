@@ -82,8 +82,14 @@ class SimMIMTrainingArguments(TrainingArguments):
         default=0, metadata={"help": "Log an original/masked/reconstruction grid every N steps (0 = only at the end)."}
     )
     num_visualize_images: int = field(default=8, metadata={"help": "Images in the reconstruction grid."})
+    auto_bf16: bool = field(
+        default=True,
+        metadata={"help": "Train in bf16 autocast on a GPU that supports it when neither --bf16 nor --fp16 is given."},
+    )
 
     def __post_init__(self) -> None:
+        if wants_auto_bf16(self):
+            self.bf16 = True
         super().__post_init__()
         if self.base_learning_rate <= 0:
             raise ValueError(f"base_learning_rate must be positive, got {self.base_learning_rate}")
@@ -99,6 +105,17 @@ class SimMIMTrainingArguments(TrainingArguments):
     @property
     def global_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
+
+
+def bf16_capable_gpu() -> bool:
+    """A CUDA GPU with native bf16 (Ampere or newer), visible to this process."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def wants_auto_bf16(args: Any) -> bool:
+    """bf16 "where the hardware has it": asked for (`auto_bf16`), no precision flag given, not forced onto the CPU,
+    and a bf16-capable GPU present."""
+    return bool(args.auto_bf16 and not (args.bf16 or args.fp16) and not args.use_cpu and bf16_capable_gpu())
 
 
 def scaled_learning_rate(base_lr: float, per_device_batch: int, world_size: int, accumulation: int) -> float:
