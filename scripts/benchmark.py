@@ -53,6 +53,7 @@ def build_models(args: BenchmarkArguments) -> tuple[SimMIMConfig, dict[str, torc
                 print(f"skipping transformers baseline: no transformers SimMIM class for {config.encoder_type}")
                 continue
             if config.encoder_type == "vit" and config.model_patch_size != config.encoder_stride:
+                print("skipping transformers baseline: its ViT SimMIM needs patch_size == encoder_stride")
                 continue
             models[name] = to_transformers(ours)
         elif name in ("simmim_hf", "simmim_hf+fused"):
@@ -74,7 +75,8 @@ def time_variant(name: str, model: torch.nn.Module, config: SimMIMConfig, args: 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     size = config.image_size
-    pixel_values = torch.randn(args.batch_size, config.num_channels, size, size, device=device)
+    height, width = (size, size) if isinstance(size, int) else size
+    pixel_values = torch.randn(args.batch_size, config.num_channels, height, width, device=device)
     masks = SimMIMMaskGenerator.from_config(config)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 

@@ -280,3 +280,40 @@ def test_map_style_dataset_pretrains(tmp_path):
          "--report_to", "none", "--num_visualize_images", "2"])  # fmt: skip
     assert json.loads((output / "simmim_run.json").read_text())["steps_completed"] == 3
     assert (output / "encoder" / "model.safetensors").is_file()
+
+
+def test_config_overrides_accept_lists_and_reject_unknown_fields():
+    from simmim_hf.pretraining import build_config, parse_overrides
+
+    assert parse_overrides("depths=[1,1,2,1],drop_path_rate=0.1,hidden_act=gelu") == {
+        "depths": [1, 1, 2, 1],
+        "drop_path_rate": 0.1,
+        "hidden_act": "gelu",
+    }
+    config = build_config(ModelArguments(preset="swin-base-window6-192", config_overrides="depths=[1,1,2,1]"))
+    assert list(config.encoder_config.depths) == [1, 1, 2, 1]
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides("depths")
+
+
+def test_checkpoint_config_overrides_are_validated(tmp_path):
+    from simmim_hf.pretraining import build_config
+
+    tiny_simmim_config("vit").save_pretrained(tmp_path)
+    config = build_config(ModelArguments(model_name_or_path=str(tmp_path), mask_ratio=0.4, config_overrides="hidden_dropout_prob=0.1"))  # fmt: skip
+    assert config.mask_ratio == 0.4 and config.encoder_config.hidden_dropout_prob == 0.1
+    with pytest.raises(ValueError, match="not_a_field"):
+        build_config(ModelArguments(model_name_or_path=str(tmp_path), config_overrides="not_a_field=1"))
+    with pytest.raises(ValueError, match="mask_patch_size"):
+        build_config(ModelArguments(model_name_or_path=str(tmp_path), mask_patch_size=12))
+
+
+def test_non_square_transform(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from simmim_hf.transforms import build_pretrain_transform
+
+    config = SimpleNamespace(image_size=[32, 48], num_channels=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    assert build_pretrain_transform(config)(Image.new("L", (28, 28))).shape == (3, 32, 48)

@@ -37,11 +37,17 @@ def config_to_argv(data: dict[str, Any]) -> list[str]:
 
 
 def expand_config_file(argv: list[str]) -> list[str]:
-    """Replaces `--config FILE` by the file's arguments, placed first so that explicit flags override them."""
-    if "--config" not in argv:
+    """Replaces `--config FILE` (or `--config=FILE`) by the file's arguments, placed first so that explicit flags
+    override them."""
+    for index, item in enumerate(argv):
+        if item.startswith("--config="):
+            path, rest = item.split("=", 1)[1], argv[:index] + argv[index + 1 :]
+            break
+        if item == "--config":
+            if index + 1 >= len(argv):
+                raise ValueError("--config needs a file path")
+            path, rest = argv[index + 1], argv[:index] + argv[index + 2 :]
+            break
+    else:
         return list(argv)
-    index = argv.index("--config")
-    if index + 1 >= len(argv):
-        raise ValueError("--config needs a file path")
-    rest = argv[:index] + argv[index + 2 :]
-    return config_to_argv(load_config_file(argv[index + 1])) + rest
+    return config_to_argv(load_config_file(path)) + list(rest)

@@ -103,7 +103,8 @@ class SimMIMConfig(PretrainedConfig):
     `DeiTConfig` or `BeitConfig`) plus masking and reconstruction settings.
 
     Args:
-        encoder_config: the encoder's config, or its dict (with `model_type`). Defaults to the `demo` encoder.
+        encoder_config: the encoder's config, or its dict (with `model_type`). Defaults to the `demo` preset's
+            encoder (with ImageNet statistics unless given: use `from_preset("demo")` for the whole preset).
         mask_patch_size: side in pixels of a masking cell (32 in the paper).
         mask_ratio: fraction of cells masked per image (0.6 in the paper).
         image_size: overrides the encoder's image size (`int` or `[height, width]`).

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import AutoModel, AutoModelForMaskedImageModeling, PreTrainedModel, ViTImageProcessor
 
 from .configuration_simmim import SimMIMConfig
@@ -144,8 +143,3 @@ def export_encoder(
     stock.save_pretrained(save_directory, safe_serialization=safe_serialization)
     image_processor_for(base.config, resample=resample).save_pretrained(save_directory)
     return save_directory
-
-
-@torch.no_grad()
-def max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())

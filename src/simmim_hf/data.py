@@ -134,7 +134,7 @@ def fashion_mnist_subset(split: str = "train", max_samples: int | None = None) -
     A subset encodes only the rows kept. The full split (PNG-encoding 60k images takes ~15 s) is built once and kept
     as Arrow files next to the IDX files' cache (`$SIMMIM_HF_CACHE`), so later runs and every rank memory-map it.
     """
-    from .fashion_mnist import CLASS_NAMES, default_cache_dir, load_fashion_mnist
+    from .fashion_mnist import default_cache_dir, load_fashion_mnist, to_dataset
 
     cached = default_cache_dir().parent / "fashion-mnist-arrow" / split
     if max_samples is None and is_saved_dataset(cached):
@@ -142,8 +142,7 @@ def fashion_mnist_subset(split: str = "train", max_samples: int | None = None) -
     images, labels = load_fashion_mnist(split)
     if max_samples is not None:
         images, labels = images[:max_samples], labels[:max_samples]
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
-    dataset = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+    dataset = to_dataset(images, labels)
     if max_samples is None:
         # Write to a private folder, then rename: ranks starting together never read a half-written cache.
         temporary = cached.with_name(f"{split}.tmp-{os.getpid()}")

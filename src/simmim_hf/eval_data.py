@@ -124,12 +124,9 @@ def detect_columns(features: Any, image_column: str | None, label_column: str | 
 
 def _fashion_mnist_data(args: EvaluationArguments) -> EvalData:
     """The embedded corpus, subset on the raw arrays so that only the kept images are wrapped in a Dataset."""
-    import datasets
-
-    from simmim_hf.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+    from simmim_hf.fashion_mnist import CLASS_NAMES, load_fashion_mnist, to_dataset
 
     eval_split = args.eval_split or "test"
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
     parts = []
     for split, samples in ((args.train_split, args.train_samples), (eval_split, args.eval_samples)):
         if split not in ("train", "test"):
@@ -138,8 +135,7 @@ def _fashion_mnist_data(args: EvaluationArguments) -> EvalData:
         if samples is not None:
             keep = class_balanced_subset(labels, samples, args.seed)
             images, labels = images[keep], labels[keep]
-        dataset = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
-        parts += [dataset, labels]
+        parts += [to_dataset(images, labels), labels]
     train, train_labels, test, eval_labels = parts
     return EvalData(train, test, "image", train_labels, eval_labels, list(CLASS_NAMES), eval_split)
 

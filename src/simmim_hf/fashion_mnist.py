@@ -110,10 +110,15 @@ def load_fashion_mnist(
     return _read_idx(folder / images_name), _read_idx(folder / labels_name).astype(np.int64)
 
 
-def fashion_mnist_dataset(split: str = "train", directory: str | os.PathLike | None = None) -> Any:
-    """Fashion-MNIST as a `datasets.Dataset` with `image` (PIL "L") and `label` (ClassLabel) columns."""
+def to_dataset(images: np.ndarray, labels: np.ndarray) -> Any:
+    """images: (N, 28, 28) uint8, labels: (N,) -> a `datasets.Dataset` with `image` (PIL "L") and `label`
+    (ClassLabel) columns."""
     import datasets
 
-    images, labels = load_fashion_mnist(split, directory)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
     return datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+
+
+def fashion_mnist_dataset(split: str = "train", directory: str | os.PathLike | None = None) -> Any:
+    """Fashion-MNIST as a `datasets.Dataset` with `image` (PIL "L") and `label` (ClassLabel) columns."""
+    return to_dataset(*load_fashion_mnist(split, directory))

@@ -7,6 +7,7 @@ the image processor's mean/std. Evaluation images go through the image processor
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -180,7 +181,7 @@ def finetune_classifier(
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         lr_scheduler_type="cosine",
-        warmup_steps=warmup_ratio,
+        warmup_steps=math.ceil(steps * warmup_ratio),
         label_smoothing_factor=label_smoothing,
         seed=seed,
         data_seed=seed,

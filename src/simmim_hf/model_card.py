@@ -219,6 +219,13 @@ def _evaluation_rows(eval_json: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def _size_text(size: Any) -> str:
+    """32 -> "32x32"; [32, 48] -> "32x48" (height x width)."""
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return f"{size[0]}x{size[1]}"
+    return f"{size}x{size}" if size is not None else "unknown-size"
+
+
 def _load_template() -> str:
     return resources.files("simmim_hf").joinpath("templates", TEMPLATE_NAME).read_text(encoding="utf-8")
 
@@ -269,6 +276,7 @@ def render_model_card(
         architecture=architectures[0],
         num_parameters=_format_count(_safetensors_num_parameters(weights)),
         image_size=run.get("image_size") or encoder_config.get("image_size"),
+        image_size_text=_size_text(run.get("image_size") or encoder_config.get("image_size")),
         num_channels=run.get("num_channels") or encoder_config.get("num_channels"),
         pretraining_dataset=_dataset_pretty_name(run.get("dataset_name")),
         pretraining_dataset_id=dataset_id,

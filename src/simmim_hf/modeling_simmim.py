@@ -127,8 +127,8 @@ class SimMIMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # The stock encoder initialises itself (transformers dispatches to each sub-model's own init); here only
-        # the SimMIM parts: the mask token as in the paper (truncated normal, std 0.02) and the 1x1 head.
+        # The stock encoder initialises itself (transformers dispatches to each sub-model's own init); here only the
+        # 1x1 head. The mask token is set after post_init (`init_mask_token`), since the encoder's init zeroes it.
         if isinstance(module, nn.Conv2d):
             nn.init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:

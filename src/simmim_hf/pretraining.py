@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import platform
-import shutil
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from .data import DataArguments, load_pretrain_dataset
 from .masking import SimMIMMaskGenerator
 from .modeling_simmim import SimMIMForMaskedImageModeling
 from .training import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
+from .visualization import save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +38,18 @@ STREAM_STATE_FILE = "stream_state_rank{rank}.json"
 RUN_SUMMARY_FILE = "simmim_run.json"
 
 
-def build_config(model_args: ModelArguments) -> SimMIMConfig:
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """`"hidden_size=256,depths=[2,2,6,2],drop_path_rate=0.1"` -> dict; values are JSON when they parse as JSON.
+    Commas inside brackets belong to the value."""
     overrides: dict[str, Any] = {}
-    for key in ("mask_ratio", "mask_patch_size", "image_size"):
-        value = getattr(model_args, key)
-        if value is not None:
-            overrides[key] = value
-    for item in filter(None, (model_args.config_overrides or "").split(",")):
-        key, _, value = item.partition("=")
+    for item in re.split(r",(?![^\[\]]*\])", text or ""):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config_overrides: expected key=value, got {item!r}")
         overrides[key.strip()] = _parse_value(value.strip())
-    if model_args.model_name_or_path:
-        config = SimMIMConfig.from_pretrained(model_args.model_name_or_path)
-        for key, value in overrides.items():
-            target = config if key in ("mask_ratio", "mask_patch_size") else config.encoder_config
-            setattr(target, key, value)
-        return config
-    return SimMIMConfig.from_preset(model_args.preset, **overrides)
+    return overrides
 
 
 def _parse_value(text: str) -> Any:
@@ -60,6 +57,37 @@ def _parse_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def build_config(model_args: ModelArguments) -> SimMIMConfig:
+    """The preset with overrides, or a checkpoint's config with the same overrides, validated either way."""
+    overrides = {
+        key: getattr(model_args, key)
+        for key in ("mask_ratio", "mask_patch_size", "image_size")
+        if getattr(model_args, key) is not None
+    }
+    overrides.update(parse_overrides(model_args.config_overrides))
+    if not model_args.model_name_or_path:
+        return SimMIMConfig.from_preset(model_args.preset, **overrides)
+    base = SimMIMConfig.from_pretrained(model_args.model_name_or_path)
+    fields = {
+        "mask_patch_size": base.mask_patch_size,
+        "mask_ratio": base.mask_ratio,
+        "image_mean": base.image_mean,
+        "image_std": base.image_std,
+        "preset": base.preset,
+    }
+    encoder_config = base.encoder_config
+    for key, value in overrides.items():
+        if key in fields or key in ("image_size", "num_channels"):
+            fields[key] = value
+        elif hasattr(encoder_config, key):
+            setattr(encoder_config, key, value)
+        else:
+            raise ValueError(f"{key}: not a field of SimMIMConfig or of the {encoder_config.model_type} encoder")
+    if "num_channels" in overrides and "image_mean" not in overrides:
+        raise ValueError("num_channels: changing the channel count of a checkpoint needs image_mean and image_std")
+    return SimMIMConfig(encoder_config=encoder_config, **fields)  # re-validated
 
 
 def build_model(model_args: ModelArguments, config: SimMIMConfig) -> SimMIMForMaskedImageModeling:
@@ -87,13 +115,14 @@ class StreamTrainer(ThroughputTrainer):
             return super().get_train_dataloader()
         return self.stream_loader
 
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # Written before the Trainer's save, so a checkpoint pushed to the Hub carries the stream position too.
         if self.stream_loader is not None:
             folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / STREAM_STATE_FILE.format(rank=self.args.process_index)
             path.write_text(json.dumps(self.stream_loader.state_dict()))
+        super()._save_checkpoint(model, trial)
 
 
 def restore_stream_position(loader: StreamLoader, checkpoint: str, rank: int) -> bool:
@@ -203,7 +232,8 @@ def run_pretraining(
             pin_memory=args.dataloader_pin_memory and args.device.type == "cuda",
             prefetch_factor=args.dataloader_prefetch_factor,
         )
-    # Preview images from an unshuffled read of the same source (a shuffled stream would first fill its buffer).
+    # Preview images from a read with no shuffle buffer (a buffered stream would first fill it); shard order and
+    # the random crop still depend on the seed.
     preview_source = load_pretrain_dataset(dataclasses.replace(data_args, shuffle_buffer_size=1), config=config)
     preview = visualization_batch(preview_source, config, args.num_visualize_images, args.seed)
 
@@ -213,13 +243,17 @@ def run_pretraining(
         resume = last if (resume == "latest" or last) else None
     if resume and loader is not None:
         restore_stream_position(loader, resume, args.process_index)
-    # Resume continues the stream from the saved position; the Trainer must not replay batches on top of that.
-    args.ignore_data_skip = True
+    if loader is not None:
+        # Resume continues the stream from the saved position; the Trainer must not replay batches on top of it.
+        args.ignore_data_skip = True
 
     # The end-of-run push is ours (encoder + processor + card in one commit). The Trainer keeps pushing only when
     # checkpoints were asked for (`--hub_strategy checkpoint|all_checkpoints`), for resuming elsewhere.
     hub_push = args.push_to_hub
-    if hub_push and str(args.hub_strategy).split(".")[-1].lower() not in ("checkpoint", "all_checkpoints"):
+    strategy = str(args.hub_strategy).split(".")[-1].lower()
+    if hub_push and strategy not in ("checkpoint", "all_checkpoints"):
+        if strategy == "every_save":
+            logger.info("--push_to_hub: publishing once at the end; --hub_strategy checkpoint also pushes checkpoints")
         args.push_to_hub = False
 
     reconstruction = ReconstructionCallback(preview["pixel_values"], preview["bool_masked_pos"], args.visualize_steps)
@@ -231,28 +265,41 @@ def run_pretraining(
         callbacks=[reconstruction],
         stream_loader=loader,
     )
-    reconstruction.attach(trainer)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # A forward on one rank of a sharded model would hang the others: pictures only at the end, from the save.
+        trainer.remove_callback(reconstruction)
+    else:
+        reconstruction.attach(trainer)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     wall_time = time.perf_counter() - start
 
     summary = run_summary(model_args, data_args, args, config, trainer, wall_time)
+    # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); the rest is the main process's.
+    trainer.save_model(args.output_dir)
+    failure: BaseException | None = None
     if trainer.is_world_process_zero():
-        finish_run(trainer, config, summary, push=hub_push)
+        try:
+            finish_run(args, preview, summary, push=hub_push)
+        except BaseException as error:  # reach the barrier first, so the other ranks are not left waiting
+            failure = error
     trainer.accelerator.wait_for_everyone()
+    if failure is not None:
+        raise failure
     return summary
 
 
-def finish_run(trainer: ThroughputTrainer, config: SimMIMConfig, summary: dict[str, Any], push: bool) -> None:
-    """Main process only: full checkpoint, stock encoder, picture, summary, card, optional Hub push."""
-    args = trainer.args
+def finish_run(
+    args: SimMIMTrainingArguments, preview: dict[str, torch.Tensor], summary: dict[str, Any], push: bool
+) -> None:
+    """Main process, after `Trainer.save_model`: stock encoder, picture, summary, card, optional Hub push. Works from
+    the saved checkpoint, so it is the same under DDP, FSDP and DeepSpeed."""
     output_dir = Path(args.output_dir)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    model.save_pretrained(output_dir)
+    model = SimMIMForMaskedImageModeling.from_pretrained(output_dir).eval()
     export_encoder(model, output_dir / "encoder")
-    latest = output_dir / "reconstructions" / f"step-{trainer.state.global_step}.png"
-    if latest.is_file():
-        shutil.copyfile(latest, output_dir / "reconstruction.png")
+    save_reconstruction_grid(
+        model, preview["pixel_values"], preview["bool_masked_pos"], output_dir / "reconstruction.png"
+    )
     (output_dir / RUN_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     from .hub import push_run_to_hub
     from .model_card import write_model_card
@@ -261,5 +308,7 @@ def finish_run(trainer: ThroughputTrainer, config: SimMIMConfig, summary: dict[s
     logger.info("Wrote %s (checkpoint, encoder/, reconstruction.png, model card)", output_dir)
     if push:
         repo_id = args.hub_model_id or output_dir.name
-        url = push_run_to_hub(output_dir, repo_id, private=bool(args.hub_private_repo), token=args.hub_token)
+        url = push_run_to_hub(
+            output_dir, repo_id, private=bool(args.hub_private_repo), revision=args.hub_revision, token=args.hub_token
+        )
         logger.info("Pushed to %s", url)

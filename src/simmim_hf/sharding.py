@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -118,9 +119,20 @@ def _dataset_records(dataset: Any, image_column: str | None) -> tuple[Iterator[_
         for i, example in enumerate(dataset):
             data, path = _read_cell(example[column])
             label = example[label_column] if label_column else None
-            yield _Record(path or f"example {i}", data, path, int(label) if label is not None else None)
+            yield _Record(path or f"example {i}", data, path, _label_id(label, class_names))
 
     return records(), class_names
+
+
+def _label_id(label: Any, class_names: list[str] | None) -> int | None:
+    """An integer class id; string labels are looked up in the ClassLabel names (else no label is written)."""
+    if label is None or isinstance(label, bool):
+        return None
+    if isinstance(label, (int, np.integer)):
+        return int(label)
+    if isinstance(label, str) and class_names and label in class_names:
+        return class_names.index(label)
+    return None
 
 
 def encode_image(record: _Record, target: str | None = None) -> tuple[bytes, str, bool]:

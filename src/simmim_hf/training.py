@@ -101,6 +101,8 @@ class SimMIMTrainingArguments(TrainingArguments):
         )
         if self.lr_milestones:
             parse_milestones(self.lr_milestones)  # fail early on a typo
+        if self.num_visualize_images < 1:
+            raise ValueError(f"num_visualize_images must be >= 1, got {self.num_visualize_images}")
 
     @property
     def global_batch_size(self) -> int:
@@ -214,7 +216,8 @@ def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)
+    # Longest key first, so an "L40S" is not read as an "L4".
+    return next((PEAK_BF16_FLOPS[key] for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True) if key in name), None)
 
 
 def training_flops_per_image(model: nn.Module) -> float:

@@ -33,13 +33,14 @@ _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _SKIPPED: Counter[str] = Counter()
 
 
-def _check_config(config: Any) -> tuple[int, int, list[float], list[float]]:
+def _check_config(config: Any) -> tuple[tuple[int, int], int, list[float], list[float]]:
     for name in ("image_size", "num_channels", "image_mean", "image_std"):
         if not hasattr(config, name):
             raise ValueError(f"config has no `{name}` attribute; expected a SimMIMConfig-like object")
     size, channels = config.image_size, int(config.num_channels)
-    if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"config.image_size must be a positive int, got {size!r}")
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)  # (height, width)
+    if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
+        raise ValueError(f"config.image_size must be a positive int or [height, width], got {config.image_size!r}")
     if channels not in (1, 3):
         raise ValueError(f"config.num_channels must be 1 or 3, got {channels}")
     mean, std = [float(m) for m in config.image_mean], [float(s) for s in config.image_std]
@@ -53,9 +54,10 @@ def _check_config(config: Any) -> tuple[int, int, list[float], list[float]]:
 def build_pretrain_transform(config: Any) -> Callable[[PIL.Image.Image], torch.Tensor]:
     """The SimMIM pretraining augmentation as a torchvision v2 pipeline.
 
-    `config` is any object with `image_size` (int), `num_channels` (1 or 3), `image_mean` and `image_std` (one float
-    per channel), e.g. a `SimMIMConfig`. The returned callable maps a PIL image of any mode (L, RGB, RGBA, P, ...) to
-    `pixel_values: (num_channels, image_size, image_size)` float32, normalised with the config's mean/std.
+    `config` is any object with `image_size` (int, or [height, width]), `num_channels` (1 or 3), `image_mean` and
+    `image_std` (one float per channel), e.g. a `SimMIMConfig`. The returned callable maps a PIL image of any mode
+    (L, RGB, RGBA, P, ...) to `pixel_values: (num_channels, height, width)` float32, normalised with the config's
+    mean/std.
     """
     size, channels, mean, std = _check_config(config)
     to_channels = v2.RGB() if channels == 3 else v2.Grayscale(num_output_channels=1)
