@@ -61,7 +61,8 @@ def read_batches(probe: Path, rank: int = 0) -> list[list[str]]:
 
 def test_pretrain_end_to_end_loss_goes_down_and_outputs_are_written(shards, tmp_path):
     output = tmp_path / "run"
-    run([sys.executable, "scripts/pretrain.py", *pretrain_args(shards, output, 24)])
+    extra = ("--report_to", "tensorboard", "--visualize_steps", "12")
+    run([sys.executable, "scripts/pretrain.py", *pretrain_args(shards, output, 24, *extra)])
     summary = json.loads((output / "simmim_run.json").read_text())
     losses = [loss for _, loss in summary["loss_curve"]]
     assert len(losses) == 24
@@ -73,6 +74,15 @@ def test_pretrain_end_to_end_loss_goes_down_and_outputs_are_written(shards, tmp_
         assert (output / name).is_file(), name
     model = SimMIMForMaskedImageModeling.from_pretrained(output)
     assert model.config.encoder_config.hidden_size == 32
+    assert (output / "reconstructions" / "step-12.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((output / "runs").iterdir())))
+    events.Reload()
+    assert "reconstruction" in events.Tags()["images"]
+    assert {"train/loss", "train/grad_norm", "train/learning_rate", "train/images_per_second"} <= set(
+        events.Tags()["scalars"]
+    )
 
 
 def test_two_ranks_read_disjoint_samples_and_keep_identical_weights(shards, tmp_path):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .visualization import grid_image, reconstruction_rows
 
@@ -28,7 +29,7 @@ class ReconstructionCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.tensorboard: TrainerCallback | None = None
 
-    def attach(self, trainer) -> ReconstructionCallback:
+    def attach(self, trainer: Trainer) -> ReconstructionCallback:
         """Finds the Trainer's TensorBoard callback (its writer is created when training starts)."""
         for callback in trainer.callback_handler.callbacks:
             if type(callback).__name__ == "TensorBoardCallback":
@@ -36,10 +37,10 @@ class ReconstructionCallback(TrainerCallback):
         return self
 
     @property
-    def tb_writer(self):
+    def tb_writer(self) -> Any:
         return getattr(self.tensorboard, "tb_writer", None)
 
-    def render(self, model: torch.nn.Module, output_dir: str, step: int, tb_writer=None) -> Path:
+    def render(self, model: torch.nn.Module, output_dir: str, step: int, tb_writer: Any = None) -> Path:
         rows = reconstruction_rows(model, self.pixel_values, self.bool_masked_pos)
         scale = max(1, 128 // rows.shape[-1])
         image = grid_image(rows, scale=scale)
@@ -51,10 +52,14 @@ class ReconstructionCallback(TrainerCallback):
             tb_writer.add_image("reconstruction", array, global_step=step, dataformats="HWC")
         return path
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
+    ) -> None:
         if self.every_n_steps and state.global_step % self.every_n_steps == 0 and state.is_world_process_zero:
             self.render(model, args.output_dir, state.global_step, self.tb_writer)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
+    ) -> None:
         if state.is_world_process_zero:
             self.render(model, args.output_dir, state.global_step, self.tb_writer)
