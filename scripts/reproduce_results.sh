@@ -4,13 +4,9 @@
 # probe and 1,000-label fine-tuning on the full test set. About 45 minutes on 2 cores; finished runs are reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+bash scripts/demo.sh                       # set-up, shards, and the 1,000-step main job in runs/demo
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-if [ ! -f runs/demo-data/prepare_data.json ]; then
-  python scripts/prepare_data.py --source fashion-mnist --output runs/demo-data --num_shards 8 --overwrite true
-fi
-python scripts/pretrain.py --config configs/pretrain/demo.yaml --output_dir runs/demo --max_steps 1000
 python scripts/pretrain.py --config configs/pretrain/demo.yaml --output_dir runs/demo-5k --max_steps 5000 \
   --save_steps 1000 --visualize_steps 1000
 mkdir -p runs/eval

@@ -107,12 +107,16 @@ def test_resume_continues_the_stream_without_replaying_it(shards, tmp_path):
     run([*probe_script, str(first), *pretrain_args(shards, tmp_path / "b", 3, "--save_steps", "3")])
     checkpoint = tmp_path / "b" / "checkpoint-3"
     assert (checkpoint / "stream_state_rank0.json").is_file()
+    assert json.loads((checkpoint / "simmim_wall_time.json").read_text())["wall_time_seconds"] > 0
+    (checkpoint / "simmim_wall_time.json").write_text(json.dumps({"wall_time_seconds": 1000.0}))
     run([*probe_script, str(resumed), *pretrain_args(shards, tmp_path / "b", 6, "--resume_from_checkpoint", str(checkpoint))])  # fmt: skip
     before, after, reference = read_batches(first), read_batches(resumed), read_batches(straight)
     assert len(before) == 3 and len(after) == 3
     seen = {digest for batch in before for digest in batch}
     assert not seen & {digest for batch in after for digest in batch}
     assert before + after == reference  # exactly the uninterrupted run's stream
+    # The card's wall time adds up the sessions: the first session's time (set to 1000 s above) plus the resumed one.
+    assert json.loads((tmp_path / "b" / "simmim_run.json").read_text())["wall_time_seconds"] > 1000
 
 
 def test_optimizer_groups_exclude_the_no_weight_decay_set(tmp_path):

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 STREAM_STATE_FILE = "stream_state_rank{rank}.json"
 RUN_SUMMARY_FILE = "simmim_run.json"
+WALL_TIME_FILE = "simmim_wall_time.json"
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -109,6 +110,12 @@ class StreamTrainer(ThroughputTrainer):
     def __init__(self, *args: Any, stream_loader: StreamLoader | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stream_loader = stream_loader
+        # Training time of earlier sessions of this run (restored on resume), so the card's wall time is the total.
+        self.earlier_wall_time = 0.0
+        self.session_start = time.perf_counter()
+
+    def wall_time(self) -> float:
+        return self.earlier_wall_time + time.perf_counter() - self.session_start
 
     def get_train_dataloader(self):
         if self.stream_loader is None:
@@ -123,6 +130,9 @@ class StreamTrainer(ThroughputTrainer):
             path = folder / STREAM_STATE_FILE.format(rank=self.args.process_index)
             path.write_text(json.dumps(self.stream_loader.state_dict()))
         super()._save_checkpoint(model, trial)
+        if self.is_world_process_zero():
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            (folder / WALL_TIME_FILE).write_text(json.dumps({"wall_time_seconds": self.wall_time()}))
 
 
 def restore_stream_position(loader: StreamLoader, checkpoint: str, rank: int) -> bool:
@@ -270,9 +280,11 @@ def run_pretraining(
         trainer.remove_callback(reconstruction)
     else:
         reconstruction.attach(trainer)
-    start = time.perf_counter()
+    if resume and (Path(resume) / WALL_TIME_FILE).is_file():
+        trainer.earlier_wall_time = json.loads((Path(resume) / WALL_TIME_FILE).read_text())["wall_time_seconds"]
+    trainer.session_start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
-    wall_time = time.perf_counter() - start
+    wall_time = trainer.wall_time()
 
     summary = run_summary(model_args, data_args, args, config, trainer, wall_time)
     # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); the rest is the main process's.
