@@ -225,17 +225,11 @@ def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
     output = tmp_path / "run"
     with HubServer(users={token: ("alice", {})}) as hub:
         env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
-        env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"), HF_TOKEN=token)
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"))
+        command = [sys.executable, "scripts/pretrain.py", *pretrain_args(shards, output, 2, "--save_steps", "1"),
+                   "--push_to_hub", "true", "--hub_model_id", "alice/tiny-simmim", "--hub_token", token]  # fmt: skip
         result = subprocess.run(
-            [
-                sys.executable,
-                "scripts/pretrain.py",
-                *pretrain_args(shards, output, 2),
-                "--push_to_hub",
-                "true",
-                "--hub_model_id",
-                "alice/tiny-simmim",
-            ],  # fmt: skip
+            command,
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -252,6 +246,9 @@ def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
     assert 'AutoModel.from_pretrained("alice/tiny-simmim")' in card and "library_name: transformers" in card
     assert {"config.json", "preprocessor_config.json", "reconstruction.png"} <= set(files)
     assert token not in result.stdout + result.stderr
+    # Not in any file of the run either (training_args.bin is pickled into every checkpoint).
+    leaks = [path for path in output.rglob("*") if path.is_file() and token.encode() in path.read_bytes()]
+    assert not leaks, leaks
 
 
 def test_bf16_is_chosen_only_on_capable_gpus(monkeypatch):

@@ -260,6 +260,11 @@ def run_pretraining(
     # The end-of-run push is ours (encoder + processor + card in one commit). The Trainer keeps pushing only when
     # checkpoints were asked for (`--hub_strategy checkpoint|all_checkpoints`), for resuming elsewhere.
     hub_push = args.push_to_hub
+    if args.hub_token:
+        # Keep the token out of training_args.bin (pickled into every checkpoint, which may be pushed): hand it to
+        # huggingface_hub through the environment of this process instead.
+        os.environ.setdefault("HF_TOKEN", args.hub_token)
+        args.hub_token = None
     strategy = str(args.hub_strategy).split(".")[-1].lower()
     if hub_push and strategy not in ("checkpoint", "all_checkpoints"):
         if strategy == "every_save":
@@ -321,6 +326,6 @@ def finish_run(
     if push:
         repo_id = args.hub_model_id or output_dir.name
         url = push_run_to_hub(
-            output_dir, repo_id, private=bool(args.hub_private_repo), revision=args.hub_revision, token=args.hub_token
+            output_dir, repo_id, private=bool(args.hub_private_repo), revision=args.hub_revision, token=None
         )
         logger.info("Pushed to %s", url)
