@@ -394,3 +394,24 @@ def test_script_help_renders(capsys):
     with pytest.raises(SystemExit) as exit_info:
         _script().parse_args(["--help"])
     assert exit_info.value.code == 0 and "--feature_layer" in capsys.readouterr().out
+
+
+def test_script_puts_results_into_the_runs_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+    from tiny_configs import tiny_simmim_config
+
+    from simmim_hf import SimMIMForMaskedImageModeling, export_encoder
+
+    run_dir = tmp_path / "run"
+    model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
+    model.save_pretrained(run_dir)
+    export_encoder(model, run_dir / "encoder")
+    summary = {"preset": None, "backbone": "vit", "image_size": 32, "num_channels": 3, "mask_patch_size": 8,
+               "mask_ratio": 0.6, "max_steps": 1, "dataset_name": "fashion-mnist"}  # fmt: skip
+    (run_dir / "simmim_run.json").write_text(json.dumps(summary))
+    argv = ["--model", str(run_dir / "encoder"), "--protocols", "knn", "--train_samples", "50", "--eval_samples", "30"]
+    payload = _script().main(argv)
+    card = ModelCard.load(run_dir / "README.md")
+    knn = next(r["value"] for r in payload["results"] if r["protocol"] == "knn" and r["metric"] == "accuracy")
+    values = [result.metric_value for result in card.data.eval_results]
+    assert any(abs(value - knn) < 1e-4 for value in values), (knn, values)  # the card rounds to 4 decimals

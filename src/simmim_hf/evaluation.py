@@ -53,6 +53,12 @@ class EvaluationArguments:
     protocols: str = field(default="knn,linear", metadata={"help": "Comma-separated subset of knn,linear,finetune."})
     output: str | None = field(default=None, metadata={"help": "Where to write the results JSON."})
     random_init: bool = field(default=False, metadata={"help": "Same architecture with fresh weights (baseline)."})
+    update_model_card: bool = field(
+        default=True,
+        metadata={
+            "help": "When --model is a pretraining run (or its encoder/), write the results into its README.md."
+        },
+    )
     raw_pixels: bool = field(
         default=False, metadata={"help": "Score raw pixels as features (same as --model pixels)."}
     )
