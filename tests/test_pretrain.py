@@ -87,9 +87,10 @@ def test_pretrain_end_to_end_loss_goes_down_and_outputs_are_written(shards, tmp_
 
 def test_two_ranks_read_disjoint_samples_and_keep_identical_weights(shards, tmp_path):
     probe, output = tmp_path / "probe", tmp_path / "run"
+    # One DataLoader worker per rank: decoding happens in the workers, each reading its share of its rank's shards.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               "tests/pretrain_probe.py", str(probe), *pretrain_args(shards, output, 4)]  # fmt: skip
+               "tests/pretrain_probe.py", str(probe), *pretrain_args(shards, output, 4, "--dataloader_num_workers", "1")]  # fmt: skip
     run(command, env={"ACCELERATE_USE_CPU": "true"})
     assert (probe / "world-rank0.txt").read_text() == "2" == (probe / "world-rank1.txt").read_text()
     rank0 = {digest for batch in read_batches(probe, 0) for digest in batch}
