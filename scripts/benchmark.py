@@ -25,6 +25,7 @@ import transformers
 from transformers import HfArgumentParser
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMMaskGenerator, to_transformers
+from simmim_hf.configuration_simmim import to_pair
 
 
 @dataclass
@@ -74,8 +75,7 @@ def time_variant(name: str, model: torch.nn.Module, config: SimMIMConfig, args: 
     step_model = torch.compile(model) if (fused and args.compile) else model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    size = config.image_size
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = to_pair(config.image_size)
     pixel_values = torch.randn(args.batch_size, config.num_channels, height, width, device=device)
     masks = SimMIMMaskGenerator.from_config(config)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from simmim_hf import SimMIMForMaskedImageModeling, SimMIMMaskGenerator
+from simmim_hf.configuration_simmim import to_pair
 from simmim_hf.visualization import save_reconstruction_grid
 
 
@@ -29,11 +30,11 @@ def load_pixels(paths: list[str], config) -> torch.Tensor:
     """Resize to the model's input, scale to [0, 1], normalise with the pretraining statistics: (N, C, H, W)."""
     from torchvision.transforms import v2
 
-    size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    size = to_pair(config.image_size)
     transform = v2.Compose(
         [
             v2.PILToTensor(),
-            v2.Resize(tuple(size), antialias=True),
+            v2.Resize(size, antialias=True),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(config.image_mean, config.image_std),
         ]

@@ -84,7 +84,8 @@ def _preset_encoders() -> dict[str, tuple[PretrainedConfig, dict[str, Any]]]:
 PRESETS = tuple(_preset_encoders())
 
 
-def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+def to_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    """An image or patch size as `(height, width)`: 32 -> (32, 32), [32, 48] -> (32, 48)."""
     if isinstance(value, (list, tuple)):
         return int(value[0]), int(value[1])
     return int(value), int(value)
@@ -92,7 +93,7 @@ def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
 
 def encoder_stride_of(encoder_config: PretrainedConfig) -> int:
     """Pixels per output token side: the patch size, times 2 per Swin stage after the first."""
-    patch = _pair(encoder_config.patch_size)[0]
+    patch = to_pair(encoder_config.patch_size)[0]
     if encoder_config.model_type in HIERARCHICAL_ENCODERS:
         return patch * 2 ** (len(encoder_config.depths) - 1)
     return patch
@@ -176,7 +177,7 @@ class SimMIMConfig(PretrainedConfig):
 
     @property
     def model_patch_size(self) -> int:
-        return _pair(self.encoder_config.patch_size)[0]
+        return to_pair(self.encoder_config.patch_size)[0]
 
     @property
     def encoder_stride(self) -> int:
@@ -187,7 +188,7 @@ class SimMIMConfig(PretrainedConfig):
         return self.encoder_config.model_type
 
     def _validate(self) -> None:
-        height, width = _pair(self.image_size)
+        height, width = to_pair(self.image_size)
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.mask_patch_size <= 0:

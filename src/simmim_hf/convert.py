@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import AutoModel, AutoModelForMaskedImageModeling, PreTrainedModel, ViTImageProcessor
 
-from .configuration_simmim import SimMIMConfig
+from .configuration_simmim import SimMIMConfig, to_pair
 from .modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel
 
 # transformers' MIM classes keep their encoder under the model type's name (`vit`, `swin`, `swinv2`, `deit`).
@@ -23,10 +23,8 @@ _TRANSFORMERS_MIM_TYPES = ("vit", "deit", "swin", "swinv2")
 
 def _default_mask_patch_size(encoder_config: Any) -> int:
     """32 px as in the paper when the image allows it, else the coarsest cell that tiles the image."""
-    image_size = encoder_config.image_size
-    height = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
-    width = image_size[1] if isinstance(image_size, (list, tuple)) else image_size
-    patch = encoder_config.patch_size if isinstance(encoder_config.patch_size, int) else encoder_config.patch_size[0]
+    height, width = to_pair(encoder_config.image_size)
+    patch = to_pair(encoder_config.patch_size)[0]
     for size in (32, 16, 8, 4, 2, 1):
         if size % patch == 0 and height % size == 0 and width % size == 0:
             return size
@@ -109,8 +107,7 @@ def image_processor_for(config: SimMIMConfig, resample: int = 3) -> ViTImageProc
     """The stock image processor matching pretraining: resize to `image_size`, rescale to [0, 1], normalise with the
     pretraining mean/std (`resample`: PIL code, 3 = bicubic). `ViTImageProcessor` is the stock processor of ViT and
     Swin, and serves BEiT/DeiT encoders equally (no centre crop, no label reduction)."""
-    image_size = config.image_size
-    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    height, width = to_pair(config.image_size)
     return ViTImageProcessor(
         do_resize=True,
         size={"height": height, "width": width},

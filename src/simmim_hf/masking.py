@@ -10,11 +10,7 @@ from typing import Any
 
 import torch
 
-
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
+from .configuration_simmim import to_pair
 
 
 class SimMIMMaskGenerator:
@@ -41,7 +37,7 @@ class SimMIMMaskGenerator:
         model_patch_size: int = 4,
         mask_ratio: float = 0.6,
     ) -> None:
-        height, width = _pair(input_size)
+        height, width = to_pair(input_size)
         if not 0.0 < float(mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if mask_patch_size <= 0 or model_patch_size <= 0:

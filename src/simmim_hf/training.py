@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .configuration_simmim import to_pair
+
 logger = logging.getLogger(__name__)
 
 # The paper scales the learning rate linearly with the global batch, relative to 512 images.
@@ -225,8 +227,7 @@ def training_flops_per_image(model: nn.Module) -> float:
     attention's 12 x layers x tokens^2 x width (plain encoders; Swin's windowed attention is cheaper and ignored)."""
     config = model.config
     encoder_config = config.encoder_config
-    image_size = config.image_size
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    height, width = to_pair(config.image_size)
     tokens = (height // config.model_patch_size) * (width // config.model_patch_size)
     matmul_params = sum(p.numel() for p in model.parameters() if p.ndim >= 2)
     if encoder_config.model_type in ("swin", "swinv2"):
