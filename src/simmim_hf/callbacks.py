@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .visualization import grid_image, reconstruction_rows
+from .visualization import reconstruction_grid
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,7 @@ class ReconstructionCallback(TrainerCallback):
         return getattr(self.tensorboard, "tb_writer", None)
 
     def render(self, model: torch.nn.Module, output_dir: str, step: int, tb_writer: Any = None) -> Path:
-        rows = reconstruction_rows(model, self.pixel_values, self.bool_masked_pos)
-        scale = max(1, 128 // rows.shape[-1])
-        image = grid_image(rows, scale=scale)
+        image = reconstruction_grid(model, self.pixel_values, self.bool_masked_pos)
         path = Path(output_dir) / "reconstructions" / f"step-{step}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)

@@ -64,6 +64,19 @@ def grid_image(rows: torch.Tensor, padding: int = 2, scale: int = 1) -> Image.Im
     return image
 
 
+def reconstruction_grid(
+    model: SimMIMForMaskedImageModeling,
+    pixel_values: torch.Tensor,
+    bool_masked_pos: torch.Tensor,
+    scale: int | None = None,
+) -> Image.Image:
+    """The original / masked / reconstruction grid as one image; small images are upscaled to stay visible."""
+    rows = reconstruction_rows(model, pixel_values, bool_masked_pos)
+    if scale is None:
+        scale = max(1, 128 // rows.shape[-1])
+    return grid_image(rows, scale=scale)
+
+
 def save_reconstruction_grid(
     model: SimMIMForMaskedImageModeling,
     pixel_values: torch.Tensor,
@@ -71,11 +84,8 @@ def save_reconstruction_grid(
     path: str | Path,
     scale: int | None = None,
 ) -> Path:
-    """Writes the original / masked / reconstruction grid as a PNG; small images are upscaled to stay visible."""
-    rows = reconstruction_rows(model, pixel_values, bool_masked_pos)
-    if scale is None:
-        scale = max(1, 128 // rows.shape[-1])
+    """Writes `reconstruction_grid` as a PNG at `path` (parent folders created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(rows, scale=scale).save(path)
+    reconstruction_grid(model, pixel_values, bool_masked_pos, scale).save(path)
     return path
