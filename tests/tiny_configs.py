@@ -4,21 +4,20 @@ from transformers import BeitConfig, SwinConfig, ViTConfig
 
 from simmim_hf import SimMIMConfig
 
+# The plain (ViT-like) encoders share their tiny dimensions: 8x8 grid of 4 px patches, 2 blocks of width 32.
+PLAIN_TINY = dict(
+    image_size=32,
+    patch_size=4,
+    num_channels=3,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+)
+
 
 def tiny_vit(**overrides) -> ViTConfig:
-    kwargs = dict(
-        image_size=32,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        encoder_stride=4,
-        qkv_bias=True,
-    )
-    kwargs.update(overrides)
-    return ViTConfig(**kwargs)
+    return ViTConfig(**{**PLAIN_TINY, "encoder_stride": 4, "qkv_bias": True, **overrides})
 
 
 def tiny_swin(**overrides) -> SwinConfig:
@@ -38,13 +37,7 @@ def tiny_swin(**overrides) -> SwinConfig:
 
 def tiny_beit(**overrides) -> BeitConfig:
     kwargs = dict(
-        image_size=32,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+        PLAIN_TINY,
         use_mask_token=True,
         use_absolute_position_embeddings=False,
         use_relative_position_bias=False,
