@@ -123,16 +123,15 @@ class StreamTrainer(ThroughputTrainer):
         return self.stream_loader
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        # Written before the Trainer's save, so a checkpoint pushed to the Hub carries the stream position too.
+        # Written before the Trainer's save, so a checkpoint pushed to the Hub carries them too.
+        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
         if self.stream_loader is not None:
-            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
             path = folder / STREAM_STATE_FILE.format(rank=self.args.process_index)
             path.write_text(json.dumps(self.stream_loader.state_dict()))
-        super()._save_checkpoint(model, trial)
         if self.is_world_process_zero():
-            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
             (folder / WALL_TIME_FILE).write_text(json.dumps({"wall_time_seconds": self.wall_time()}))
+        super()._save_checkpoint(model, trial)
 
 
 def restore_stream_position(loader: StreamLoader, checkpoint: str, rank: int) -> bool:
@@ -176,7 +175,7 @@ def run_summary(
     trainer: ThroughputTrainer,
     wall_time: float,
 ) -> dict[str, Any]:
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    loss_curve = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
     return {
         "preset": config.preset,
         "backbone": config.encoder_type,
@@ -202,8 +201,8 @@ def run_summary(
         "dataset_name": data_args.dataset_name,
         "dataset_config_name": data_args.dataset_config_name,
         "base_model": model_args.model_name_or_path,
-        "final_loss": losses[-1] if losses else None,
-        "loss_curve": [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry],
+        "final_loss": loss_curve[-1][1] if loss_curve else None,
+        "loss_curve": loss_curve,
         "seed": args.seed,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
@@ -248,9 +247,8 @@ def run_pretraining(
     preview = visualization_batch(preview_source, config, args.num_visualize_images, args.seed)
 
     resume = args.resume_from_checkpoint
-    if resume == "latest" or (resume is None and args.output_dir and os.path.isdir(args.output_dir)):
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        resume = last if (resume == "latest" or last) else None
+    if resume is None or resume == "latest":  # rerunning a command continues its run
+        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if resume and loader is not None:
         restore_stream_position(loader, resume, args.process_index)
     if loader is not None:
