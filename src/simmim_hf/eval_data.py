@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from simmim_hf.evaluation import EvaluationArguments
 
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist")
-_IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
 _LABEL_NAMES = ("label", "labels", "cls", "class", "target", "fine_label")
 _EVAL_SPLITS = ("validation", "valid", "val", "test")
 
@@ -105,18 +104,19 @@ def detect_columns(features: Any, image_column: str | None, label_column: str | 
     """The image and label column names: given ones are checked, missing ones found by type then by name."""
     import datasets
 
-    def pick(given: str | None, kind: type, names: tuple[str, ...], flag: str) -> str:
-        if given is not None:
-            if given not in features:
-                raise ValueError(f"--{flag} {given!r} is not a column; columns: {list(features)}")
-            return given
-        found = [n for n, f in features.items() if isinstance(f, kind)] or [n for n in features if n in names]
-        if len(found) != 1:
-            raise ValueError(f"cannot tell the {flag.split('_')[0]} column among {list(features)}; pass --{flag}")
-        return found[0]
+    from simmim_hf.data import detect_image_column
 
-    image = pick(image_column, datasets.Image, _IMAGE_NAMES, "image_column")
-    label = pick(label_column, datasets.ClassLabel, _LABEL_NAMES, "label_column")
+    image = detect_image_column(features, image_column)  # the same rule as pretraining
+    if label_column is not None:
+        if label_column not in features:
+            raise ValueError(f"--label_column {label_column!r} is not a column; columns: {list(features)}")
+        label = label_column
+    else:
+        found = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
+        found = found or [n for n in features if n in _LABEL_NAMES]
+        if len(found) != 1:
+            raise ValueError(f"cannot tell the label column among {list(features)}; pass --label_column")
+        label = found[0]
     if image == label:
         raise ValueError(f"image and label columns are both {image!r}")
     return image, label
