@@ -1,0 +1,11 @@
+"""The one exception type for mistakes in what the user gave (arguments, config files, data paths, launch setup).
+
+Entry scripts catch `UsageError`, print its message on one line (no traceback) and exit with status 2, before
+anything is written to the output folder. Raise it with a message that names the field, file or key at fault.
+"""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """A user input mistake; scripts report `str(error)` on one line and exit with status 2."""
