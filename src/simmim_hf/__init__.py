@@ -7,9 +7,10 @@ Importing the package registers `SimMIMConfig` and the models with `AutoConfig`,
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
 
 from .configuration_simmim import PRESETS, SimMIMConfig
-from .convert import export_encoder, from_transformers, to_transformers
+from .convert import export_encoder, export_finetuning_layout, from_transformers, to_transformers
 from .masking import SimMIMMaskGenerator
 from .modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel, SimMIMPreTrainedModel
+from .official import convert_official, from_official, official_classifier
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,11 @@ __all__ = [
     "SimMIMMaskGenerator",
     "SimMIMModel",
     "SimMIMPreTrainedModel",
+    "convert_official",
     "export_encoder",
+    "export_finetuning_layout",
+    "from_official",
     "from_transformers",
+    "official_classifier",
     "to_transformers",
 ]

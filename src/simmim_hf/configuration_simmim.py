@@ -15,6 +15,11 @@ PLAIN_ENCODERS = ("vit", "deit", "beit")
 # Hierarchical encoders: the output grid is the patch grid downsampled by 2 per stage after the first.
 HIERARCHICAL_ENCODERS = ("swin", "swinv2")
 SUPPORTED_ENCODERS = PLAIN_ENCODERS + HIERARCHICAL_ENCODERS
+# Encoder families the official microsoft/SimMIM code implements (BEiT-style ViT, Swin): their models default to the
+# official initialisation and weight-decay exemptions; the others keep the stock ones.
+OFFICIAL_ENCODERS = ("beit", "swin")
+INITIALIZERS = ("official", "stock")
+WEIGHT_DECAY_EXEMPTIONS = ("official", "all-tokens")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -55,20 +60,32 @@ def _preset_encoders() -> dict[str, tuple[PretrainedConfig, dict[str, Any]]]:
             ViTConfig(image_size=224, patch_size=16, encoder_stride=16, qkv_bias=True),
             dict(mask_patch_size=32, **imagenet),
         ),
+        # microsoft/SimMIM simmim_pretrain__swin_base__img192_window6__800ep.yaml: no
+        # absolute position embedding, patch norm, qkv bias, MLP ratio 4, LayerNorm eps 1e-5, and stochastic depth 0.0
+        # (every official Swin pretraining config; the fine-tuning configs use 0.1 and more).
         "swin-base-window6-192": (
-            SwinConfig(image_size=192, patch_size=4, window_size=6, encoder_stride=32, **swin_base),
+            SwinConfig(
+                image_size=192, patch_size=4, window_size=6, encoder_stride=32, drop_path_rate=0.0, **swin_base
+            ),
             dict(mask_patch_size=32, **imagenet),
         ),
+        # microsoft/SimMIM simmim_pretrain__swin_large__img192_window12__800ep.yaml.
         "swin-large-window12-192": (
-            SwinConfig(image_size=192, patch_size=4, window_size=12, encoder_stride=32, **swin_large),
+            SwinConfig(
+                image_size=192, patch_size=4, window_size=12, encoder_stride=32, drop_path_rate=0.0, **swin_large
+            ),
             dict(mask_patch_size=32, **imagenet),
         ),
-        # The official SimMIM ViT-B recipe: no absolute position embedding, one relative position bias shared by
-        # all blocks, layer scale initialised at 0.1, stochastic depth 0.1, final LayerNorm on the tokens.
+        # The official SimMIM ViT-B recipe (microsoft/SimMIM
+        # simmim_pretrain__vit_base__img224__800ep.yaml and models/vision_transformer.py): no absolute position
+        # embedding, one relative position bias shared by all blocks, layer scale initialised at 0.1, stochastic
+        # depth 0.1, LayerNorm eps 1e-6, final LayerNorm on the tokens (CLS pooling; fine-tuning switches to mean
+        # pooling and per-block tables, see `export_encoder(..., for_finetuning=True)`).
         "beit-base-patch16-224": (
             BeitConfig(
                 image_size=224,
                 patch_size=16,
+                layer_norm_eps=1e-6,
                 use_mask_token=True,
                 use_absolute_position_embeddings=False,
                 use_relative_position_bias=False,
@@ -114,6 +131,12 @@ class SimMIMConfig(PretrainedConfig):
         image_mean / image_std: per-channel normalisation used in pretraining, written to the exported
             encoder's `preprocessor_config.json`.
         preset: name of the preset this config came from, for the model card.
+        initializer: "official" (microsoft/SimMIM's init rules: BEiT-style ViT and Swin only) or "stock" (the
+            transformers encoder's own init). Default: "official" for BEiT and Swin encoders, "stock" otherwise.
+        weight_decay_exemptions: which parameters AdamW leaves undecayed besides biases and 1-D tensors. "official":
+            microsoft/SimMIM's per-backbone lists (plain ViT: CLS token and absolute positions; Swin: mask token,
+            absolute positions, relative position tables); "all-tokens": every token, position embedding, relative
+            table and layer scale. Default: "official" for BEiT and Swin encoders, "all-tokens" otherwise.
 
     Derived, read-only: `model_patch_size` (encoder patch side), `encoder_stride` (pixels per output token side).
     """
@@ -131,6 +154,8 @@ class SimMIMConfig(PretrainedConfig):
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         preset: str | None = None,
+        initializer: str | None = None,
+        weight_decay_exemptions: str | None = None,
         **kwargs: Any,
     ) -> None:
         if encoder_config is None:
@@ -164,6 +189,9 @@ class SimMIMConfig(PretrainedConfig):
         self.image_mean = list(image_mean) if image_mean is not None else _default_stat(IMAGENET_MEAN, channels)
         self.image_std = list(image_std) if image_std is not None else _default_stat(IMAGENET_STD, channels)
         self.preset = preset
+        official = encoder_config.model_type in OFFICIAL_ENCODERS
+        self.initializer = initializer or ("official" if official else "stock")
+        self.weight_decay_exemptions = weight_decay_exemptions or ("official" if official else "all-tokens")
         super().__init__(**kwargs)
         self._validate()
 
@@ -205,6 +233,12 @@ class SimMIMConfig(PretrainedConfig):
             )
         if height % self.encoder_stride or width % self.encoder_stride:
             raise ValueError(f"image_size {self.image_size} must be divisible by encoder_stride={self.encoder_stride}")
+        if self.initializer not in INITIALIZERS:
+            raise ValueError(f"initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
+        if self.weight_decay_exemptions not in WEIGHT_DECAY_EXEMPTIONS:
+            raise ValueError(
+                f"weight_decay_exemptions must be one of {WEIGHT_DECAY_EXEMPTIONS}, got {self.weight_decay_exemptions!r}"
+            )
         if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
             raise ValueError(
                 f"image_mean/image_std need one value per channel (num_channels={self.num_channels}), got "

@@ -99,6 +99,13 @@ class EvaluationArguments:
         default=0.1, metadata={"help": "Stochastic depth where the model supports it."}
     )
     finetune_output_dir: str | None = field(default=None, metadata={"help": "Keep the fine-tuned classifier here."})
+    finetune_layout: str = field(
+        default="official",
+        metadata={
+            "help": "official: fine-tune a BEiT encoder in microsoft/SimMIM's fine-tuning layout (mean pooling, one "
+            "relative position table per block copied from the shared one); as-is: the encoder as exported."
+        },
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "datasets/transformers cache folder."})
 
     def __post_init__(self) -> None:
@@ -111,6 +118,8 @@ class EvaluationArguments:
             raise ValueError("raw pixels have nothing to fine-tune; use --protocols knn,linear")
         if self.model == PIXELS and self.random_init:
             raise ValueError("--random_init needs a model, not raw pixels")
+        if self.finetune_layout not in ("official", "as-is"):
+            raise ValueError(f"finetune_layout must be 'official' or 'as-is', got {self.finetune_layout!r}")
         if self.linear_optimizer not in ("sgd", "adamw"):
             raise ValueError(f"linear_optimizer must be 'sgd' or 'adamw', got {self.linear_optimizer!r}")
 

@@ -208,9 +208,27 @@ def finetune_classifier(
     return np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float32)
 
 
+def finetuning_encoder_path(model: str, workdir: str | os.PathLike, layout: str = "official") -> str:
+    """The encoder to fine-tune for `model`: with `layout="official"`, a BEiT encoder in the pretraining layout
+    (shared relative position table or CLS pooling) is rewritten into microsoft/SimMIM's fine-tuning layout
+    (`simmim_hf.convert.finetuning_encoder`: mean pooling, per-block tables copied from the shared one) under
+    `workdir`; any other encoder, or `layout="as-is"`, is used as exported."""
+    from transformers import AutoConfig
+
+    path = resolve_encoder_path(model, workdir)
+    if layout != "official":
+        return path
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "beit" or (config.use_mean_pooling and not config.use_shared_relative_position_bias):
+        return path
+    from simmim_hf.convert import export_finetuning_layout
+
+    return str(export_finetuning_layout(path, os.path.join(workdir, "encoder-finetuning-layout")))
+
+
 def finetune_from_args(args: EvaluationArguments, data: EvalData, workdir: str | os.PathLike) -> np.ndarray:
     """`finetune_classifier` driven by the evaluation CLI arguments. Returns eval logits `(M, num_classes)`."""
-    path = resolve_encoder_path(args.model, workdir)
+    path = finetuning_encoder_path(args.model, workdir, getattr(args, "finetune_layout", "official"))
     return finetune_classifier(
         path,
         data,

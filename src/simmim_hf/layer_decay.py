@@ -23,12 +23,15 @@ from typing import Any
 
 from torch import nn
 
-from simmim_hf.modeling_simmim import layer_id_for_parameter
+from simmim_hf.modeling_simmim import is_weight_decay_exempt, layer_id_for_parameter, no_weight_decay_keywords
 
 # Model types whose blocks are grouped in stages (`layers.<stage>.blocks.<block>`).
 SWIN_LIKE = frozenset({"swin", "swinv2", "donut-swin", "maskformer-swin"})
 
-# Substrings of parameter names that are never weight-decayed (besides every 1-D parameter: biases, norms, scales).
+# `weight_decay_exemptions="all-tokens"`: substrings of parameter names that are not weight-decayed (besides every
+# 1-D parameter: biases, norms, scales). The default, "official", follows microsoft/SimMIM's fine-tuning optimizer:
+# plain ViT/BEiT exempt the CLS token and absolute positions (per-block relative tables ARE decayed), Swin the
+# absolute positions and relative position tables (`modeling_simmim.no_weight_decay_keywords`).
 DEFAULT_NO_WEIGHT_DECAY = (
     "cls_token",
     "mask_token",
@@ -90,27 +93,28 @@ def encoder_structure(config: Any) -> tuple[str, int, list[int] | None]:
     return model_type, int(num_layers), None
 
 
-def _no_weight_decay(name: str, param: nn.Parameter, keys: Iterable[str]) -> bool:
-    return param.ndim <= 1 or any(key in name for key in keys)
-
-
 def param_groups_layer_decay(
     model: nn.Module,
     base_lr: float,
     weight_decay: float,
     layer_decay: float | None = None,
-    no_weight_decay: Sequence[str] = DEFAULT_NO_WEIGHT_DECAY,
+    no_weight_decay: Sequence[str] | None = None,
     named_parameters: Iterable[tuple[str, nn.Parameter]] | None = None,
+    weight_decay_exemptions: str = "official",
 ) -> list[dict[str, Any]]:
-    """Optimizer parameter groups with layer-wise LR decay and no weight decay on 1-D params, tokens and positions.
+    """Optimizer parameter groups with layer-wise LR decay and no weight decay on 1-D params, biases and the
+    backbone's exempt names (CLS token and positions; Swin: relative position tables).
 
     Args:
         model: a transformers model whose `config` is a ViT/BEiT/DeiT/Swin config (or a SimMIM config).
         base_lr: peak learning rate of the top layer (the head).
         weight_decay: weight decay of the decayed groups.
         layer_decay: multiplicative decay per layer; `None` picks the SimMIM default (0.65 ViT, 0.9 Swin).
-        no_weight_decay: substrings of parameter names excluded from weight decay (1-D params always are).
+        no_weight_decay: substrings of parameter names excluded from weight decay (1-D params and biases always
+            are); `None` takes them from `weight_decay_exemptions`.
         named_parameters: overrides `model.named_parameters()` (e.g. to pass a subset).
+        weight_decay_exemptions: "official" (microsoft/SimMIM's per-backbone lists) or "all-tokens"
+            (`DEFAULT_NO_WEIGHT_DECAY`: every token, position embedding and relative position table).
 
     Returns: a list of dicts with `params`, `lr` (= base_lr * lr_scale), `lr_scale`, `weight_decay`, `layer_id` and
     `names`; frozen parameters (`requires_grad=False`) are left out.
@@ -120,12 +124,18 @@ def param_groups_layer_decay(
         layer_decay = default_layer_decay(model_type)
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if no_weight_decay is None:
+        if weight_decay_exemptions == "all-tokens":
+            no_weight_decay = DEFAULT_NO_WEIGHT_DECAY
+        else:
+            no_weight_decay = no_weight_decay_keywords(model_type, weight_decay_exemptions)
+    keywords = tuple(no_weight_decay)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in named_parameters if named_parameters is not None else model.named_parameters():
         if not param.requires_grad:
             continue
         layer_id = get_layer_id(name, num_layers, model_type, depths)
-        decay = not _no_weight_decay(name, param, no_weight_decay)
+        decay = not is_weight_decay_exempt(name, param, keywords)
         if (layer_id, decay) not in groups:
             scale = layer_decay ** (num_layers + 1 - layer_id)
             groups[(layer_id, decay)] = {

@@ -11,6 +11,7 @@ Self-contained (imports only torch, transformers and the config module) so it al
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -21,7 +22,8 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedImageModelingOu
 
 from .configuration_simmim import PLAIN_ENCODERS, SimMIMConfig
 
-# Parameter-name fragments that must not be weight-decayed (besides every bias and every 1-D norm weight).
+# `weight_decay_exemptions="all-tokens"`: parameter-name fragments that are not weight-decayed (besides every bias
+# and every 1-D tensor): every token, position embedding, relative position table and scale.
 NO_WEIGHT_DECAY_KEYWORDS = (
     "mask_token",
     "cls_token",
@@ -32,6 +34,40 @@ NO_WEIGHT_DECAY_KEYWORDS = (
     "lambda_1",
     "lambda_2",
 )
+
+# `weight_decay_exemptions="official"`: microsoft/SimMIM's optimizer.py exempts biases, 1-D tensors and the names
+# each backbone lists. Plain ViT (`no_weight_decay()` = pos_embed, cls_token; DeiT's distillation token counts as a
+# CLS token): the mask token and the relative position tables ARE decayed. Swin (`no_weight_decay()` =
+# absolute_pos_embed, mask_token; `no_weight_decay_keywords()` = relative_position_bias_table; Swin V2 adds
+# logit_scale).
+OFFICIAL_NO_WEIGHT_DECAY_KEYWORDS = {
+    "plain": ("cls_token", "distillation_token", "position_embeddings", "pos_embed"),
+    "hierarchical": (
+        "mask_token",
+        "position_embeddings",
+        "absolute_pos_embed",
+        "relative_position_bias_table",
+        "logit_scale",
+    ),
+}
+
+
+def no_weight_decay_keywords(model_type: str, exemptions: str = "official") -> tuple[str, ...]:
+    """Name fragments exempt from weight decay (besides biases and 1-D tensors) for an encoder type.
+
+    exemptions: "official" (microsoft/SimMIM's per-backbone lists) or "all-tokens" (`NO_WEIGHT_DECAY_KEYWORDS`).
+    """
+    if exemptions == "all-tokens":
+        return NO_WEIGHT_DECAY_KEYWORDS
+    if exemptions != "official":
+        raise ValueError(f"weight_decay_exemptions must be 'official' or 'all-tokens', got {exemptions!r}")
+    hierarchical = model_type in ("swin", "swinv2", "donut-swin", "maskformer-swin")
+    return OFFICIAL_NO_WEIGHT_DECAY_KEYWORDS["hierarchical" if hierarchical else "plain"]
+
+
+def is_weight_decay_exempt(name: str, param: torch.Tensor, keywords: tuple[str, ...]) -> bool:
+    """The official rule: 1-D tensors, biases, and names containing one of `keywords`."""
+    return param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in keywords)
 
 
 _BLOCK = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
@@ -94,6 +130,78 @@ def init_mask_token(encoder: nn.Module) -> None:
     nn.init.trunc_normal_(encoder.embeddings.mask_token, std=0.02)
 
 
+# A block's attention output projection and MLP output layer, in both transformers naming schemes.
+_RESIDUAL_OUTPUT = re.compile(
+    r"(?:^|\.)layers?\.(\d+)\.(?:attention\.o_proj|attention\.output\.dense|mlp\.fc2|output\.dense)$"
+)
+
+
+@torch.no_grad()
+def init_official_weights(encoder: nn.Module, model_type: str, decoder: nn.Module | None = None) -> None:
+    """microsoft/SimMIM's initialisation, for a fresh BEiT (the official BEiT-style ViT) or Swin encoder.
+
+    BEiT-style ViT (models/vision_transformer.py with the SimMIM subclass's `_trunc_normal_`): Linear and
+    patch-embedding weights, CLS token, mask token and absolute positions drawn from a normal of std 0.02 truncated
+    at +-1 std (+-0.02), biases 0, LayerNorm 1/0, relative position tables 0, layer scale at
+    `layer_scale_init_value`; then block i's (1-based) attention output and fc2 weights divided by sqrt(2 i).
+    Swin (models/swin_transformer.py): Linear weights, relative position tables, mask token and absolute positions
+    from a normal of std 0.02 truncated at +-2 (absolute, i.e. 100 std: effectively untruncated), biases 0,
+    LayerNorm 1/0, the patch-embedding convolution left at PyTorch's default init.
+    The reconstruction head (`decoder`, a 1x1 convolution) keeps PyTorch's default init in both.
+    """
+    if model_type == "beit":
+        std = 0.02
+        for module in encoder.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=std, a=-std, b=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        embeddings = encoder.embeddings
+        for name in ("cls_token", "mask_token", "position_embeddings"):
+            tensor = getattr(embeddings, name, None)
+            if isinstance(tensor, nn.Parameter):
+                nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
+        for name, module in encoder.named_modules():
+            match = _RESIDUAL_OUTPUT.search(name)
+            if match is not None:
+                module.weight.div_(math.sqrt(2.0 * (int(match.group(1)) + 1)))
+    elif model_type == "swin":
+        for module in encoder.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+            table = getattr(module, "relative_position_bias_table", None)
+            if isinstance(table, nn.Parameter):
+                nn.init.trunc_normal_(table, std=0.02)
+        for name in ("mask_token", "position_embeddings"):
+            tensor = getattr(encoder.embeddings, name, None)
+            if isinstance(tensor, nn.Parameter):
+                nn.init.trunc_normal_(tensor, std=0.02)
+    else:
+        raise ValueError(f"initializer='official' exists for BEiT and Swin encoders only, not {model_type!r}")
+    if decoder is not None:
+        for module in decoder.modules():
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+
+
+def _init_after_post_init(config: SimMIMConfig, encoder: nn.Module, decoder: nn.Module | None = None) -> None:
+    """Runs after `post_init` (whose stock encoder init zeroes the mask token): the configured initializer."""
+    if getattr(config, "initializer", "stock") == "official":
+        init_official_weights(encoder, config.encoder_config.model_type, decoder)
+    else:
+        init_mask_token(encoder)
+
+
 def upsample_mask(bool_masked_pos: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
     """Patch mask to pixel mask.
 
@@ -128,20 +236,21 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # The stock encoder initialises itself (transformers dispatches to each sub-model's own init); here only the
-        # 1x1 head. The mask token is set after post_init (`init_mask_token`), since the encoder's init zeroes it.
+        # 1x1 head. The mask token (and, with `initializer="official"`, everything) is set after post_init
+        # (`_init_after_post_init`), since the encoder's init zeroes it.
         if isinstance(module, nn.Conv2d):
             nn.init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
     def no_weight_decay(self) -> set[str]:
-        """Names of parameters trained without weight decay: mask/cls tokens, position embeddings and relative
-        position tables, layer-scale gammas, and every bias and normalisation weight (all 1-D tensors)."""
-        names = set()
-        for name, param in self.named_parameters():
-            if param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in NO_WEIGHT_DECAY_KEYWORDS):
-                names.add(name)
-        return names
+        """Names of parameters trained without weight decay: every bias and 1-D tensor (norms, layer scale), plus
+        the names `config.weight_decay_exemptions` lists: "official" follows microsoft/SimMIM per backbone (plain
+        ViT: CLS token, absolute positions; Swin: mask token, absolute positions, relative position tables),
+        "all-tokens" exempts every token, position embedding and relative position table."""
+        exemptions = getattr(self.config, "weight_decay_exemptions", None) or "all-tokens"
+        keywords = no_weight_decay_keywords(self.config.encoder_config.model_type, exemptions)
+        return {name for name, param in self.named_parameters() if is_weight_decay_exempt(name, param, keywords)}
 
     def num_layers(self) -> int:
         """Number of transformer blocks, for layer-wise LR decay (Swin: summed over stages)."""
@@ -168,7 +277,7 @@ class SimMIMModel(SimMIMPreTrainedModel):
         # FSDP auto-wrapping and `device_map` read the block classes from the top-level model.
         self._no_split_modules = list(self.encoder._no_split_modules or [])
         self.post_init()
-        init_mask_token(self.encoder)
+        _init_after_post_init(config, self.encoder)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.encoder.embeddings.patch_embeddings
@@ -220,7 +329,7 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         )
         self.post_init()
         # transformers re-runs the stock encoder's own init (which zeroes its mask token) inside post_init.
-        init_mask_token(self.simmim.encoder)
+        _init_after_post_init(config, self.simmim.encoder, self.decoder)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.simmim.get_input_embeddings()
