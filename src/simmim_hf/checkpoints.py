@@ -63,7 +63,11 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[str | None, list[str
     if not output_dir.is_dir():
         return None, []
     candidates = sorted(
-        ((checkpoint_step(path), path) for path in output_dir.iterdir() if path.is_dir() and checkpoint_step(path)),
+        (
+            (checkpoint_step(path), path)
+            for path in output_dir.iterdir()
+            if path.is_dir() and checkpoint_step(path) is not None
+        ),
         reverse=True,
     )
     staging = sorted(output_dir.glob(f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"))
@@ -77,15 +81,22 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[str | None, list[str
 
 
 def rotate_checkpoints(output_dir: Path, limit: int | None, keep: str | None = None) -> None:
-    """Deletes the oldest `checkpoint-N` folders beyond `limit` (by step), never the newest nor `keep`."""
-    if not limit or limit <= 0:
-        return
+    """After a checkpoint is complete: deletes the incomplete `checkpoint-N` folders (left by older versions that
+    wrote in place; nothing can resume from them) and, with a `limit`, the oldest complete ones beyond it (by step),
+    never the newest nor `keep`."""
     folders = sorted((path for path in output_dir.iterdir() if checkpoint_step(path) is not None), key=checkpoint_step)
-    protected = {folders[-1].resolve()} if folders else set()
-    if keep:
-        protected.add(Path(keep).resolve())
-    excess = len(folders) - max(limit, len(protected))
+    complete = []
     for path in folders:
+        if path.is_dir() and incompleteness(path) is None:
+            complete.append(path)
+        elif path.is_dir():
+            logger.info("Deleting incomplete %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+    if not limit or limit <= 0 or not complete:
+        return
+    protected = {complete[-1].resolve()} | ({Path(keep).resolve()} if keep else set())
+    excess = len(complete) - max(limit, len(protected))
+    for path in complete:
         if excess <= 0:
             break
         if path.resolve() not in protected:

@@ -322,6 +322,9 @@ def run_pretraining(
         callbacks=[reconstruction],
         stream_loader=loader,
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        # accelerate only shards on accelerators: on CPU processes (MULTI_CPU) it drops the FSDP plugin silently.
+        logger.warning("An FSDP launch config was given but FSDP is off (accelerate has no FSDP on CPU): plain DDP")
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         # A forward on one rank of a sharded model would hang the others: pictures only at the end, from the save.
         trainer.remove_callback(reconstruction)

@@ -305,6 +305,14 @@ class SimMIMTrainer(Trainer):
                 f"Last good checkpoint: {last_good or 'none'}. Lower --base_learning_rate or check the data, then rerun."
             )
 
+    def _maybe_log_save_evaluate(self, tr_loss: Any, *args: Any, **kwargs: Any) -> None:
+        super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+        # The Trainer resets its loss accumulator with `tr_loss -= tr_loss`, which leaves a NaN in place: once logged,
+        # a non-finite window must not poison the next ones.
+        logged = getattr(self, "_globalstep_last_logged", None) == self.state.global_step
+        if self.nonfinite_steps and logged and isinstance(tr_loss, torch.Tensor) and not torch.isfinite(tr_loss).all():
+            tr_loss.zero_()
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self.nonfinite_steps:
             logs["nonfinite_steps"] = self.nonfinite_steps
