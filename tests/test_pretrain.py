@@ -191,9 +191,11 @@ def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
     output = tmp_path / "run"
     with HubServer(users={token: ("alice", {})}) as hub:
         env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
-        env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"))
+        # A stale token in the environment: the explicit --hub_token must win over it.
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"), HF_TOKEN="hf_stale000000")
         command = [sys.executable, "scripts/pretrain.py", *pretrain_args(shards, output, 2, "--save_steps", "1"),
-                   "--push_to_hub", "true", "--hub_model_id", "alice/tiny-simmim", "--hub_token", token]  # fmt: skip
+                   "--push_to_hub", "true", "--hub_model_id", "alice/tiny-simmim", "--hub_token", token,
+                   "--hub_strategy", "checkpoint"]  # fmt: skip
         result = subprocess.run(
             command,
             cwd=ROOT,
@@ -206,7 +208,10 @@ def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
         repo = hub.state.repos["alice/tiny-simmim"]
         files = repo.commits[repo.refs["main"]]
         commits = [r for r in hub.state.requests if r.method == "POST" and r.path.endswith("/commit/main")]
-    assert len(commits) == 1
+    # The checkpoints (pushed by the Trainer for resuming elsewhere) carry the arguments as JSON, never the pickle.
+    assert "last-checkpoint/trainer_state.json" in files and "last-checkpoint/training_args.json" in files
+    assert not [name for name in files if name.endswith("training_args.bin")]
+    assert len(commits) >= 2  # the checkpoint pushes, then the final encoder + card in one commit
     assert files["model.safetensors"] == (output / "encoder" / "model.safetensors").read_bytes()
     card = files["README.md"].decode()
     assert 'AutoModel.from_pretrained("alice/tiny-simmim")' in card and "library_name: transformers" in card
