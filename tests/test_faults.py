@@ -266,3 +266,24 @@ def test_no_token_in_argument_errors(tmp_path, capsys):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert token not in result.stdout + result.stderr and "hub_token" in result.stderr
+
+
+def test_fsdp_final_save_gathers_a_full_state_dict():
+    """accelerate enables FSDP only on accelerators (a CPU launch silently becomes DDP), so the sharded run itself is
+    checked by scripts/gpu_check.sh; here: under the shipped config's SHARDED_STATE_DICT, the job's final
+    `save_model` runs with a full state dict, the one `Trainer.save_model` writes as model.safetensors."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from simmim_hf.pretraining import save_full_model
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    saved_under = []
+    trainer = SimpleNamespace(
+        is_fsdp_enabled=True,
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+        save_model=lambda output_dir: saved_under.append(str(plugin.state_dict_type)),
+    )
+    save_full_model(trainer, "unused")
+    assert saved_under == ["StateDictType.FULL_STATE_DICT"]

@@ -359,18 +359,12 @@ def run_pretraining(
 
 
 def save_full_model(trainer: StreamTrainer, output_dir: str) -> None:
-    """`Trainer.save_model`, with FSDP's sharded state dict switched to a full one for this save, so that the job's
-    export, picture and card can `from_pretrained` the result (checkpoints stay sharded)."""
+    """`Trainer.save_model`, with FSDP's sharded state dict switched to a full one (gathered on the main process) for
+    this last save, so that the job's export, picture and card can `from_pretrained` it; checkpoints stay sharded."""
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
-    sharded = plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
-    if sharded:
-        previous = plugin.state_dict_type
+    if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
         plugin.set_state_dict_type("FULL_STATE_DICT")
-    try:
-        trainer.save_model(output_dir)
-    finally:
-        if sharded:
-            plugin.set_state_dict_type(previous)
+    trainer.save_model(output_dir)
 
 
 def finish_run(
