@@ -173,15 +173,17 @@ def demo_learning_rate_1e3(ctx: Context) -> Row:
     start = time.perf_counter()
     result = launch([sys.executable, "scripts/pretrain.py", "--preset", "demo", *args])
     skipped = result.stderr.count("optimizer step skipped")
+    by_loss = result.stderr.count(": non-finite loss")
     error = next((line[line.index("error: ") :] for line in result.stderr.splitlines() if "error: " in line), "")
     logged = [line for line in (result.stdout + result.stderr).replace("\r", "\n").splitlines() if "{'loss': " in line]
-    losses = [line.split("'loss': ")[1].split(",")[0] for line in logged]
+    losses = [line.split("'loss': ")[1].split(",")[0].strip("'\"") for line in logged]
     zero_losses = sum(float(loss) == 0.0 for loss in losses)
     return Row(
         "`--base_learning_rate 1e3`, demo preset",
         f"exit {result.returncode}; nothing exported" if not (output / "encoder").exists() else "exported (!)",
         f"losses logged: {', '.join(losses[:5])}, ...; {sum(loss == 'nan' for loss in losses)} of {len(losses)} "
-        f"logged as nan, {zero_losses} as 0; {skipped} steps skipped; {time.perf_counter() - start:.0f} s; "
+        f"logged as nan, {zero_losses} as 0; {skipped} steps skipped ({by_loss} for a non-finite loss, the rest for "
+        f"the gradient norm); {time.perf_counter() - start:.0f} s; "
         f"message: `{error[:100]}...`",
     )
 
@@ -288,7 +290,12 @@ def main() -> None:
     start, rows = time.perf_counter(), []
     for fault in chosen:
         began = time.perf_counter()
-        rows.append(fault(ctx))
+        try:
+            rows.append(fault(ctx))
+        except Exception as error:  # a row that could not be measured says so; the others still run
+            rows.append(
+                Row(fault.__name__, "not measured: the matrix itself failed", f"{type(error).__name__}: {error}")
+            )
         print(f"{fault.__name__}: {rows[-1].outcome} ({time.perf_counter() - began:.0f} s)", flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(render(rows, time.perf_counter() - start))

@@ -259,29 +259,31 @@ class SimMIMTrainer(Trainer):
         self._nonfinite_flag = bad if self._nonfinite_flag is None else self._nonfinite_flag | bad
         return loss
 
-    def _nonfinite_step(self) -> bool:
-        """Whether the step about to be taken had a non-finite loss (any micro-batch, any process) or gradient norm.
-        One device sync and, with several processes, one tiny all-reduce per optimizer step."""
-        flag = self._nonfinite_flag
+    def _nonfinite_step(self) -> str:
+        """What was not finite in the step about to be taken: "" (nothing), "loss" (any micro-batch, any process),
+        "gradient norm", or both. One device sync and, with several processes, one tiny all-reduce per step."""
+        loss_flag = self._nonfinite_flag
         self._nonfinite_flag = None
-        flag = torch.zeros((), dtype=torch.bool, device=self.args.device) if flag is None else flag.reshape(())
+        flags = torch.zeros(2, dtype=torch.int32, device=self.args.device)
+        if loss_flag is not None:
+            flags[0] = loss_flag.reshape(()).to(torch.int32)
         if getattr(self.accelerator, "scaler", None) is None:  # with fp16 loss scaling, the scaler handles overflow
             grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
             grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
             if grads:
-                norm = torch.nn.utils.get_total_norm(grads)
-                flag = flag | ~torch.isfinite(norm.to(flag.device))
+                flags[1] = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).to(flags.device, torch.int32)
         if self.args.world_size > 1 and torch.distributed.is_initialized():
-            flag = flag.to(torch.int32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        loss_bad, grad_bad = flags.tolist()
+        return " and ".join(name for name, bad in (("loss", loss_bad), ("gradient norm", grad_bad)) if bad)
 
     def skip_nonfinite_step(self) -> None:
         """Called before every optimizer step: on a non-finite step, drops the gradients so that the optimizer
         changes no weight and no state (the LR schedule still advances with the step count)."""
         if self.is_deepspeed_enabled:
             return  # DeepSpeed steps inside its engine and has its own overflow handling
-        if not self._nonfinite_step():
+        what = self._nonfinite_step()
+        if not what:
             self.nonfinite_in_a_row = 0
             return
         for group in self.optimizer.param_groups:
@@ -292,8 +294,9 @@ class SimMIMTrainer(Trainer):
         step = self.state.global_step + 1
         limit = getattr(self.args, "max_nonfinite_steps", 20)
         logger.warning(
-            "step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, %d in this run)",
+            "step %d: non-finite %s, optimizer step skipped (%d in a row, %d in this run)",
             step,
+            what,
             self.nonfinite_in_a_row,
             self.nonfinite_steps,
         )
