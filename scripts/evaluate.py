@@ -23,19 +23,13 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 from transformers import HfArgumentParser  # noqa: E402
 
+from simmim_hf.cli import parse_arguments, run_script  # noqa: E402
 from simmim_hf.evaluation import EvaluationArguments, run_evaluation  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(EvaluationArguments)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        if argv[0].endswith(".json"):
-            (args,) = parser.parse_json_file(argv[0])
-        else:
-            (args,) = parser.parse_yaml_file(argv[0])
-        return args
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_arguments(HfArgumentParser(EvaluationArguments), argv)
     return args
 
 
@@ -61,4 +55,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

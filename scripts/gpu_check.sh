@@ -20,3 +20,18 @@ for preset in vit-base-patch16-224 swin-base-window6-192; do
 done
 timeout 200 python scripts/benchmark.py --preset vit-base-patch16-224 --batch_size 128 --precision bf16 --steps 20 \
   --warmup 8 --compile --variants transformers,simmim_hf+fused --output "$OUT/bench_vit-base_bf16_compile.json"
+# FSDP2 with the shipped config (SHARDED_STATE_DICT checkpoints): 4 steps, then resume to 6 from the sharded
+# checkpoint; the final save must be a full model the job can export (encoder/, card). Noise images: a save check.
+SCRATCH=$(mktemp -d)
+python -c "
+import numpy as np; from PIL import Image
+rng = np.random.default_rng(0)
+[Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(f'$SCRATCH/{i}.png') for i in range(128)]"
+python scripts/prepare_data.py --source "$SCRATCH" --output "$SCRATCH/shards" --num_shards 2 >/dev/null
+FSDP=(accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 scripts/pretrain.py
+  --preset demo --dataset_name webdataset --data_files "$SCRATCH"/shards/*.tar --streaming true --shuffle_buffer_size 1
+  --output_dir "$SCRATCH/run" --per_device_train_batch_size 16 --save_steps 2 --logging_steps 1 --report_to none
+  --num_visualize_images 4)
+timeout 150 "${FSDP[@]}" --max_steps 4 >"$OUT/fsdp_1.log" 2>&1 && timeout 150 "${FSDP[@]}" --max_steps 6 >"$OUT/fsdp_2.log" 2>&1
+echo "fsdp exit $?"; ls "$SCRATCH/run" "$SCRATCH/run/checkpoint-6"; grep -h "Resuming from\|error" "$OUT"/fsdp_*.log | tail -3
+python -c "import json; print('fsdp steps_completed', json.load(open('$SCRATCH/run/simmim_run.json'))['steps_completed'])"

@@ -13,17 +13,12 @@ import sys
 
 from transformers import HfArgumentParser
 
+from simmim_hf.cli import parse_arguments, run_script
 from simmim_hf.sharding import PrepareDataArguments, prepare_data
 
 
 def main() -> None:
-    parser = HfArgumentParser(PrepareDataArguments)
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(sys.argv[1])
-    elif len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        (args,) = parser.parse_json_file(sys.argv[1])
-    else:
-        (args,) = parser.parse_args_into_dataclasses()
+    (args,) = parse_arguments(HfArgumentParser(PrepareDataArguments), sys.argv[1:])
     summary = prepare_data(args)
     print(
         f"Wrote {summary['num_written']} images into {len(summary['shards'])} {args.format} shards "
@@ -36,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -5,7 +5,8 @@
     accelerate launch scripts/pretrain.py --config runs/swin-b.yaml [--any_flag value ...]
 
 Every `TrainingArguments` flag works. `--config FILE` (YAML or JSON) supplies defaults; flags given on the command
-line override it.
+line override it. A mistake in the arguments, the config file, the data paths or the launch prints one line,
+`error: ...`, and exits with status 2 before anything is written.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import transformers
 from transformers import HfArgumentParser
 
-from simmim_hf.cli import expand_config_file
+from simmim_hf.cli import parse_arguments, run_script
 from simmim_hf.data import DataArguments
 from simmim_hf.pretraining import run_pretraining
 from simmim_hf.training import ModelArguments, SimMIMTrainingArguments
@@ -24,8 +25,7 @@ from simmim_hf.training import ModelArguments, SimMIMTrainingArguments
 
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, SimMIMTrainingArguments))
-    argv = expand_config_file(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parse_arguments(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,
@@ -36,4 +36,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from simmim_hf.cli import parse_arguments, run_script
+
 
 @dataclass
 class PushArguments:
@@ -36,12 +38,10 @@ class PushArguments:
 
 def parse_args(argv: list[str]) -> PushArguments:
     parser = HfArgumentParser(PushArguments)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")) and Path(argv[0]).is_file():
-        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        return loader(argv[0])[0]
-    if argv and not argv[0].startswith("-"):
+    config_file = len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")) and Path(argv[0]).is_file()
+    if argv and not argv[0].startswith("-") and not config_file:
         argv = ["--run_dir", *argv]  # the run folder may be given positionally, as in the README
-    return parser.parse_args_into_dataclasses(args=argv)[0]
+    return parse_arguments(parser, argv)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,4 +73,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(lambda: sys.exit(main()))

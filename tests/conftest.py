@@ -22,3 +22,11 @@ def fashion_mnist_dir():
     from simmim_hf.fashion_mnist import ensure_fashion_mnist
 
     return ensure_fashion_mnist()
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, fashion_mnist_dir):
+    """256 Fashion-MNIST images in 4 webdataset tar shards, written by scripts/prepare_data.py."""
+    from pretrain_helpers import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("shards"))

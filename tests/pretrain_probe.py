@@ -3,12 +3,19 @@
 * The augmentation is made deterministic (resize + normalise), so an image always gives the same tensor and
   `samples-rank{R}.txt` (one line per batch: the sha1 of every example, in order) identifies what each rank read.
 * After training each rank writes `weights-rank{R}.txt`, a digest of its parameters, and `world-rank{R}.txt`.
+* A resumed rank writes, when training starts, the weights it restored (`resumed-model-rank{R}.safetensors`, by
+  in-memory name) and its restored optimizer state (`resumed-optimizer-rank{R}.pt`).
+* Faults, from the environment: SIMMIM_PROBE_KILL_AT_STEP=k (SIGKILL at the end of step k, before its checkpoint),
+  SIMMIM_PROBE_KILL_IN_SAVE=k (SIGKILL while checkpoint k is written: weights and optimizer on disk, no trainer
+  state yet), SIMMIM_PROBE_NAN_AT=3,4 (the loss of those steps is multiplied by NaN before the backward pass),
+  SIMMIM_PROBE_DIGESTS=1 (`digests-rank{R}.txt`: step, weights digest, optimizer-state digest after every step).
 
 Usage: python tests/pretrain_probe.py PROBE_DIR <pretrain.py arguments>  (also under `accelerate launch`).
 """
 
 import hashlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -75,6 +82,75 @@ class Recorder:
 
 pretraining.StreamTrainer.get_train_dataloader = lambda self: Recorder(original_get_loader(self))
 import pretrain  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+
+def env_steps(name):
+    return {int(step) for step in os.environ.get(name, "").split(",") if step.strip()}
+
+
+def digest_of(tensors):
+    digest = hashlib.sha1()
+    for name, tensor in tensors:
+        digest.update(str(name).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def optimizer_tensors(optimizer):
+    state = optimizer.state_dict()["state"]
+    return [(f"{index}.{key}", value) for index in sorted(state) for key, value in sorted(state[index].items())]
+
+
+class FaultProbe(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step > 0:  # resumed: what was restored, before any step
+            from safetensors.torch import save_file
+
+            tensors = {name: value.detach().cpu().contiguous().clone() for name, value in model.state_dict().items()}
+            save_file(tensors, PROBE / f"resumed-model-rank{RANK}.safetensors")
+            torch.save(optimizer.state_dict(), PROBE / f"resumed-optimizer-rank{RANK}.pt")
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if os.environ.get("SIMMIM_PROBE_DIGESTS"):
+            line = f"{state.global_step} {digest_of(sorted(model.named_parameters()))} "
+            line += digest_of(optimizer_tensors(optimizer))
+            with open(PROBE / f"digests-rank{RANK}.txt", "a") as handle:
+                handle.write(line + "\n")
+        if state.global_step in env_steps("SIMMIM_PROBE_KILL_AT_STEP"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+original_init = pretraining.StreamTrainer.__init__
+
+
+def init_with_probe(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    self.add_callback(FaultProbe())
+
+
+original_compute_loss = pretraining.StreamTrainer.compute_loss
+
+
+def compute_loss_with_nan(self, *args, **kwargs):
+    result = original_compute_loss(self, *args, **kwargs)
+    if self.state.global_step + 1 in env_steps("SIMMIM_PROBE_NAN_AT"):
+        return result * float("nan") if isinstance(result, torch.Tensor) else (result[0] * float("nan"), *result[1:])
+    return result
+
+
+original_save_rng = pretraining.StreamTrainer._save_rng_state
+
+
+def save_rng_or_die(self, output_dir):
+    if self.state.global_step in env_steps("SIMMIM_PROBE_KILL_IN_SAVE"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    original_save_rng(self, output_dir)
+
+
+pretraining.StreamTrainer.__init__ = init_with_probe
+pretraining.StreamTrainer.compute_loss = compute_loss_with_nan
+pretraining.StreamTrainer._save_rng_state = save_rng_or_die
 
 if __name__ == "__main__":
     PROBE.mkdir(parents=True, exist_ok=True)
@@ -91,4 +167,6 @@ if __name__ == "__main__":
         return result
 
     pretraining.StreamTrainer.train = train_and_fingerprint
-    pretrain.main()
+    from simmim_hf.cli import run_script
+
+    run_script(pretrain.main)

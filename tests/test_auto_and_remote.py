@@ -67,7 +67,7 @@ def test_remote_code_loads_without_simmim_hf(tmp_path):
         import torch
         from transformers import AutoModelForMaskedImageModeling
         model = AutoModelForMaskedImageModeling.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
-        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)
         with torch.no_grad():
             print(model(inputs["x"], bool_masked_pos=inputs["m"]).loss.item())
         print("simmim_hf" in sys.modules)

@@ -105,7 +105,7 @@ from transformers import AutoImageProcessor, AutoModel
 folder = sys.argv[1]
 model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
 processor = AutoImageProcessor.from_pretrained(folder)
-pixel_values = torch.load(folder + "/../pixels.pt")
+pixel_values = torch.load(folder + "/../pixels.pt", weights_only=True)
 with torch.no_grad():
     hidden = model.eval()(pixel_values).last_hidden_state
 torch.save(hidden, folder + "/../hidden.pt")
@@ -137,7 +137,7 @@ def test_export_encoder_loads_in_plain_transformers_with_same_hidden_states(tmp_
     }
     with torch.no_grad():
         expected = model.simmim(pixel_values).last_hidden_state
-    assert torch.allclose(torch.load(tmp_path / "hidden.pt"), expected, atol=1e-5)
+    assert torch.allclose(torch.load(tmp_path / "hidden.pt", weights_only=True), expected, atol=1e-5)
 
 
 def test_exported_preprocessor_matches_pretraining_statistics(tmp_path):

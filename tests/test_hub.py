@@ -434,7 +434,7 @@ def test_full_checkpoint_reloads_from_the_simmim_subfolder(hub, pushed, run_dir,
     mask = SimMIMMaskGenerator.from_config(local.config)(2, generator=generator)
     with torch.no_grad():
         expected = local(pixel_values, bool_masked_pos=mask).reconstruction
-    torch.testing.assert_close(torch.load(out), expected)
+    torch.testing.assert_close(torch.load(out, weights_only=True), expected)
 
 
 def test_token_is_never_uploaded_or_printed(hub, pushed, downstream):

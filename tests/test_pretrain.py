@@ -4,10 +4,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from pretrain_helpers import ROOT, TINY, pretrain_args, read_batches, run
 from tiny_configs import tiny_simmim_config
 from transformers import HfArgumentParser
 
@@ -22,41 +22,6 @@ from simmim_hf.training import (
     warmup_cosine_lambda,
     warmup_multistep_lambda,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, fashion_mnist_dir):
-    """256 Fashion-MNIST images in 4 webdataset tar shards, written by scripts/prepare_data.py."""
-    output = tmp_path_factory.mktemp("shards")
-    run([sys.executable, "scripts/prepare_data.py", "--source", "fashion-mnist", "--output", str(output),
-         "--num_shards", "4", "--max_samples", "256", "--overwrite", "true"])  # fmt: skip
-    return sorted(str(p) for p in output.glob("*.tar"))
-
-
-def run(command, env=None):
-    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", **(env or {})}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=environment, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
-
-
-def pretrain_args(shards, output_dir, max_steps, *extra):
-    return [
-        "--preset", "demo", "--config_overrides", TINY,
-        "--dataset_name", "webdataset", "--data_files", *shards, "--streaming", "true",
-        "--output_dir", str(output_dir), "--max_steps", str(max_steps),
-        "--per_device_train_batch_size", "16", "--base_learning_rate", "0.08", "--warmup_steps", "2",
-        "--logging_steps", "1", "--save_steps", "1000", "--report_to", "none", "--seed", "7",
-        "--shuffle_buffer_size", "1", "--num_visualize_images", "4", "--dataloader_num_workers", "0",
-        *extra,
-    ]  # fmt: skip
-
-
-def read_batches(probe: Path, rank: int = 0) -> list[list[str]]:
-    return [line.split() for line in (probe / f"samples-rank{rank}.txt").read_text().splitlines()]
 
 
 def test_pretrain_end_to_end_loss_goes_down_and_outputs_are_written(shards, tmp_path):
@@ -226,9 +191,11 @@ def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
     output = tmp_path / "run"
     with HubServer(users={token: ("alice", {})}) as hub:
         env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
-        env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"))
+        # A stale token in the environment: the explicit --hub_token must win over it.
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"), HF_TOKEN="hf_stale000000")
         command = [sys.executable, "scripts/pretrain.py", *pretrain_args(shards, output, 2, "--save_steps", "1"),
-                   "--push_to_hub", "true", "--hub_model_id", "alice/tiny-simmim", "--hub_token", token]  # fmt: skip
+                   "--push_to_hub", "true", "--hub_model_id", "alice/tiny-simmim", "--hub_token", token,
+                   "--hub_strategy", "checkpoint"]  # fmt: skip
         result = subprocess.run(
             command,
             cwd=ROOT,
@@ -241,7 +208,10 @@ def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
         repo = hub.state.repos["alice/tiny-simmim"]
         files = repo.commits[repo.refs["main"]]
         commits = [r for r in hub.state.requests if r.method == "POST" and r.path.endswith("/commit/main")]
-    assert len(commits) == 1
+    # The checkpoints (pushed by the Trainer for resuming elsewhere) carry the arguments as JSON, never the pickle.
+    assert "last-checkpoint/trainer_state.json" in files and "last-checkpoint/training_args.json" in files
+    assert not [name for name in files if name.endswith("training_args.bin")]
+    assert len(commits) >= 2  # the checkpoint pushes, then the final encoder + card in one commit
     assert files["model.safetensors"] == (output / "encoder" / "model.safetensors").read_bytes()
     card = files["README.md"].decode()
     assert 'AutoModel.from_pretrained("alice/tiny-simmim")' in card and "library_name: transformers" in card

@@ -1,21 +1,64 @@
-"""Command-line helpers shared by the entry scripts."""
+"""Command-line helpers shared by the entry scripts: `--config` files, one-line usage errors, token redaction."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .errors import TrainingDiverged, UsageError
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# A flag that carries a secret (--hub_token, --token, --hub-token=...), and what a Hugging Face token looks like.
+_SECRET_FLAG = re.compile(r"^--?[\w-]*token$", re.IGNORECASE)
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON mapping of argument names to values."""
-    text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    """A YAML or JSON mapping of argument names to values; `UsageError` naming the file otherwise."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise UsageError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+    try:
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--config {path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: "
+                         f"{first_line}") from None  # fmt: skip
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of argument names to values")
+        raise UsageError(f"--config {path}: expected a mapping of argument names to values")
     return data
+
+
+def check_config_keys(data: dict[str, Any], path: str | Path, parser: argparse.ArgumentParser) -> None:
+    """Every key of a config file must be an argument of `parser`, and its value must convert to that argument's
+    type (and be one of its choices): `UsageError` naming the file and the key otherwise."""
+    actions = parser._option_string_actions  # argparse's own index of the flags it accepts
+    for key, value in data.items():
+        action = actions.get(f"--{key}")
+        if action is None:
+            raise UsageError(f"--config {path}: unknown key {key!r} (see --help for the arguments)")
+        if value is None or action.nargs == 0:
+            continue
+        if isinstance(value, (list, tuple)) and action.nargs in (None, "?"):
+            raise UsageError(f"--config {path}: {key}: expected a single value, got a list")
+        for text in config_to_argv({key: value})[1:]:
+            try:
+                converted = action.type(text) if callable(action.type) else text
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                expected = getattr(action.type, "__name__", "value")
+                raise UsageError(f"--config {path}: {key}: {value!r} is not a valid {expected}") from None
+            if action.choices is not None and converted not in action.choices:
+                choices = ", ".join(map(str, action.choices))
+                raise UsageError(f"--config {path}: {key}: {value!r} is not one of {choices}")
 
 
 def config_to_argv(data: dict[str, Any]) -> list[str]:
@@ -36,18 +79,71 @@ def config_to_argv(data: dict[str, Any]) -> list[str]:
     return argv
 
 
-def expand_config_file(argv: list[str]) -> list[str]:
+def expand_config_file(argv: list[str], parser: argparse.ArgumentParser | None = None) -> list[str]:
     """Replaces `--config FILE` (or `--config=FILE`) by the file's arguments, placed first so that explicit flags
-    override them."""
+    override them; with `parser`, the file's keys and values are checked against it first."""
     for index, item in enumerate(argv):
         if item.startswith("--config="):
             path, rest = item.split("=", 1)[1], argv[:index] + argv[index + 1 :]
             break
         if item == "--config":
             if index + 1 >= len(argv):
-                raise ValueError("--config needs a file path")
+                raise UsageError("--config needs a file path")
             path, rest = argv[index + 1], argv[:index] + argv[index + 2 :]
             break
     else:
         return list(argv)
-    return config_to_argv(load_config_file(path)) + list(rest)
+    data = load_config_file(path)
+    if parser is not None:
+        check_config_keys(data, path, parser)
+    return config_to_argv(data) + list(rest)
+
+
+def secrets_in(argv: list[str]) -> list[str]:
+    """The values of token flags in `argv` (`--hub_token X`, `--token=X`) and of HF_TOKEN, to keep out of errors."""
+    found = [os.environ.get("HF_TOKEN", "")]
+    for index, item in enumerate(argv):
+        flag, equals, value = item.partition("=")
+        if _SECRET_FLAG.match(flag):
+            found.append(value if equals else (argv[index + 1] if index + 1 < len(argv) else ""))
+    return [secret for secret in found if len(secret) >= 4]
+
+
+def redact(text: str, secrets: list[str] = ()) -> str:
+    """`text` with every secret, and anything shaped like a Hugging Face token, replaced by `***`."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _HF_TOKEN.sub("hf_***", text)
+
+
+def parse_arguments(parser: Any, argv: list[str], positional_config: bool = True) -> tuple[Any, ...]:
+    """`HfArgumentParser.parse_args_into_dataclasses` for an entry script: `--config FILE` (or, with
+    `positional_config`, a lone YAML/JSON file) supplies arguments, and every input mistake (unknown or mistyped
+    flag or key, invalid value) becomes a token-free `UsageError` or argparse's own exit 2."""
+    secrets = secrets_in(argv)
+
+    def error(message: str) -> None:  # argparse's errors quote the offending values: keep tokens out
+        parser.print_usage(sys.stderr)
+        parser.exit(2, f"{parser.prog}: error: {redact(message, secrets)}\n")
+
+    parser.error = error
+    if positional_config and len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        argv = ["--config", argv[0]]
+    try:
+        return parser.parse_args_into_dataclasses(args=expand_config_file(argv, parser))
+    except ValueError as problem:  # unused arguments, or a dataclass's own validation
+        raise UsageError(redact(str(problem), secrets)) from None
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Runs an entry script's `main`: a `UsageError` is printed as one line, `error: ...`, and exits with status 2;
+    a run stopped by `TrainingDiverged` exits with status 1 the same way. Tokens never reach the message."""
+    secrets = secrets_in(sys.argv[1:])
+    try:
+        main()
+    except UsageError as problem:
+        print(f"error: {' '.join(redact(str(problem), secrets).split())}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as problem:
+        print(f"error: {' '.join(redact(str(problem), secrets).split())}", file=sys.stderr)
+        sys.exit(1)

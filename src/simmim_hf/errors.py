@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UsageError(ValueError):
     """A user input mistake; scripts report `str(error)` on one line and exit with status 2."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped after `--max_nonfinite_steps` NaN/Inf steps in a row; scripts report it on one line."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -19,14 +20,15 @@ import datasets
 import torch
 import transformers
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 from .callbacks import ReconstructionCallback
+from .checkpoints import checkpoint_step, find_resume_checkpoint, finished_run, load_weights_strictly
 from .collate import SimMIMCollator, StreamLoader
 from .configuration_simmim import SimMIMConfig
 from .convert import export_encoder
 from .data import DataArguments, load_pretrain_dataset
+from .errors import TrainingDiverged, UsageError
 from .masking import SimMIMMaskGenerator
 from .modeling_simmim import SimMIMForMaskedImageModeling
 from .training import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
@@ -122,16 +124,13 @@ class StreamTrainer(ThroughputTrainer):
             return super().get_train_dataloader()
         return self.stream_loader
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        # Written before the Trainer's save, so a checkpoint pushed to the Hub carries them too.
-        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-        folder.mkdir(parents=True, exist_ok=True)
+    def write_checkpoint_extras(self, folder: Path) -> None:
+        # Inside the staging folder, before the Trainer's files: the checkpoint is renamed complete with them.
         if self.stream_loader is not None:
             path = folder / STREAM_STATE_FILE.format(rank=self.args.process_index)
             path.write_text(json.dumps(self.stream_loader.state_dict()))
         if self.is_world_process_zero():
             (folder / WALL_TIME_FILE).write_text(json.dumps({"wall_time_seconds": self.wall_time()}))
-        super()._save_checkpoint(model, trial)
 
 
 def restore_stream_position(loader: StreamLoader, checkpoint: str, rank: int) -> bool:
@@ -167,6 +166,31 @@ def precision_of(args: SimMIMTrainingArguments) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
+def check_launch(args: SimMIMTrainingArguments) -> None:
+    """Several processes started by a launcher that each see a world size of 1 (e.g. `accelerate launch --multi_gpu`
+    with no GPU visible) would each train alone on all the data and write the same folder: refuse."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and args.world_size != launched:
+        raise UsageError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this one sees a world size of "
+            f"{args.world_size}, so each would train alone and write the same folder. No GPU is visible: launch on "
+            f"CPUs with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {launched} "
+            "scripts/pretrain.py ...` (or add --use_cpu true); with GPUs, check CUDA_VISIBLE_DEVICES"
+        )
+
+
+def finite_or_none(value: Any) -> Any:
+    """NaN/Inf -> None (JSON null, "n/a" in the card): a non-finite loss is never shown as a number."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def refuse_nonfinite(model: torch.nn.Module) -> None:
+    """A model with NaN/Inf weights is never saved as the result, exported, carded or pushed."""
+    broken = [name for name, param in model.named_parameters() if not torch.isfinite(param.detach()).all()]
+    if broken:
+        raise TrainingDiverged(f"{len(broken)} weight tensors hold NaN/Inf (e.g. {broken[0]}): nothing exported")
+
+
 def run_summary(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -175,7 +199,9 @@ def run_summary(
     trainer: ThroughputTrainer,
     wall_time: float,
 ) -> dict[str, Any]:
-    loss_curve = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
+    loss_curve = [
+        [entry["step"], finite_or_none(entry["loss"])] for entry in trainer.state.log_history if "loss" in entry
+    ]
     return {
         "preset": config.preset,
         "backbone": config.encoder_type,
@@ -203,6 +229,7 @@ def run_summary(
         "base_model": model_args.model_name_or_path,
         "final_loss": loss_curve[-1][1] if loss_curve else None,
         "loss_curve": loss_curve,
+        "nonfinite_steps": getattr(trainer, "nonfinite_steps", 0),
         "seed": args.seed,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
@@ -216,7 +243,20 @@ def run_pretraining(
     """Pretrains, then leaves in `args.output_dir`: the SimMIM checkpoint, `encoder/` (stock transformers),
     `reconstruction.png`, `simmim_run.json` and the model card `README.md`. Returns the run summary."""
     if args.max_steps is None or args.max_steps <= 0:
-        raise ValueError("max_steps: a streaming run needs a positive --max_steps")
+        raise UsageError("max_steps: a streaming run needs a positive --max_steps")
+    check_launch(args)
+    resume = args.resume_from_checkpoint
+    auto_resume = resume is None or resume == "latest"  # rerunning a command continues its run
+    if auto_resume:
+        done = finished_run(args.output_dir, args.max_steps, RUN_SUMMARY_FILE)
+        if done is not None:
+            message = (
+                f"{args.output_dir} holds a finished run of {args.max_steps} steps: nothing to do "
+                "(raise --max_steps to continue it, or choose another --output_dir)"
+            )
+            logger.warning(message)
+            print(message)
+            return done
     set_seed(args.seed)
     config = build_config(model_args)
     model = build_model(model_args, config)
@@ -246,9 +286,12 @@ def run_pretraining(
     preview_source = load_pretrain_dataset(dataclasses.replace(data_args, shuffle_buffer_size=1), config=config)
     preview = visualization_batch(preview_source, config, args.num_visualize_images, args.seed)
 
-    resume = args.resume_from_checkpoint
-    if resume is None or resume == "latest":  # rerunning a command continues its run
-        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if auto_resume:
+        resume, passed_over = find_resume_checkpoint(args.output_dir)
+        for folder in passed_over:
+            logger.warning("Not resuming from incomplete %s", folder)
+        if resume:
+            logger.info("Resuming from %s", resume)
     if resume and loader is not None:
         restore_stream_position(loader, resume, args.process_index)
     if loader is not None:
@@ -261,7 +304,8 @@ def run_pretraining(
     if args.hub_token:
         # Keep the token out of training_args.bin (pickled into every checkpoint, which may be pushed): hand it to
         # huggingface_hub through the environment of this process instead.
-        os.environ.setdefault("HF_TOKEN", args.hub_token)
+        # An explicit --hub_token wins over an HF_TOKEN already set.
+        os.environ["HF_TOKEN"] = args.hub_token
         args.hub_token = None
     strategy = str(args.hub_strategy).split(".")[-1].lower()
     if hub_push and strategy not in ("checkpoint", "all_checkpoints"):
@@ -278,6 +322,9 @@ def run_pretraining(
         callbacks=[reconstruction],
         stream_loader=loader,
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        # accelerate only shards on accelerators: on CPU processes (MULTI_CPU) it drops the FSDP plugin silently.
+        logger.warning("An FSDP launch config was given but FSDP is off (accelerate has no FSDP on CPU): plain DDP")
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         # A forward on one rank of a sharded model would hang the others: pictures only at the end, from the save.
         trainer.remove_callback(reconstruction)
@@ -286,12 +333,19 @@ def run_pretraining(
     if resume and (Path(resume) / WALL_TIME_FILE).is_file():
         trainer.earlier_wall_time = json.loads((Path(resume) / WALL_TIME_FILE).read_text())["wall_time_seconds"]
     trainer.session_start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    if resume and (checkpoint_step(resume) or 0) >= args.max_steps:
+        # Killed after its last checkpoint, before the end of the job: only the final save and export are left.
+        load_weights_strictly(model, resume)
+        trainer.state = trainer.state.load_from_json(str(Path(resume) / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     wall_time = trainer.wall_time()
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):  # sharded: checked by finish_run
+        refuse_nonfinite(trainer.accelerator.unwrap_model(trainer.model))
 
     summary = run_summary(model_args, data_args, args, config, trainer, wall_time)
     # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); the rest is the main process's.
-    trainer.save_model(args.output_dir)
+    save_full_model(trainer, args.output_dir)
     failure: BaseException | None = None
     if trainer.is_world_process_zero():
         try:
@@ -304,6 +358,15 @@ def run_pretraining(
     return summary
 
 
+def save_full_model(trainer: StreamTrainer, output_dir: str) -> None:
+    """`Trainer.save_model`, with FSDP's sharded state dict switched to a full one (gathered on the main process) for
+    this last save, so that the job's export, picture and card can `from_pretrained` it; checkpoints stay sharded."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
+    if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(output_dir)
+
+
 def finish_run(
     args: SimMIMTrainingArguments, preview: dict[str, torch.Tensor], summary: dict[str, Any], push: bool
 ) -> None:
@@ -311,6 +374,7 @@ def finish_run(
     the saved checkpoint, so it is the same under DDP, FSDP and DeepSpeed."""
     output_dir = Path(args.output_dir)
     model = SimMIMForMaskedImageModeling.from_pretrained(output_dir).eval()
+    refuse_nonfinite(model)
     export_encoder(model, output_dir / "encoder")
     save_reconstruction_grid(
         model, preview["pixel_values"], preview["bool_masked_pos"], output_dir / "reconstruction.png"

@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .checkpoints import STAGING_PREFIX, find_resume_checkpoint, load_weights_strictly, rotate_checkpoints
 from .configuration_simmim import to_pair
+from .errors import TrainingDiverged, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +94,26 @@ class SimMIMTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Train in bf16 autocast on a GPU that supports it when neither --bf16 nor --fp16 is given."},
     )
+    max_nonfinite_steps: int = field(
+        default=20,
+        metadata={
+            "help": "A step whose loss or gradient norm is NaN/Inf is skipped (no weight or optimizer update) and "
+            "counted; after this many in a row the run stops with an error, its last good checkpoint intact."
+        },
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Always off here: a non-finite loss is logged as nan, never replaced by an average or 0."},
+    )
 
     def __post_init__(self) -> None:
         if wants_auto_bf16(self):
             self.bf16 = True
+        if self.logging_nan_inf_filter:
+            logger.warning("--logging_nan_inf_filter is ignored: non-finite losses are logged as nan and skipped")
+            self.logging_nan_inf_filter = False
+        if self.max_nonfinite_steps < 1:
+            raise UsageError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         super().__post_init__()
         if self.base_learning_rate <= 0:
             raise ValueError(f"base_learning_rate must be positive, got {self.base_learning_rate}")
@@ -181,9 +203,197 @@ def warmup_cosine_lambda(warmup_steps: int, total_steps: int, floor: float):
     return factor
 
 
+TRAINING_ARGS_JSON = "training_args.json"
+TRAINING_ARGS_PICKLE = "training_args.bin"
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Hands the optimizer step over to `SimMIMTrainer.skip_nonfinite_step` (after clipping, before the update)."""
+
+    def __init__(self, trainer: SimMIMTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The run's total survives a resume through the logged counts.
+        self.trainer.nonfinite_steps = max((entry.get("nonfinite_steps", 0) for entry in state.log_history), default=0)
+        self.trainer.nonfinite_in_a_row = 0
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.skip_nonfinite_step()
+
+
 class SimMIMTrainer(Trainer):
     """The HF Trainer with SimMIM's no-weight-decay set and schedules; everything else (DDP, FSDP, DeepSpeed,
-    mixed precision, checkpoints, logging integrations) is the stock Trainer's."""
+    mixed precision, logging integrations) is the stock Trainer's, plus what long runs need:
+
+    * resume restores every weight through transformers' own loading, strictly (any missing or unexpected tensor
+      raises), where the stock Trainer loads the on-disk layout non-strictly into renamed modules;
+    * checkpoints are written under `.tmp-checkpoint-N/` and renamed to `checkpoint-N` once every process is done;
+    * a step whose loss or gradient norm is NaN/Inf is skipped (no update), logged and counted; `max_nonfinite_steps`
+      in a row raise `TrainingDiverged`, and no checkpoint is written from a non-finite step;
+    * the arguments are saved as token-free `training_args.json`, never as the `training_args.bin` pickle.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nonfinite_steps = 0
+        self.nonfinite_in_a_row = 0
+        self._nonfinite_flag: torch.Tensor | None = None
+        self._staging_dir: Path | None = None
+        self.add_callback(NonFiniteGuard(self))
+
+    # -- resume -------------------------------------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        folder = Path(resume_from_checkpoint)
+        plain = any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not plain:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        count = load_weights_strictly(target, folder)
+        logger.info("Restored all %d weight tensors from %s", count, folder)
+
+    # -- non-finite steps -----------------------------------------------------------------------------------------
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().training_step(*args, **kwargs)
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite_flag = bad if self._nonfinite_flag is None else self._nonfinite_flag | bad
+        return loss
+
+    def _nonfinite_step(self) -> str:
+        """What was not finite in the step about to be taken: "" (nothing), "loss" (any micro-batch, any process),
+        "gradient norm", or both. One device sync and, with several processes, one tiny all-reduce per step."""
+        loss_flag = self._nonfinite_flag
+        self._nonfinite_flag = None
+        flags = torch.zeros(2, dtype=torch.int32, device=self.args.device)
+        if loss_flag is not None:
+            flags[0] = loss_flag.reshape(()).to(torch.int32)
+        if getattr(self.accelerator, "scaler", None) is None:  # with fp16 loss scaling, the scaler handles overflow
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            if grads:
+                flags[1] = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).to(flags.device, torch.int32)
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        loss_bad, grad_bad = flags.tolist()
+        return " and ".join(name for name, bad in (("loss", loss_bad), ("gradient norm", grad_bad)) if bad)
+
+    def skip_nonfinite_step(self) -> None:
+        """Called before every optimizer step: on a non-finite step, drops the gradients so that the optimizer
+        changes no weight and no state (the LR schedule still advances with the step count)."""
+        if self.is_deepspeed_enabled:
+            return  # DeepSpeed steps inside its engine and has its own overflow handling
+        what = self._nonfinite_step()
+        if not what:
+            self.nonfinite_in_a_row = 0
+            return
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        step = self.state.global_step + 1
+        limit = getattr(self.args, "max_nonfinite_steps", 20)
+        logger.warning(
+            "step %d: non-finite %s, optimizer step skipped (%d in a row, %d in this run)",
+            step,
+            what,
+            self.nonfinite_in_a_row,
+            self.nonfinite_steps,
+        )
+        if self.nonfinite_in_a_row >= limit:
+            last_good, _ = find_resume_checkpoint(self.args.output_dir)
+            raise TrainingDiverged(
+                f"the loss or gradient norm was NaN/Inf for {self.nonfinite_in_a_row} steps in a row (steps "
+                f"{step - self.nonfinite_in_a_row + 1}-{step}, limit --max_nonfinite_steps {limit}): training stopped. "
+                f"Last good checkpoint: {last_good or 'none'}. Lower --base_learning_rate or check the data, then rerun."
+            )
+
+    def _maybe_log_save_evaluate(self, tr_loss: Any, *args: Any, **kwargs: Any) -> None:
+        super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+        # The Trainer resets its loss accumulator with `tr_loss -= tr_loss`, which leaves a NaN in place: once logged,
+        # a non-finite window must not poison the next ones.
+        logged = getattr(self, "_globalstep_last_logged", None) == self.state.global_step
+        if self.nonfinite_steps and logged and isinstance(tr_loss, torch.Tensor) and not torch.isfinite(tr_loss).all():
+            tr_loss.zero_()
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self.nonfinite_steps:
+            logs["nonfinite_steps"] = self.nonfinite_steps
+        super().log(logs, *args, **kwargs)
+
+    # -- atomic checkpoints -------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial: Any) -> str:
+        return str(self._staging_dir) if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def write_checkpoint_extras(self, folder: Path) -> None:
+        """Hook: files of this process to put into the checkpoint `folder` (called on every process, before the
+        Trainer's own files)."""
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        step = self.state.global_step
+        if self.nonfinite_in_a_row:
+            logger.warning("step %d was non-finite: no checkpoint written, the last good one stays", step)
+            return
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        staging = run_dir / f"{STAGING_PREFIX}{name}"
+        if self.args.should_save:  # leftovers of a write that was killed
+            for stale in run_dir.glob(f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            (staging / name).mkdir(parents=True, exist_ok=True)
+            self.write_checkpoint_extras(staging / name)
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every process has written its files into the staging folder
+        final = run_dir / name
+        if self.args.should_save:
+            if final.exists():  # left by an earlier session that went past the checkpoint resumed from
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(str(final))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Pushes a complete checkpoint folder (`--hub_strategy checkpoint|all_checkpoints`); the final model is
+        published once, at the end, by the pretraining job."""
+        if self._staging_dir is not None or not self.is_world_process_zero():
+            return  # pushed once renamed, by `_save_checkpoint`
+        strategy = str(self.args.hub_strategy).split(".")[-1].lower()
+        if strategy not in ("checkpoint", "all_checkpoints"):
+            return
+        pending = getattr(self, "push_in_progress", None)
+        if not self.args.hub_always_push and pending is not None and not pending.is_done():
+            return
+        from huggingface_hub import HfApi
+        from transformers.utils.hub import PushInProgress
+
+        job = HfApi().upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=checkpoint_folder,
+            path_in_repo="last-checkpoint" if strategy == "checkpoint" else Path(checkpoint_folder).name,
+            commit_message=f"Training in progress, step {self.state.global_step}, checkpoint",
+            token=self.args.hub_token,
+            run_as_future=True,
+            revision=self.args.hub_revision,
+        )
+        if pending is None or pending.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            pending.jobs.append(job)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save:  # the arguments as JSON (tokens redacted by `to_json_string`), not a pickle
+            (folder / TRAINING_ARGS_PICKLE).unlink(missing_ok=True)
+            (folder / TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         skip = no_weight_decay_names(model)

@@ -1,0 +1,137 @@
+"""Checkpoints a killed run can trust: which folder to resume from, strict weight loading, the finished-run test.
+
+A checkpoint is written under `.tmp-checkpoint-N/checkpoint-N` and renamed to `checkpoint-N` once every process
+has written its files (see `SimMIMTrainer._save_checkpoint`), so a `checkpoint-N` folder is complete by
+construction; folders left by a kill, or by older versions that wrote in place, are recognised and passed over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+logger = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".tmp-"
+TRAINER_STATE_FILE = "trainer_state.json"
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def checkpoint_step(folder: str | Path) -> int | None:
+    match = _CHECKPOINT_NAME.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def has_weights(folder: Path) -> bool:
+    """Full weights, or the model part of an FSDP (sharded or full) or DeepSpeed checkpoint."""
+    if any((folder / name).is_file() for name in _WEIGHT_FILES):
+        return True
+    return any(path.name.startswith(("pytorch_model_fsdp", "global_step")) for path in folder.iterdir())
+
+
+def incompleteness(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from, or None when it is a complete checkpoint."""
+    state = folder / TRAINER_STATE_FILE
+    if not state.is_file():
+        return f"no {TRAINER_STATE_FILE}"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return f"unreadable {TRAINER_STATE_FILE}"
+    if not has_weights(folder):
+        return "no model weights"
+    return None
+
+
+def find_resume_checkpoint(output_dir: str | Path) -> tuple[str | None, list[str]]:
+    """The newest complete `checkpoint-N` in `output_dir` (None when there is none) and a description of every
+    newer incomplete folder passed over (half-written staging folders included)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None, []
+    candidates = sorted(
+        (
+            (checkpoint_step(path), path)
+            for path in output_dir.iterdir()
+            if path.is_dir() and checkpoint_step(path) is not None
+        ),
+        reverse=True,
+    )
+    staging = sorted(output_dir.glob(f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"))
+    passed_over = [f"{path} (a checkpoint write that never finished)" for path in staging]
+    for _, path in candidates:
+        reason = incompleteness(path)
+        if reason is None:
+            return str(path), passed_over
+        passed_over.append(f"{path} ({reason})")
+    return None, passed_over
+
+
+def rotate_checkpoints(output_dir: Path, limit: int | None, keep: str | None = None) -> None:
+    """After a checkpoint is complete: deletes the incomplete `checkpoint-N` folders (left by older versions that
+    wrote in place; nothing can resume from them) and, with a `limit`, the oldest complete ones beyond it (by step),
+    never the newest nor `keep`."""
+    folders = sorted((path for path in output_dir.iterdir() if checkpoint_step(path) is not None), key=checkpoint_step)
+    complete = []
+    for path in folders:
+        if path.is_dir() and incompleteness(path) is None:
+            complete.append(path)
+        elif path.is_dir():
+            logger.info("Deleting incomplete %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+    if not limit or limit <= 0 or not complete:
+        return
+    protected = {complete[-1].resolve()} | ({Path(keep).resolve()} if keep else set())
+    excess = len(complete) - max(limit, len(protected))
+    for path in complete:
+        if excess <= 0:
+            break
+        if path.resolve() not in protected:
+            logger.info("Deleting %s (save_total_limit %d)", path, limit)
+            shutil.rmtree(path, ignore_errors=True)
+            excess -= 1
+
+
+def load_weights_strictly(model: torch.nn.Module, checkpoint: str | Path) -> int:
+    """Loads the weights of `checkpoint` into `model` through transformers' own loading (which maps the on-disk
+    key layout to the in-memory one), then copies them with a strict `load_state_dict`. Any missing, unexpected or
+    mismatched tensor raises. Returns the number of tensors restored."""
+    model_class: Any = type(model)
+    dtype = next(model.parameters()).dtype
+    loaded, info = model_class.from_pretrained(
+        str(checkpoint), config=model.config, dtype=dtype, output_loading_info=True
+    )
+    problems = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    problems = {key: sorted(map(str, value)) for key, value in problems.items() if value}
+    if problems:
+        raise RuntimeError(f"{checkpoint}: the checkpoint does not match the model: {problems}")
+    state_dict = loaded.state_dict()
+    model.load_state_dict(state_dict, strict=True)
+    return len(state_dict)
+
+
+def finished_run(output_dir: str | Path, max_steps: int, summary_file: str) -> dict[str, Any] | None:
+    """The run summary when `output_dir` holds a finished run of `max_steps` steps (final model and summary written),
+    else None."""
+    output_dir = Path(output_dir)
+    path = output_dir / summary_file
+    if not (path.is_file() and (output_dir / "model.safetensors").is_file()):
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("steps_completed") == max_steps else None

@@ -1,0 +1,64 @@
+"""Helpers shared by the end-to-end pretraining tests (test_pretrain.py, test_faults.py) and scripts/fault_matrix.py:
+subprocess runs of scripts/pretrain.py (or tests/pretrain_probe.py) with a tiny ViT on Fashion-MNIST shards."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
+PROBE_SCRIPT = "tests/pretrain_probe.py"
+PROBE = [sys.executable, PROBE_SCRIPT]
+# Two CPU processes over gloo (no GPU visible, accelerate told to stay on the CPU).
+LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]  # fmt: skip
+
+
+def make_shards(output: Path, num_shards: int = 4, max_samples: int = 256) -> list[str]:
+    """`max_samples` Fashion-MNIST images in `num_shards` webdataset tar shards, written by scripts/prepare_data.py."""
+    run([sys.executable, "scripts/prepare_data.py", "--source", "fashion-mnist", "--output", str(output),
+         "--num_shards", str(num_shards), "--max_samples", str(max_samples), "--overwrite", "true"])  # fmt: skip
+    return sorted(str(p) for p in Path(output).glob("*.tar"))
+
+
+def launch(command, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Runs `command` from the repository root on the CPU, offline; returns the finished process, whatever its
+    exit status."""
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=environment, timeout=timeout)
+
+
+def run(command, env=None):
+    """`launch`, asserting exit status 0."""
+    result = launch(command, env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def pretrain_args(shards, output_dir, max_steps, *extra):
+    return [
+        "--preset", "demo", "--config_overrides", TINY,
+        "--dataset_name", "webdataset", "--data_files", *shards, "--streaming", "true",
+        "--output_dir", str(output_dir), "--max_steps", str(max_steps),
+        "--per_device_train_batch_size", "16", "--base_learning_rate", "0.08", "--warmup_steps", "2",
+        "--logging_steps", "1", "--save_steps", "1000", "--report_to", "none", "--seed", "7",
+        "--shuffle_buffer_size", "1", "--num_visualize_images", "4", "--dataloader_num_workers", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def read_batches(probe: Path, rank: int = 0) -> list[list[str]]:
+    return [line.split() for line in (probe / f"samples-rank{rank}.txt").read_text().splitlines()]
+
+
+def loss_curve(output_dir: Path) -> list[list]:
+    return json.loads((Path(output_dir) / "simmim_run.json").read_text())["loss_curve"]
+
+
+def folder_digest(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes), to show that a run changed nothing."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes() for path in sorted(Path(folder).rglob("*")) if path.is_file()
+    }

@@ -1,0 +1,290 @@
+"""Fault injection, trainer side: SIGKILL at a seeded random step (1 and 2 ranks, DataLoader workers) then the same
+command again, a kill during a checkpoint write, forced NaN steps, a rerun of a finished run, launch mistakes.
+
+Runs are subprocesses of tests/pretrain_probe.py (a tiny ViT on 256 Fashion-MNIST images), so a kill is a real
+SIGKILL and the outcome is what a user sees: files, exit status, stderr, weights.
+"""
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from pretrain_helpers import (
+    LAUNCH_TWO,
+    PROBE,
+    PROBE_SCRIPT,
+    ROOT,
+    folder_digest,
+    launch,
+    loss_curve,
+    pretrain_args,
+    run,
+)
+from safetensors.torch import load_file
+
+from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
+
+MAX_STEPS = 8
+KILL_STEP = random.Random(8).randint(3, MAX_STEPS - 1)  # seeded: the same step on every run of the suite
+NEEDS_STREAM_RNG = pytest.mark.xfail(reason="needs i8b stream RNG", strict=False)
+
+
+def kill_and_rerun(shards, base: Path, launcher: list[str], env: dict | None = None) -> SimpleNamespace:
+    """An uninterrupted run, a run SIGKILLed at the end of `KILL_STEP`, and the same command again."""
+
+    def command(name: str, output: str) -> list[str]:
+        args = pretrain_args(shards, base / output, MAX_STEPS, "--save_steps", "2", "--dataloader_num_workers", "1")
+        return [*launcher, str(base / name), *args]
+
+    run(command("p-straight", "straight"), env)
+    killed = launch(command("p-killed", "run"), {**(env or {}), "SIMMIM_PROBE_KILL_AT_STEP": str(KILL_STEP)})
+    assert killed.returncode != 0 and not (base / "run" / "simmim_run.json").exists()
+    resumed = run(command("p-resumed", "run"), env)
+    return SimpleNamespace(
+        base=base, resumed=resumed, checkpoint=base / "run" / f"checkpoint-{2 * ((KILL_STEP - 1) // 2)}"
+    )
+
+
+@pytest.fixture(scope="module")
+def one_rank(shards, tmp_path_factory):
+    return kill_and_rerun(shards, tmp_path_factory.mktemp("one_rank"), PROBE)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(shards, tmp_path_factory):
+    faults = kill_and_rerun(
+        shards, tmp_path_factory.mktemp("two_ranks"), [*LAUNCH_TWO, PROBE_SCRIPT], {"ACCELERATE_USE_CPU": "true"}
+    )
+    assert (faults.base / "p-resumed" / "world-rank1.txt").read_text() == "2"
+    return faults
+
+
+def assert_restored_bitwise(faults: SimpleNamespace, rank: int) -> None:
+    """The weights and optimizer state the resumed run started from are the checkpoint's, tensor by tensor."""
+    assert f"Resuming from {faults.checkpoint}" in faults.resumed.stderr
+    restored = load_file(faults.base / "p-resumed" / f"resumed-model-rank{rank}.safetensors")
+    expected = SimMIMForMaskedImageModeling.from_pretrained(faults.checkpoint).state_dict()
+    assert restored.keys() == expected.keys() and len(restored) > 40
+    unequal = [name for name in expected if not torch.equal(restored[name], expected[name])]
+    assert not unequal, f"{len(unequal)} of {len(expected)} tensors differ from the checkpoint: {unequal[:3]}"
+    saved = torch.load(faults.checkpoint / "optimizer.pt", weights_only=True)
+    loaded = torch.load(faults.base / "p-resumed" / f"resumed-optimizer-rank{rank}.pt", weights_only=True)
+    assert saved["state"].keys() == loaded["state"].keys() and saved["state"]
+    for index, state in saved["state"].items():
+        for key, value in state.items():
+            assert torch.equal(loaded["state"][index][key], value), (index, key)
+    assert [group["lr"] for group in loaded["param_groups"]] == [group["lr"] for group in saved["param_groups"]]
+
+
+def assert_same_run(faults: SimpleNamespace) -> None:
+    straight, resumed = loss_curve(faults.base / "straight"), loss_curve(faults.base / "run")
+    assert [step for step, _ in resumed] == list(range(1, MAX_STEPS + 1))
+    difference = max(abs(a - b) for (_, a), (_, b) in zip(straight, resumed, strict=True))
+    assert difference <= 1e-6, (difference, straight, resumed)
+    for rank in (0, 1) if (faults.base / "p-straight" / "weights-rank1.txt").exists() else (0,):
+        name = f"weights-rank{rank}.txt"
+        assert (faults.base / "p-straight" / name).read_text() == (faults.base / "p-resumed" / name).read_text()
+
+
+def test_resume_restores_every_weight_and_optimizer_tensor(one_rank):
+    assert_restored_bitwise(one_rank, 0)
+    scheduler = torch.load(one_rank.checkpoint / "scheduler.pt", weights_only=True)
+    assert scheduler["last_epoch"] == int(one_rank.checkpoint.name.split("-")[1])
+    # No pickled arguments anywhere in the run; the JSON copy carries them instead.
+    assert not list((one_rank.base / "run").rglob("training_args.bin"))
+    assert json.loads((one_rank.checkpoint / "training_args.json").read_text())["max_steps"] == MAX_STEPS
+
+
+@NEEDS_STREAM_RNG
+def test_killed_run_continues_the_uninterrupted_one(one_rank):
+    assert_same_run(one_rank)
+
+
+def test_two_ranks_resume_restores_every_weight(two_ranks):
+    for rank in (0, 1):
+        assert_restored_bitwise(two_ranks, rank)
+    assert not list((two_ranks.base / "run").glob(".tmp-*"))
+    assert {"stream_state_rank0.json", "stream_state_rank1.json"} <= {p.name for p in two_ranks.checkpoint.iterdir()}
+
+
+@NEEDS_STREAM_RNG
+def test_two_ranks_killed_run_continues_the_uninterrupted_one(two_ranks):
+    assert_same_run(two_ranks)
+
+
+def test_rerun_of_a_finished_run_changes_nothing_and_more_steps_continue_it(one_rank, shards, tmp_path):
+    output = tmp_path / "straight"
+    shutil.copytree(one_rank.base / "straight", output)
+    before = folder_digest(output)
+    args = pretrain_args(shards, output, MAX_STEPS, "--save_steps", "2", "--dataloader_num_workers", "1")
+    result = run([sys.executable, "scripts/pretrain.py", *args])
+    assert "finished run of 8 steps" in result.stdout
+    assert folder_digest(output) == before
+    more = pretrain_args(shards, output, MAX_STEPS + 2, "--save_steps", "2", "--dataloader_num_workers", "1")
+    result = run([sys.executable, "scripts/pretrain.py", *more])
+    assert f"Resuming from {output / f'checkpoint-{MAX_STEPS}'}" in result.stderr
+    summary = json.loads((output / "simmim_run.json").read_text())
+    assert summary["steps_completed"] == MAX_STEPS + 2
+    old = json.loads(before["simmim_run.json"])["loss_curve"]
+    assert summary["loss_curve"][:MAX_STEPS] == old
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(shards, tmp_path):
+    output = tmp_path / "run"
+    args = [*PROBE, str(tmp_path / "probe"), *pretrain_args(shards, output, 6, "--save_steps", "2",
+                                                            "--save_total_limit", "2")]  # fmt: skip
+    killed = launch(args, {"SIMMIM_PROBE_KILL_IN_SAVE": "4"})
+    assert killed.returncode != 0
+    assert (output / ".tmp-checkpoint-4" / "checkpoint-4" / "model.safetensors").is_file()
+    assert not (output / "checkpoint-4").exists() and (output / "checkpoint-2" / "trainer_state.json").is_file()
+    # A folder written in place by an older version and cut short: weights, no trainer state.
+    legacy = output / "checkpoint-5"
+    legacy.mkdir()
+    (legacy / "model.safetensors").write_bytes((output / "checkpoint-2" / "model.safetensors").read_bytes())
+    result = run(args)
+    assert "Not resuming from incomplete" in result.stderr and "checkpoint-5 (no trainer_state.json)" in result.stderr
+    assert ".tmp-checkpoint-4 (a checkpoint write that never finished)" in result.stderr
+    assert f"Resuming from {output / 'checkpoint-2'}" in result.stderr
+    assert json.loads((output / "simmim_run.json").read_text())["steps_completed"] == 6
+    # save_total_limit 2 keeps the two newest complete checkpoints; nothing half-written is left.
+    assert sorted(p.name for p in output.iterdir() if "checkpoint" in p.name) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_nonfinite_steps_are_skipped_then_a_streak_stops_the_run(shards, tmp_path):
+    output, probe = tmp_path / "run", tmp_path / "probe"
+    args = pretrain_args(shards, output, 10, "--save_steps", "2", "--max_nonfinite_steps", "3")
+    result = launch([*PROBE, str(probe), *args], {"SIMMIM_PROBE_NAN_AT": "3,5,6,7", "SIMMIM_PROBE_DIGESTS": "1"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line[line.index("error: ") :] for line in result.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1, errors  # one line (a progress bar may share it)
+    last = errors[0]
+    assert last.startswith("error: the loss or gradient norm was NaN/Inf for 3 steps in a row (steps 5-7")
+    assert f"Last good checkpoint: {output / 'checkpoint-4'}" in last
+    assert (
+        "step 3: non-finite loss and gradient norm, optimizer step skipped (1 in a row, 1 in this run)"
+        in result.stderr
+    )
+    digests = {
+        int(line.split()[0]): line.split()[1:] for line in (probe / "digests-rank0.txt").read_text().splitlines()
+    }
+    assert digests[3] == digests[2]  # step 3 changed no weight and no optimizer state
+    assert digests[4][0] != digests[3][0] and digests[4][1] != digests[3][1]
+    assert digests[6] == digests[5] == digests[4] and 7 not in digests  # step 7 raised before its end
+    # The last good checkpoint stays; none is written from a non-finite step; nothing is exported.
+    assert json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert not (output / "checkpoint-6").exists()
+    for name in ("encoder", "simmim_run.json", "README.md", "model.safetensors"):
+        assert not (output / name).exists(), name
+    losses = {entry["step"]: entry["loss"] for entry in json.loads((output / "checkpoint-4" / "trainer_state.json")
+                                                                    .read_text())["log_history"] if "loss" in entry}  # fmt: skip
+    assert losses[3] != losses[3] and all(losses[step] > 0 for step in (1, 2, 4))  # nan, never 0
+
+
+def test_single_nonfinite_step_leaves_an_honest_summary(shards, tmp_path):
+    output = tmp_path / "run"
+    result = launch([*PROBE, str(tmp_path / "probe"), *pretrain_args(shards, output, 3)], {"SIMMIM_PROBE_NAN_AT": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / "simmim_run.json").read_text())
+    assert summary["loss_curve"][1] == [2, None] and summary["nonfinite_steps"] == 1
+    assert summary["final_loss"] == summary["loss_curve"][2][1] > 0
+    assert (output / "encoder" / "model.safetensors").is_file()
+
+
+def test_processes_that_each_see_world_size_one_stop_at_start(shards, tmp_path):
+    output = tmp_path / "run"
+    result = launch([*LAUNCH_TWO, "scripts/pretrain.py", *pretrain_args(shards, output, 2)])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2" in errors[0]
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("max_stepz: 5\n", "unknown key 'max_stepz'"),
+        ("max_steps: five\n", "max_steps: 'five' is not a valid int"),
+        ("streaming: maybe\n", "streaming: 'maybe' is not a valid"),
+        ("max_steps: [1, 2]\n", "max_steps: expected a single value, got a list"),
+        ("save_strategy: sometimes\n", "save_strategy: 'sometimes' is not one of"),
+        ("max_steps: [1\n", "not valid YAML"),
+    ],
+)
+def run_script_in_process(script: str, argv: list[str], capsys) -> tuple[int, str]:
+    """A script's `main` under `cli.run_script`, in this process (no interpreter start-up): exit status, stderr."""
+    import importlib
+
+    from simmim_hf.cli import run_script
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        module = importlib.import_module(script)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: module.main(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("max_stepz: 5\n", "unknown key 'max_stepz'"),
+        ("max_steps: five\n", "max_steps: 'five' is not a valid int"),
+        ("streaming: maybe\n", "streaming: 'maybe' is not a valid"),
+        ("max_steps: [1, 2]\n", "max_steps: expected a single value, got a list"),
+        ("save_strategy: sometimes\n", "save_strategy: 'sometimes' is not one of"),
+        ("max_steps: [1\n", "not valid YAML"),
+    ],
+)
+def test_config_file_mistakes_name_the_file_and_key(tmp_path, capsys, content, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(content)
+    output = tmp_path / "run"
+    status, stderr = run_script_in_process("pretrain", ["--config", str(config), "--output_dir", str(output)], capsys)
+    assert status == 2
+    assert stderr.count("\n") == 1 and stderr.startswith(f"error: --config {config}: ")
+    assert message in stderr and not output.exists()
+
+
+def test_no_token_in_argument_errors(tmp_path, capsys):
+    token = "hf_" + "A1b2C3d4" * 4
+    # A typo'd flag, and a token given where a number belongs: neither error message shows it.
+    for argv in (
+        ["--output_dir", str(tmp_path), "--hub_tokn", token],
+        ["--output_dir", str(tmp_path), "--max_steps", token],
+    ):
+        status, stderr = run_script_in_process("pretrain", argv, capsys)
+        assert status == 2 and "error" in stderr and token not in stderr
+    # The case of the issue, end to end: push_to_hub.py has no token flag at all.
+    command = [sys.executable, "scripts/push_to_hub.py", str(tmp_path), "--repo_id", "a/b", "--hub_token", token]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert token not in result.stdout + result.stderr and "hub_token" in result.stderr
+
+
+def test_fsdp_final_save_gathers_a_full_state_dict():
+    """accelerate enables FSDP only on accelerators (a CPU launch silently becomes DDP), so the sharded run itself is
+    checked by scripts/gpu_check.sh; here: under the shipped config's SHARDED_STATE_DICT, the job's final
+    `save_model` runs with a full state dict, the one `Trainer.save_model` writes as model.safetensors."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from simmim_hf.pretraining import save_full_model
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    saved_under = []
+    trainer = SimpleNamespace(
+        is_fsdp_enabled=True,
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+        save_model=lambda output_dir: saved_under.append(str(plugin.state_dict_type)),
+    )
+    save_full_model(trainer, "unused")
+    assert saved_under == ["StateDictType.FULL_STATE_DICT"]
