@@ -128,6 +128,8 @@ def _identity(item: Any) -> Any:
 
 def _held(progress: dict[str, Any]) -> int:
     """Examples a reader had read but not yet consumed (they sat in its shuffle buffer) at the captured position."""
+    if progress["read"] is None:  # the buffer's input is not counted (`data.count_buffer_input`)
+        return 0
     consumed = progress["images"] + sum(progress["faults"].values()) + progress["skipped"]
     return max(0, progress["read"] - consumed)
 
@@ -146,6 +148,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
         self.drop_last = drop_last
         decoder = getattr(dataset, "simmim_decoder", None)
         self.key = getattr(decoder, "key", None) or "<no decoder>"
+        self.counts_reads = bool(getattr(dataset, "simmim_counts_buffer_input", False))
         self.restore: dict[int, dict[str, Any]] = {}
         self.restore_epoch: int | None = None
 
@@ -173,7 +176,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
                 "index": index,
                 "state": self.dataset.state_dict(),
                 "images": images,
-                "read": int(base["read"]) + read_count(self.key) - read_start,
+                "read": int(base["read"] or 0) + read_count(self.key) - read_start if self.counts_reads else None,
                 "skipped": int(base["skipped"]),
                 "faults": add_counts(base["faults"], subtract_counts(fault_snapshot(self.key), faults_start)),
                 "end": end,
@@ -383,7 +386,11 @@ class StreamLoader:
                 value["skipped"] += held
                 skipped += held
         self.skipped_at_resume += skipped
-        if skipped:
+        if any(value["read"] is None for value in progress.values()):
+            logger.warning(
+                "Resuming pass %d: the images that sat in the shuffle buffer(s) are skipped (count unknown)", epoch
+            )
+        elif skipped:
             logger.warning(
                 "Resuming pass %d: %d image(s) that sat in the shuffle buffer(s) when the checkpoint was saved are "
                 "skipped for this pass (the buffer content is not saved)",

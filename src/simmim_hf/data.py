@@ -316,14 +316,13 @@ def load_pretrain_dataset(
 
     decoder = ImageDecoder(transform, seed=seed, max_image_pixels=data_args.max_image_pixels)
     check_shard_count(dataset.num_shards, world_size, num_workers, source=data_args.dataset_name)
-    # Counted before the shuffle buffer: what was read but not yet consumed sat in the buffer (StreamLoader logs how
-    # many images a resume skips). Also gives every source the fault-marker columns of the shard reader.
-    dataset = dataset.map(_ReadCounter(decoder.key))
+    dataset = dataset.map(_add_fault_columns)  # every source gets the fault-marker columns of the shard reader
     dataset = dataset.shuffle(
         seed=seed,
         buffer_size=data_args.shuffle_buffer_size,
         max_buffer_input_shards=interleaved_shards(dataset.num_shards, world_size, num_workers),
     )
+    counts_buffer_input = count_buffer_input(dataset, decoder.key)
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     if data_args.max_train_samples is not None:
@@ -335,18 +334,42 @@ def load_pretrain_dataset(
     dataset.simmim_decoder = decoder
     dataset.simmim_num_workers = num_workers  # StreamLoader checks it: the shuffle above was sized for it
     dataset.simmim_max_bad_fraction = data_args.max_bad_fraction
+    dataset.simmim_counts_buffer_input = counts_buffer_input  # StreamLoader: how many images a resume skips
     return dataset
 
 
+def _add_fault_columns(example: dict[str, Any]) -> dict[str, str]:
+    return {"_fault": example.get("_fault") or "", "_detail": example.get("_detail") or ""}
+
+
 class _ReadCounter:
-    """Pre-shuffle `map` function: counts the example as read (in this process) and adds missing marker columns."""
+    """Counts each example that enters the shuffle buffer (in this process), returning no new column."""
 
     def __init__(self, key: str) -> None:
         self.key = key
 
-    def __call__(self, example: dict[str, Any]) -> dict[str, str]:
+    def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
         record_read(self.key)
-        return {"_fault": example.get("_fault") or "", "_detail": example.get("_detail") or ""}
+        return {}
+
+
+def count_buffer_input(dataset: datasets.IterableDataset, key: str) -> bool:
+    """Counts the examples entering the shuffle buffer of `dataset` (fresh from `shuffle`) under `key`.
+
+    What entered the buffer but was not consumed when a stream position was saved sat in the buffer, which `datasets`
+    does not save: `StreamLoader` reports that many images as skipped by a resume. The count must be taken right at
+    the buffer's input, above the shard interleaving (which reads ahead and rewinds on resume), which the public API
+    cannot reach: this wraps the buffer's input in a `MappedExamplesIterable` (`datasets` internals). Returns False
+    (nothing counted; the skip count is then unknown) if this `datasets` version is built differently.
+    """
+    from datasets.iterable_dataset import BufferShuffledExamplesIterable, MappedExamplesIterable
+
+    buffer = getattr(dataset, "_ex_iterable", None)
+    if not isinstance(buffer, BufferShuffledExamplesIterable) or not hasattr(buffer, "ex_iterable"):
+        logger.info("Cannot count the shuffle buffer's input with this datasets version; resume skips go unreported")
+        return False
+    buffer.ex_iterable = MappedExamplesIterable(buffer.ex_iterable, function=_ReadCounter(key))
+    return True
 
 
 def interleaved_shards(num_shards: int, world_size: int = 1, num_workers: int = 0, limit: int = 10) -> int:
