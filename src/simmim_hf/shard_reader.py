@@ -122,19 +122,20 @@ def iter_tar(path: str) -> Iterator[dict[str, Any]]:
     """The samples of one WebDataset tar file, then a `broken_file` marker if it could not be read to its end."""
     key, members = None, []
     try:
-        with tarfile.open(path, mode="r:*") as tar:
+        compressed = path.endswith((".gz", ".tgz", ".bz2", ".xz"))
+        with tarfile.open(path, mode="r:*" if compressed else "r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
-                handle = tar.extractfile(info)
-                data = handle.read() if handle is not None else b""
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} is cut short ({len(data)} of {info.size} bytes)")
                 member_key = sample_key(info.name)[0]
                 if members and member_key != key:
                     yield _sample(path, key, members)
                     members = []
                 key = member_key
+                handle = tar.extractfile(info)
+                data = handle.read() if handle is not None else b""
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} is cut short ({len(data)} of {info.size} bytes)")
                 members.append((info.name, data))
             problem = _tar_end_problem(tar)
     except (tarfile.TarError, OSError, EOFError, ValueError) as error:
