@@ -131,3 +131,28 @@ def test_data_mistakes_are_usage_errors_naming_the_argument(tmp_path, fashion_mn
         DataArguments(max_bad_fraction=0)
     with pytest.raises(UsageError, match="--max_image_pixels"):
         DataArguments(max_image_pixels=0)
+
+
+def test_pretraining_reports_data_faults_in_summary_card_and_tensorboard(tmp_path, fashion_mnist_dir):
+    import json
+    import subprocess
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_pretrain import pretrain_args
+
+    files = faults.write_shards(tmp_path / "shards")
+    faults.truncate_tar_end(files[1])
+    output = tmp_path / "run"
+    extra = ("--per_device_train_batch_size", "8", "--report_to", "tensorboard")
+    command = [sys.executable, "scripts/pretrain.py", *pretrain_args([str(f) for f in files], output, 8, *extra)]
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"file {files[1]}: ReadError" in result.stderr
+    # 31 images a pass, 3 batches of 8: 8 steps are 2 whole passes and part of a third.
+    summary = json.loads((output / "simmim_run.json").read_text())
+    assert summary["data_faults"]["broken_file"] >= 2 and summary["images_skipped_at_resume"] == 0
+    assert f"broken_file {summary['data_faults']['broken_file']}" in (output / "README.md").read_text()
+    events = EventAccumulator(str(next((output / "runs").iterdir())))
+    events.Reload()
+    assert "train/data_faults/broken_file" in events.Tags()["scalars"]
