@@ -143,3 +143,25 @@ def test_resume_at_the_end_of_the_shards_moves_on_to_the_next_pass(shards, caplo
     assert first["digests"] == reference[8]["digests"]  # exactly the uninterrupted run's second pass
     assert resumed.skipped_at_resume == 32 - 2 * BATCH
     assert "had no full batch left" in caplog.text
+
+
+def test_parquet_shards_resume_exactly(tmp_path, fashion_mnist_dir):
+    prepare_data(
+        PrepareDataArguments(
+            source="fashion-mnist", output=str(tmp_path), num_shards=4, max_samples=32, split="test", format="parquet"
+        )
+    )
+    args = DataArguments(dataset_name="parquet", data_files=[str(tmp_path / "*.parquet")], shuffle_buffer_size=1)
+
+    def loader() -> StreamLoader:
+        dataset = load_pretrain_dataset(args, seed=SEED, rank=1, world_size=2, num_workers=2, config=CONFIG)
+        return StreamLoader(dataset, SimMIMCollator(SimMIMMaskGenerator(16, 4, 2, 0.5), SEED, 1), BATCH, 2)
+
+    reference = take(loader(), 6)  # 16 images a pass: 4 batches
+    interrupted = loader()
+    take(interrupted, 3)
+    resumed = loader()
+    resumed.load_state_dict(interrupted.state_dict())
+    for batch, expected in zip(take(resumed, 3), reference[3:]):
+        assert torch.equal(batch["pixel_values"], expected["pixel_values"])
+        assert torch.equal(batch["bool_masked_pos"], expected["bool_masked_pos"])
