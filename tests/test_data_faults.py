@@ -3,6 +3,7 @@
 The faults are built from real Fashion-MNIST images by scripts/fault_matrix_data.py (shared with the fault matrix).
 """
 
+import importlib.util
 import logging
 import os
 import sys
@@ -10,16 +11,24 @@ from pathlib import Path
 
 import pytest
 
+from simmim_hf.collate import SimMIMCollator, StreamLoader
+from simmim_hf.data import DataArguments, load_pretrain_dataset
+from simmim_hf.errors import UsageError
+from simmim_hf.faults import DataFaultError, add_counts
+from simmim_hf.masking import SimMIMMaskGenerator
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import fault_matrix_data as faults  # noqa: E402
 
-from simmim_hf.collate import SimMIMCollator, StreamLoader  # noqa: E402
-from simmim_hf.data import DataArguments, load_pretrain_dataset  # noqa: E402
-from simmim_hf.errors import UsageError  # noqa: E402
-from simmim_hf.faults import DataFaultError, add_counts  # noqa: E402
-from simmim_hf.masking import SimMIMMaskGenerator  # noqa: E402
+def _load_script_module(name: str):
+    # Loaded from its file: putting scripts/ on sys.path would shadow the `evaluate` package with scripts/evaluate.py.
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+faults = _load_script_module("fault_matrix_data")
 
 
 @pytest.mark.parametrize("fault", faults.DATA_FAULTS, ids=lambda fault: fault.__name__)
