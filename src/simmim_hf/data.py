@@ -4,7 +4,10 @@
 Streaming (the default) goes: `load_dataset(..., streaming=True)` -> keep the image column, cast it to
 `Image(decode=False)` (bytes only) -> `shuffle(seed, buffer_size)` -> `split_dataset_by_node(rank, world_size)` ->
 `map(decode + transform)` -> drop undecodable images. Decoding and augmentation therefore run lazily inside the
-DataLoader workers. Feed the result to `simmim_hf.collate.StreamLoader`, which repeats it endlessly (one reshuffled
+DataLoader workers. Local `webdataset`/`parquet` shards are read by `simmim_hf.shard_reader` instead of the stock
+builders, so a broken file costs that file's remainder (counted, one warning) instead of the run; every data fault is
+counted per reason (`simmim_hf.faults`). Each example's augmentation is seeded from (seed, pass, image bytes), so a
+resumed stream draws the same crops as an uninterrupted one (`simmim_hf.transforms`). Feed the result to `simmim_hf.collate.StreamLoader`, which repeats it endlessly (one reshuffled
 epoch after another, bounded by the Trainer's `max_steps`) and can save/restore the stream position.
 """
 
@@ -24,7 +27,11 @@ import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from .transforms import ImageDecoder, build_pretrain_transform
+from .errors import UsageError
+from .faults import record_read
+from .shard_reader import KINDS as SHARD_KINDS
+from .shard_reader import is_remote, resolve_data_files, shard_stream
+from .transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, build_pretrain_transform
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +82,20 @@ class DataArguments:
             "split evenly over ranks and DataLoader workers."
         },
     )
+    max_image_pixels: int = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={
+            "help": "Images with more pixels (read from the header) are skipped and counted as `too_large` before "
+            "any decoding. Default: PIL's own decompression-bomb limit."
+        },
+    )
+    max_bad_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Stop with an error when more than this fraction of a pass's examples are data faults "
+            "(undecodable, too_large, no_image; a broken file counts as one)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.data_files, str):
@@ -83,6 +104,10 @@ class DataArguments:
             raise ValueError(f"shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples must be >= 1, got {self.max_train_samples}")
+        if self.max_image_pixels < 1:
+            raise UsageError(f"--max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if not 0.0 < self.max_bad_fraction <= 1.0:
+            raise UsageError(f"--max_bad_fraction must be in (0, 1], got {self.max_bad_fraction}")
 
 
 def detect_image_column(features: datasets.Features | Sequence[str] | None, image_column: str | None = None) -> str:
@@ -181,10 +206,33 @@ def load_source_dataset(
         return loaded.to_iterable_dataset(num_shards=min(STREAM_SHARDS, len(loaded))) if streaming else loaded
     if isinstance(data_files, str):
         data_files = [data_files]
+    check_local_source(name, data_files, data_dir)
+    if streaming and name in SHARD_KINDS and data_files and not any(is_remote(f) for f in data_files):
+        dataset = shard_stream(name, resolve_data_files(data_files))
+        dataset.simmim_shard_reader = True  # examples are already `pixel_values` + fault markers
+        return dataset
+    if data_files and not any(is_remote(f) for f in data_files):
+        data_files = resolve_data_files(data_files)
     files = {split: list(data_files)} if data_files else None
     return datasets.load_dataset(
         name, config_name, data_dir=data_dir, data_files=files, split=split, streaming=streaming
     )
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `--dataset_name` can only be a local folder (a Hub id is `name` or `owner/name`)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def check_local_source(name: str, data_files: Sequence[str] | None, data_dir: str | None) -> None:
+    """Raises `UsageError` (one line naming the argument) for a local folder or file that is not there."""
+    if looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise UsageError(f"--dataset_name: the folder {name!r} does not exist")
+    if data_dir is not None and not is_remote(data_dir) and name in (*SHARD_KINDS, "imagefolder"):
+        if not os.path.isdir(os.path.expanduser(data_dir)):
+            raise UsageError(f"--data_dir: the folder {data_dir!r} does not exist")
+    if name in SHARD_KINDS and not data_files and data_dir is None:
+        raise UsageError(f"--data_files: --dataset_name {name} needs the shard files (e.g. 'shards/train-*.tar')")
 
 
 def check_shard_count(num_shards: int, world_size: int = 1, num_workers: int = 0, source: str = "") -> bool:
@@ -229,8 +277,9 @@ def load_pretrain_dataset(
         config: a SimMIMConfig-like object for `build_pretrain_transform`; or pass `transform` directly.
         transform: PIL image -> tensor; overrides `config`.
 
-    Streaming returns a `datasets.IterableDataset`, decoded and transformed lazily, undecodable images dropped (the
-    decoder's counter is `dataset.simmim_decoder.num_skipped` in the process that iterates it). Map-style
+    Streaming returns a `datasets.IterableDataset`, decoded and transformed lazily, faulty examples dropped and
+    counted per reason (`dataset.simmim_decoder.fault_counts()` in the process that iterates it; `StreamLoader`
+    totals them over workers and passes). Map-style
     (`streaming=False`) returns a `datasets.Dataset` whose `with_transform` yields `None` for an undecodable image,
     which `SimMIMCollator` drops; it is not split by rank (the Trainer's distributed sampler does that).
     """
@@ -249,38 +298,78 @@ def load_pretrain_dataset(
         streaming=data_args.streaming,
         max_samples=data_args.max_train_samples,
     )
-    column = detect_image_column(dataset_features(dataset), data_args.image_column)
-    # Cast first: later steps (select, rename) re-apply the features, and must not decode the images in the reader.
-    dataset = dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
-    if column != "pixel_values":
-        # Named like the model input, so the Trainer's `remove_unused_columns` keeps it.
-        dataset = dataset.rename_column(column, "pixel_values")
-    decoder = ImageDecoder(transform)
+    if not getattr(dataset, "simmim_shard_reader", False):
+        column = detect_image_column(dataset_features(dataset), data_args.image_column)
+        # Cast first: later steps (select, rename) re-apply the features, and must not decode the images in the reader.
+        dataset = dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
+        if column != "pixel_values":
+            # Named like the model input, so the Trainer's `remove_unused_columns` keeps it.
+            dataset = dataset.rename_column(column, "pixel_values")
 
     if not data_args.streaming:
+        decoder = ImageDecoder(transform, max_image_pixels=data_args.max_image_pixels)
         if data_args.max_train_samples is not None:
             dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
         dataset = dataset.with_transform(decoder.decode_batch)
         dataset.simmim_decoder = decoder
         return dataset
 
+    decoder = ImageDecoder(transform, seed=seed, max_image_pixels=data_args.max_image_pixels)
     check_shard_count(dataset.num_shards, world_size, num_workers, source=data_args.dataset_name)
+    dataset = dataset.map(_add_fault_columns)  # every source gets the fault-marker columns of the shard reader
     dataset = dataset.shuffle(
         seed=seed,
         buffer_size=data_args.shuffle_buffer_size,
         max_buffer_input_shards=interleaved_shards(dataset.num_shards, world_size, num_workers),
     )
+    counts_buffer_input = count_buffer_input(dataset, decoder.key)
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     if data_args.max_train_samples is not None:
         # `take` counts per DataLoader worker (each iterates its own shards), hence the split.
         readers = world_size * max(1, num_workers)
         dataset = dataset.take(math.ceil(data_args.max_train_samples / readers))
-    dataset = dataset.map(decoder.decode_example)
+    dataset = dataset.map(decoder.decode_example, remove_columns=["_fault", "_detail"])
     dataset = dataset.filter(_is_decoded)
     dataset.simmim_decoder = decoder
     dataset.simmim_num_workers = num_workers  # StreamLoader checks it: the shuffle above was sized for it
+    dataset.simmim_max_bad_fraction = data_args.max_bad_fraction
+    dataset.simmim_counts_buffer_input = counts_buffer_input  # StreamLoader: how many images a resume skips
     return dataset
+
+
+def _add_fault_columns(example: dict[str, Any]) -> dict[str, str]:
+    return {"_fault": example.get("_fault") or "", "_detail": example.get("_detail") or ""}
+
+
+class _ReadCounter:
+    """Counts each example that enters the shuffle buffer (in this process), returning no new column."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
+        record_read(self.key)
+        return {}
+
+
+def count_buffer_input(dataset: datasets.IterableDataset, key: str) -> bool:
+    """Counts the examples entering the shuffle buffer of `dataset` (fresh from `shuffle`) under `key`.
+
+    What entered the buffer but was not consumed when a stream position was saved sat in the buffer, which `datasets`
+    does not save: `StreamLoader` reports that many images as skipped by a resume. The count must be taken right at
+    the buffer's input, above the shard interleaving (which reads ahead and rewinds on resume), which the public API
+    cannot reach: this wraps the buffer's input in a `MappedExamplesIterable` (`datasets` internals). Returns False
+    (nothing counted; the skip count is then unknown) if this `datasets` version is built differently.
+    """
+    from datasets.iterable_dataset import BufferShuffledExamplesIterable, MappedExamplesIterable
+
+    buffer = getattr(dataset, "_ex_iterable", None)
+    if not isinstance(buffer, BufferShuffledExamplesIterable) or not hasattr(buffer, "ex_iterable"):
+        logger.info("Cannot count the shuffle buffer's input with this datasets version; resume skips go unreported")
+        return False
+    buffer.ex_iterable = MappedExamplesIterable(buffer.ex_iterable, function=_ReadCounter(key))
+    return True
 
 
 def interleaved_shards(num_shards: int, world_size: int = 1, num_workers: int = 0, limit: int = 10) -> int:

@@ -194,12 +194,23 @@ def _hyperparameter_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
         ("Hardware", _fmt(run.get("hardware"))),
         ("Wall time", _format_duration(run.get("wall_time_seconds"))),
         ("Final reconstruction loss", _fmt(run.get("final_loss"))),
+        *_data_fault_rows(run),
         (
             "Software",
             f"transformers {_fmt(run.get('transformers_version'))}, torch {_fmt(run.get('torch_version'))}, "
             f"simmim_hf {_fmt(run.get('simmim_hf_version'))}",
         ),
     ]
+
+
+def _data_fault_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
+    """One row listing the data faults skipped during pretraining, when there were any."""
+    faults = run.get("data_faults") or {}
+    if not any(faults.values()):
+        return []
+    from .faults import format_counts
+
+    return [("Skipped data (faults)", format_counts(faults))]
 
 
 def _evaluation_rows(eval_json: dict[str, Any]) -> list[dict[str, str]]:

@@ -29,6 +29,7 @@ from .configuration_simmim import SimMIMConfig
 from .convert import export_encoder
 from .data import DataArguments, load_pretrain_dataset
 from .errors import TrainingDiverged, UsageError
+from .faults import FAULT_REASONS, add_counts
 from .masking import SimMIMMaskGenerator
 from .modeling_simmim import SimMIMForMaskedImageModeling
 from .training import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
@@ -119,6 +120,24 @@ class StreamTrainer(ThroughputTrainer):
     def wall_time(self) -> float:
         return self.earlier_wall_time + time.perf_counter() - self.session_start
 
+    def stream_totals(self) -> tuple[dict[str, int], int]:
+        """(data faults per reason, images skipped at resumes) for the whole run, summed over ranks (collective)."""
+        faults = self.stream_loader.fault_counts() if self.stream_loader is not None else add_counts()
+        skipped = self.stream_loader.skipped_at_resume if self.stream_loader is not None else 0
+        if self.args.world_size > 1:
+            values = torch.tensor([*(faults[r] for r in FAULT_REASONS), skipped], device=self.args.device)
+            values = self.accelerator.reduce(values, reduction="sum").tolist()
+            faults, skipped = dict(zip(FAULT_REASONS, map(int, values))), int(values[-1])
+        return faults, skipped
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training log lines are written on every rank at the same step, so the all-reduce is safe there.
+        if self.stream_loader is not None and "loss" in logs:
+            faults, _ = self.stream_totals()
+            if any(faults.values()):
+                logs.update({f"data_faults/{reason}": count for reason, count in faults.items()})
+        super().log(logs, start_time)
+
     def get_train_dataloader(self):
         if self.stream_loader is None:
             return super().get_train_dataloader()
@@ -202,6 +221,7 @@ def run_summary(
     loss_curve = [
         [entry["step"], finite_or_none(entry["loss"])] for entry in trainer.state.log_history if "loss" in entry
     ]
+    faults, skipped = trainer.stream_totals() if isinstance(trainer, StreamTrainer) else (add_counts(), 0)
     return {
         "preset": config.preset,
         "backbone": config.encoder_type,
@@ -230,6 +250,8 @@ def run_summary(
         "final_loss": loss_curve[-1][1] if loss_curve else None,
         "loss_curve": loss_curve,
         "nonfinite_steps": getattr(trainer, "nonfinite_steps", 0),
+        "data_faults": faults,
+        "images_skipped_at_resume": skipped,
         "seed": args.seed,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,

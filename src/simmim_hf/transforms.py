@@ -4,15 +4,28 @@
 tensor `(C, H, W)`. `ImageDecoder` turns the raw `{"bytes", "path"}` cells that `datasets` keeps when an image column
 is cast to `Image(decode=False)` into PIL images, so that decoding happens lazily inside the DataLoader workers and a
 corrupt file costs one skipped example instead of a crashed run.
+
+Images are recognised by their content (PIL sniffs the bytes), never by a file extension. An image whose header
+announces more than `max_image_pixels` pixels is refused before its pixels are decoded (`too_large`).
+
+Reproducible augmentation: an `ImageDecoder` built with a `seed` (the streaming pipeline's) draws each example's
+random crop and flip from a generator seeded with (seed, pass, digest of the image's raw bytes), inside
+`torch.random.fork_rng`, so the augmentation of an example is a pure function of the run seed, the pass and the
+image itself: the same in an uninterrupted run and in a resumed one, whichever worker or rank reads it, and the
+process's global RNG is left as it was. The pass is the one the stream reader announced for the decoder's key
+(`faults.set_stream_epoch`; `StreamLoader` does it), 0 otherwise. Without a seed (map-style datasets), the transform
+draws from the global RNG as usual.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import uuid
-from collections import Counter
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +34,8 @@ import PIL.ImageOps
 import torch
 from torchvision.transforms import v2
 
+from .faults import fault_snapshot, record_fault, stream_epoch
+
 logger = logging.getLogger(__name__)
 
 # Paper values (SimMIM, Xie et al. 2022): a mild crop, so most of the object stays in view for reconstruction.
@@ -28,9 +43,8 @@ CROP_SCALE = (0.67, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 # PIL modes that hold more than 8 bits per pixel; `convert("RGB"/"L")` would clip them instead of rescaling.
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-# Skip counts per decoder, per process. `datasets` copies the map function along with its pipeline (pickling into
-# workers, deep copies when iterating), so the count lives here under the decoder's id rather than on one instance.
-_SKIPPED: Counter[str] = Counter()
+# PIL's own limit for decompression bombs (Image.MAX_IMAGE_PIXELS), the default of --max_image_pixels.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 def _check_config(config: Any) -> tuple[tuple[int, int], int, list[float], list[float]]:
@@ -82,29 +96,65 @@ def _to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
     return PIL.Image.fromarray(scaled.round().astype(np.uint8), mode="L")
 
 
-def decode_image(cell: Any) -> PIL.Image.Image:
+def _cell_parts(cell: Any) -> tuple[bytes | None, str | None]:
+    """`(bytes, path)` of an image cell: raw bytes, a path, or a `{"bytes": ..., "path": ...}` dict."""
+    if isinstance(cell, dict):
+        return cell.get("bytes"), cell.get("path")
+    if isinstance(cell, (bytes, bytearray)):
+        return bytes(cell), None
+    if isinstance(cell, str):
+        return None, cell
+    raise TypeError(f"cannot decode an image from {type(cell).__name__}")
+
+
+class ImageTooLargeError(ValueError):
+    """The image header announces more pixels than allowed; its pixels were not decoded."""
+
+
+def open_image(data: bytes | None, path: str | None = None, max_pixels: int | None = None) -> PIL.Image.Image:
+    """Opens an image lazily (header only) and refuses it before decoding when it has more than `max_pixels` pixels.
+
+    Raises `ImageTooLargeError` for an oversized image (PIL's own decompression-bomb refusal included), and whatever
+    PIL raises for bytes it does not recognise.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+        try:
+            image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
+        except PIL.Image.DecompressionBombError as error:
+            raise ImageTooLargeError(str(error)) from None
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        image.close()
+        raise ImageTooLargeError(f"{width}x{height} = {width * height} pixels > max_image_pixels={max_pixels}")
+    return image
+
+
+def is_image(data: bytes) -> bool:
+    """Whether PIL recognises `data` as an image (reads the header only; nothing is decoded)."""
+    try:
+        open_image(data).close()
+    except ImageTooLargeError:
+        return True
+    except Exception:  # noqa: BLE001 - anything PIL cannot identify is not an image
+        return False
+    return True
+
+
+def decode_image(cell: Any, max_pixels: int | None = None) -> PIL.Image.Image:
     """Decodes one image cell: a PIL image, raw bytes, a path, or a `{"bytes": ..., "path": ...}` dict.
 
     Fully loads the pixels (so truncated files fail here, not later in the transform) and applies the EXIF orientation.
-    Raises on anything PIL cannot read.
+    Raises `ImageTooLargeError` before decoding an image above `max_pixels` pixels, and whatever PIL raises on anything
+    it cannot read.
     """
     if isinstance(cell, PIL.Image.Image):
         image = cell
     else:
-        if isinstance(cell, dict):
-            data, path = cell.get("bytes"), cell.get("path")
-        elif isinstance(cell, (bytes, bytearray)):
-            data, path = cell, None
-        elif isinstance(cell, str):
-            data, path = None, cell
-        else:
-            raise TypeError(f"cannot decode an image from {type(cell).__name__}")
-        if data is not None:
-            image = PIL.Image.open(io.BytesIO(data))
-        elif path:
-            image = PIL.Image.open(path)
-        else:
+        data, path = _cell_parts(cell)
+        if data is None and not path:
             raise ValueError("image cell has neither bytes nor path")
+        image = open_image(data, path, max_pixels)
     image.load()
     image = PIL.ImageOps.exif_transpose(image)
     if image.mode in _HIGH_DEPTH_MODES:
@@ -112,50 +162,94 @@ def decode_image(cell: Any) -> PIL.Image.Image:
     return image
 
 
+def augmentation_seed(seed: int, epoch: int, data: bytes) -> int:
+    """The seed of one example's augmentation: a function of the run seed, the pass and the image's raw bytes."""
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+    return int(np.random.SeedSequence([int(seed), int(epoch), *words]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 class ImageDecoder:
     """Decodes and transforms raw image cells; a cell that fails to decode becomes `None` and is counted.
 
-    Picklable. `num_skipped` counts the failures in the current process, shared by all copies of this decoder (each
-    DataLoader worker process has its own count); each skip is logged at warning level with the worker id and the
-    file name, the first `log_first` one by one, then every 100th.
+    Picklable. Faults are counted per reason in the current process (`simmim_hf.faults`), shared by all copies of
+    this decoder (each DataLoader worker process has its own counts); each is logged at warning level with the
+    worker id and the file name, the first `log_first` of a reason one by one, then every 100th (a broken file is
+    always logged).
 
     Args:
         transform: PIL image -> tensor, e.g. `build_pretrain_transform(config)`.
-        log_first: how many failures to log one by one.
+        log_first: how many failures of each reason to log one by one.
+        seed: when given, each example's augmentation is seeded from (seed, pass, image bytes) (module docstring).
+        max_image_pixels: images above this many pixels are skipped (`too_large`) before decoding; None: no limit.
     """
 
-    def __init__(self, transform: Callable[[PIL.Image.Image], torch.Tensor], log_first: int = 10) -> None:
+    def __init__(
+        self,
+        transform: Callable[[PIL.Image.Image], torch.Tensor],
+        log_first: int = 10,
+        seed: int | None = None,
+        max_image_pixels: int | None = None,
+    ) -> None:
         self.transform = transform
         self.log_first = log_first
+        self.seed = seed
+        self.max_image_pixels = max_image_pixels
         self.key = uuid.uuid4().hex
 
     @property
     def num_skipped(self) -> int:
-        """Images this decoder (or any copy of it) failed to decode in the current process."""
-        return _SKIPPED[self.key]
+        """Images this decoder (or any copy of it) refused or failed to decode in the current process."""
+        counts = fault_snapshot(self.key)
+        return counts["undecodable"] + counts["too_large"]
+
+    def fault_counts(self) -> dict[str, int]:
+        """Faults per reason met by this decoder (or any copy of it) in the current process."""
+        return fault_snapshot(self.key)
+
+    def record(self, reason: str, detail: str) -> None:
+        """Counts one fault and logs it (see the class docstring)."""
+        count = record_fault(self.key, reason)
+        if reason == "broken_file" or count <= self.log_first or count % 100 == 0:
+            worker = torch.utils.data.get_worker_info()
+            where = f"worker {worker.id}" if worker is not None else "main process"
+            logger.warning("Skipping %s: %s (%d %s so far in the %s)", reason, detail, count, reason, where)
+
+    def _augment(self, image: PIL.Image.Image, data: bytes | None) -> torch.Tensor:
+        if self.seed is None or data is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(augmentation_seed(self.seed, stream_epoch(self.key), data))
+            return self.transform(image)
 
     def __call__(self, cell: Any) -> torch.Tensor | None:
         """Returns `pixel_values: (C, H, W)` or None when the image cannot be decoded."""
+        name = None
         try:
-            return self.transform(decode_image(cell))
+            if isinstance(cell, PIL.Image.Image):
+                data, image = None, decode_image(cell)
+            else:
+                data, name = _cell_parts(cell)
+                if data is None:
+                    if not name:
+                        raise ValueError("image cell has neither bytes nor path")
+                    data = Path(name).read_bytes()
+                image = decode_image(data, self.max_image_pixels)
+            return self._augment(image, data)
         except Exception as error:  # noqa: BLE001 - any unreadable image must cost one example, not the run
-            _SKIPPED[self.key] += 1
-            if self.num_skipped <= self.log_first or self.num_skipped % 100 == 0:
-                worker = torch.utils.data.get_worker_info()
-                where = f"worker {worker.id}" if worker is not None else "main process"
-                name = cell.get("path") if isinstance(cell, dict) else None
-                logger.warning(
-                    "Skipping undecodable image %s (%s: %s); %d skipped so far in the %s",
-                    name or "<bytes>",
-                    type(error).__name__,
-                    error,
-                    self.num_skipped,
-                    where,
-                )
+            reason = "too_large" if isinstance(error, ImageTooLargeError) else "undecodable"
+            self.record(reason, f"image {name or '<bytes>'} ({type(error).__name__}: {error})")
             return None
 
     def decode_example(self, example: dict[str, Any]) -> dict[str, torch.Tensor | None]:
-        """Streaming `map` function: `{"pixel_values": raw cell}` -> `{"pixel_values": (C, H, W) or None}`."""
+        """Streaming `map` function: `{"pixel_values": raw cell}` -> `{"pixel_values": (C, H, W) or None}`.
+
+        An example that a shard reader marked as a fault (`_fault`: reason, `_detail`: what) is counted and dropped.
+        """
+        fault = example.get("_fault")
+        if fault:
+            self.record(fault, example.get("_detail") or "")
+            return {"pixel_values": None}
         return {"pixel_values": self(example["pixel_values"])}
 
     def decode_batch(self, batch: dict[str, Sequence[Any]]) -> dict[str, list[torch.Tensor | None]]:
