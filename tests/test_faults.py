@@ -32,7 +32,6 @@ from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
 
 MAX_STEPS = 8
 KILL_STEP = random.Random(8).randint(3, MAX_STEPS - 1)  # seeded: the same step on every run of the suite
-NEEDS_STREAM_RNG = pytest.mark.xfail(reason="needs i8b stream RNG", strict=False)
 
 
 def kill_and_rerun(shards, base: Path, launcher: list[str], env: dict | None = None) -> SimpleNamespace:
@@ -101,7 +100,6 @@ def test_resume_restores_every_weight_and_optimizer_tensor(one_rank):
     assert json.loads((one_rank.checkpoint / "training_args.json").read_text())["max_steps"] == MAX_STEPS
 
 
-@NEEDS_STREAM_RNG
 def test_killed_run_continues_the_uninterrupted_one(one_rank):
     assert_same_run(one_rank)
 
@@ -113,7 +111,6 @@ def test_two_ranks_resume_restores_every_weight(two_ranks):
     assert {"stream_state_rank0.json", "stream_state_rank1.json"} <= {p.name for p in two_ranks.checkpoint.iterdir()}
 
 
-@NEEDS_STREAM_RNG
 def test_two_ranks_killed_run_continues_the_uninterrupted_one(two_ranks):
     assert_same_run(two_ranks)
 
