@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import AutoModel, AutoModelForMaskedImageModeling, PreTrainedModel, ViTImageProcessor
 
-from .configuration_simmim import SimMIMConfig, to_pair
+from .configuration_simmim import SimMIMConfig, rebuild_encoder_config, to_pair
 from .modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel
 
 # transformers' MIM classes keep their encoder under the model type's name (`vit`, `swin`, `swinv2`, `deit`).
@@ -76,12 +76,12 @@ def to_transformers(model: SimMIMForMaskedImageModeling) -> PreTrainedModel:
 
 def stock_encoder_config(config: SimMIMConfig) -> Any:
     """The encoder's config as a stock model wants it: no mask token, architectures set."""
-    encoder_config = copy.deepcopy(config.encoder_config)
-    if encoder_config.model_type == "beit":
-        encoder_config.use_mask_token = False
+    encoder_config = config.encoder_config
     model_class = AutoModel._model_mapping[type(encoder_config)]
-    encoder_config.architectures = [model_class.__name__]
-    return encoder_config
+    changes: dict[str, Any] = {"architectures": [model_class.__name__]}
+    if encoder_config.model_type == "beit":
+        changes["use_mask_token"] = False
+    return rebuild_encoder_config(encoder_config, **changes)
 
 
 def stock_encoder(model: SimMIMForMaskedImageModeling | SimMIMModel) -> PreTrainedModel:

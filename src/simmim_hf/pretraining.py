@@ -71,24 +71,9 @@ def build_config(model_args: ModelArguments) -> SimMIMConfig:
     if not model_args.model_name_or_path:
         return SimMIMConfig.from_preset(model_args.preset, **overrides)
     base = SimMIMConfig.from_pretrained(model_args.model_name_or_path)
-    fields = {
-        "mask_patch_size": base.mask_patch_size,
-        "mask_ratio": base.mask_ratio,
-        "image_mean": base.image_mean,
-        "image_std": base.image_std,
-        "preset": base.preset,
-    }
-    encoder_config = base.encoder_config
-    for key, value in overrides.items():
-        if key in fields or key in ("image_size", "num_channels"):
-            fields[key] = value
-        elif hasattr(encoder_config, key):
-            setattr(encoder_config, key, value)
-        else:
-            raise ValueError(f"{key}: not a field of SimMIMConfig or of the {encoder_config.model_type} encoder")
     if "num_channels" in overrides and "image_mean" not in overrides:
         raise ValueError("num_channels: changing the channel count of a checkpoint needs image_mean and image_std")
-    return SimMIMConfig(encoder_config=encoder_config, **fields)  # re-validated
+    return base.with_overrides(**overrides)  # re-validated, derived encoder fields rebuilt
 
 
 def build_model(model_args: ModelArguments, config: SimMIMConfig) -> SimMIMForMaskedImageModeling:
