@@ -9,7 +9,7 @@ import copy
 import dataclasses
 from typing import Any
 
-from transformers import AutoConfig, BeitConfig, PretrainedConfig, SwinConfig, ViTConfig
+from transformers import AutoConfig, AutoImageProcessor, BeitConfig, PretrainedConfig, SwinConfig, ViTConfig
 
 # Encoders whose patch grid is flat (one token per model patch, plus CLS/distillation tokens).
 PLAIN_ENCODERS = ("vit", "deit", "beit")
@@ -178,6 +178,30 @@ def encoder_stride_of(encoder_config: PretrainedConfig) -> int:
     return patch
 
 
+def default_mask_patch_size(encoder_config: PretrainedConfig) -> int:
+    """32 px as in the paper when the image allows it, else the coarsest cell that tiles the image."""
+    height, width = to_pair(encoder_config.image_size)
+    patch = to_pair(encoder_config.patch_size)[0]
+    for size in (32, 16, 8, 4, 2, 1):
+        if size % patch == 0 and height % size == 0 and width % size == 0:
+            return size
+    return patch
+
+
+def _processor_statistics(name_or_path: str, channels: int) -> tuple[list[float], list[float]] | None:
+    """`(image_mean, image_std)` of the image processor saved with a model, if it has one with a value per channel."""
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return None
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if mean is None or std is None:
+        return None
+    mean = [float(mean)] * channels if isinstance(mean, (int, float)) else [float(value) for value in mean]
+    std = [float(std)] * channels if isinstance(std, (int, float)) else [float(value) for value in std]
+    return (mean, std) if len(mean) == len(std) == channels else None
+
+
 class SimMIMConfig(PretrainedConfig):
     r"""Configuration of a SimMIM model: `encoder_config` (a stock `ViTConfig`, `SwinConfig`, `Swinv2Config`,
     `DeiTConfig` or `BeitConfig`) plus masking and reconstruction settings.
@@ -312,6 +336,38 @@ class SimMIMConfig(PretrainedConfig):
                 overrides["image_mean"] = _default_stat(IMAGENET_MEAN, channels)
                 overrides["image_std"] = _default_stat(IMAGENET_STD, channels)
         return cls(encoder_config=encoder_config, preset=name, **settings).with_overrides(**overrides)
+
+    @classmethod
+    def from_encoder(cls, name_or_path: str, **overrides: Any) -> SimMIMConfig:
+        """The config for continuing SimMIM pretraining from a stock encoder (Hub id or folder; a bare `ViTModel`,
+        `SwinModel`, `BeitModel`, ... or one with a head, such as `ViTForImageClassification`).
+
+        The encoder config is the checkpoint's (image size, patch, channels, every architecture field); the
+        normalisation statistics are those of its image processor when it has one (else ImageNet's); the mask cell
+        is 32 px where the image allows it. `overrides` are SimMIM or encoder fields, as in `from_preset`.
+        Raises ValueError for an encoder type SimMIM does not support, naming the supported ones.
+        """
+        source = AutoConfig.from_pretrained(name_or_path)
+        if source.model_type not in SUPPORTED_ENCODERS:
+            raise ValueError(
+                f"{name_or_path} is a {source.model_type!r} model; SimMIM continues pretraining from "
+                f"{', '.join(SUPPORTED_ENCODERS)} encoders"
+            )
+        overrides = dict(overrides)
+        # The checkpoint's head (if any) is not part of the SimMIM encoder; export names the stock encoder class.
+        encoder_fields = {"architectures": None}
+        encoder_fields.update({key: value for key, value in overrides.items() if key not in SIMMIM_FIELDS})
+        for key in ("image_size", "num_channels"):
+            if key in overrides:
+                encoder_fields[key] = overrides.pop(key)
+        encoder_config = rebuild_encoder_config(source, **encoder_fields)
+        settings = {key: value for key, value in overrides.items() if key in SIMMIM_FIELDS}
+        settings.setdefault("mask_patch_size", default_mask_patch_size(encoder_config))
+        if "image_mean" not in settings and "image_std" not in settings:
+            statistics = _processor_statistics(name_or_path, encoder_config.num_channels)
+            if statistics is not None:
+                settings["image_mean"], settings["image_std"] = statistics
+        return cls(encoder_config=encoder_config, **settings)
 
     def with_overrides(self, **overrides: Any) -> SimMIMConfig:
         """A new, validated config with SimMIM fields (`mask_ratio=...`, `image_size=...`) and encoder fields

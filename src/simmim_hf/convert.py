@@ -14,21 +14,11 @@ from typing import Any
 
 from transformers import AutoModel, AutoModelForMaskedImageModeling, PreTrainedModel, ViTImageProcessor
 
-from .configuration_simmim import SimMIMConfig, rebuild_encoder_config, to_pair
+from .configuration_simmim import SimMIMConfig, default_mask_patch_size, rebuild_encoder_config, to_pair
 from .modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel
 
 # transformers' MIM classes keep their encoder under the model type's name (`vit`, `swin`, `swinv2`, `deit`).
 _TRANSFORMERS_MIM_TYPES = ("vit", "deit", "swin", "swinv2")
-
-
-def _default_mask_patch_size(encoder_config: Any) -> int:
-    """32 px as in the paper when the image allows it, else the coarsest cell that tiles the image."""
-    height, width = to_pair(encoder_config.image_size)
-    patch = to_pair(encoder_config.patch_size)[0]
-    for size in (32, 16, 8, 4, 2, 1):
-        if size % patch == 0 and height % size == 0 and width % size == 0:
-            return size
-    return patch
 
 
 def from_transformers(
@@ -46,7 +36,7 @@ def from_transformers(
     encoder_config = copy.deepcopy(model.config)
     config = SimMIMConfig(
         encoder_config=encoder_config,
-        mask_patch_size=mask_patch_size or _default_mask_patch_size(encoder_config),
+        mask_patch_size=mask_patch_size or default_mask_patch_size(encoder_config),
         mask_ratio=mask_ratio,
     )
     if config.encoder_stride != model.config.encoder_stride:

@@ -27,6 +27,7 @@ from .collate import SimMIMCollator, StreamLoader
 from .configuration_simmim import SimMIMConfig
 from .convert import export_encoder
 from .data import DataArguments, load_pretrain_dataset
+from .errors import UsageError
 from .masking import SimMIMMaskGenerator
 from .modeling_simmim import SimMIMForMaskedImageModeling
 from .training import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
@@ -68,6 +69,16 @@ def build_config(model_args: ModelArguments) -> SimMIMConfig:
         if getattr(model_args, key) is not None
     }
     overrides.update(parse_overrides(model_args.config_overrides))
+    if model_args.init_encoder_from and model_args.model_name_or_path:
+        raise UsageError(
+            "--init_encoder_from and --model_name_or_path: give one (a stock encoder to start from, or a SimMIM "
+            "checkpoint to continue)"
+        )
+    if model_args.init_encoder_from:
+        try:
+            return SimMIMConfig.from_encoder(model_args.init_encoder_from, **overrides)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--init_encoder_from {model_args.init_encoder_from}: {error}") from error
     if not model_args.model_name_or_path:
         return SimMIMConfig.from_preset(model_args.preset, **overrides)
     base = SimMIMConfig.from_pretrained(model_args.model_name_or_path)
@@ -82,6 +93,8 @@ def build_model(model_args: ModelArguments, config: SimMIMConfig) -> SimMIMForMa
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.model_name_or_path:
         return SimMIMForMaskedImageModeling.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
+    if model_args.init_encoder_from:
+        return SimMIMForMaskedImageModeling.from_encoder(model_args.init_encoder_from, config=config, **kwargs)
     if kwargs:
         config.encoder_config._attn_implementation = kwargs["attn_implementation"]
     return SimMIMForMaskedImageModeling(config)
@@ -185,7 +198,7 @@ def run_summary(
         "wall_time_seconds": round(wall_time, 1),
         "dataset_name": data_args.dataset_name,
         "dataset_config_name": data_args.dataset_config_name,
-        "base_model": model_args.model_name_or_path,
+        "base_model": model_args.model_name_or_path or model_args.init_encoder_from,
         "final_loss": loss_curve[-1][1] if loss_curve else None,
         "loss_curve": loss_curve,
         "seed": args.seed,
