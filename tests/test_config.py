@@ -80,8 +80,40 @@ def test_round_trip_through_dict_keeps_encoder_class(tmp_path):
         (lambda: SimMIMConfig(encoder_config={"model_type": "bert"}), "encoder_config"),
         (lambda: SimMIMConfig.from_preset("demo", not_a_field=3), "not_a_field"),
         (lambda: SimMIMConfig(encoder_config=tiny_vit(), mask_patch_size=8, image_mean=[0.5]), "image_mean"),
+        (lambda: SimMIMConfig.from_preset("swin-base-window6-192", hidden_size=64), "hidden_size"),
+        (lambda: SimMIMConfig.from_preset("swin-base-window6-192", num_hidden_layers=3), "num_hidden_layers"),
     ],
 )
 def test_invalid_combinations_raise_value_error_naming_the_field(build, field):
     with pytest.raises(ValueError, match=field):
         build()
+
+
+def test_derived_encoder_fields_follow_overrides():
+    beit = SimMIMConfig.from_preset("beit-base-patch16-224", num_hidden_layers=4).encoder_config
+    assert (beit.stage_names[-1], beit.out_features, beit.out_indices) == ("stage4", ["stage4"], [4])
+    swin = SimMIMConfig.from_preset("swin-base-window6-192", depths=[2, 2, 2], num_heads=[4, 8, 16]).encoder_config
+    assert (swin.stage_names[-1], swin.out_features, swin.num_layers, swin.hidden_size) == (
+        "stage3",
+        ["stage3"],
+        3,
+        512,
+    )
+    assert SimMIMConfig.from_preset("vit-base-patch16-224", hidden_size=384).encoder_config.pooler_output_size == 384
+    # An explicit choice is kept, and checked against the new depth by the encoder's own config.
+    picked = SimMIMConfig.from_preset("beit-base-patch16-224", out_indices=[2, 4]).with_overrides(num_hidden_layers=6)
+    assert picked.encoder_config.out_features == ["stage2", "stage4"]
+
+
+def test_checkpoint_config_written_with_stale_derived_fields_still_loads(tmp_path):
+    import json
+
+    config = SimMIMConfig.from_preset("beit-base-patch16-224", num_hidden_layers=4)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    # What earlier versions wrote: the default depth's backbone fields next to num_hidden_layers=4.
+    saved["encoder_config"].update(
+        stage_names=["stem"] + [f"stage{i}" for i in range(1, 13)], out_features=["stage12"], out_indices=[12]
+    )
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert SimMIMConfig.from_pretrained(tmp_path).encoder_config.out_features == ["stage4"]

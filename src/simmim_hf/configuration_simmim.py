@@ -6,9 +6,10 @@ Self-contained (imports only transformers) so that it also works as Hub remote c
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
-from transformers import AutoConfig, BeitConfig, PretrainedConfig, SwinConfig, ViTConfig
+from transformers import AutoConfig, AutoImageProcessor, BeitConfig, PretrainedConfig, SwinConfig, ViTConfig
 
 # Encoders whose patch grid is flat (one token per model patch, plus CLS/distillation tokens).
 PLAIN_ENCODERS = ("vit", "deit", "beit")
@@ -109,12 +110,122 @@ def to_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     return int(value), int(value)
 
 
+# SimMIM settings that `from_preset` / `with_overrides` accept besides the encoder's own fields.
+SIMMIM_FIELDS = (
+    "mask_patch_size",
+    "mask_ratio",
+    "image_size",
+    "num_channels",
+    "image_mean",
+    "image_std",
+    "initializer",
+    "weight_decay_exemptions",
+)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists (recursively), for comparing config values whatever sequence type they were given as."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _constructor_kwargs(config: PretrainedConfig) -> dict[str, Any]:
+    """The fewest entries of `config.to_dict()` from which the config's class rebuilds the very same config.
+
+    Entries that the constructor derives from others (`stage_names`, `out_features`/`out_indices` for BEiT and
+    Swin, Swin's `hidden_size` and `num_layers`, ViT's `pooler_output_size`, ...) or that hold the default are left
+    out, so that a rebuild with changed inputs derives them again. Entries set on purpose to something else (e.g. an
+    explicit `out_indices`) stay."""
+    cls = type(config)
+    full = config.to_dict()
+    kwargs = {key: value for key, value in full.items() if key != "model_type"}
+    for key in list(kwargs):
+        trial = {name: value for name, value in kwargs.items() if name != key}
+        try:
+            same = cls(**trial).to_dict() == full
+        except (ValueError, TypeError):
+            same = False
+        if same:
+            kwargs = trial
+    return kwargs
+
+
+def encoder_config_fields(config: PretrainedConfig) -> set[str]:
+    """Names that `rebuild_encoder_config` accepts for this encoder config: the constructor's own fields, the backbone
+    selection (`out_features` / `out_indices`) where the class has one, and aliases of those (Swin's
+    `num_attention_heads` for `num_heads`). Fields the constructor derives (`stage_names`, Swin's `hidden_size` and
+    `num_layers`) are not among them."""
+    cls = type(config)
+    present = set(config.to_dict())
+    if dataclasses.is_dataclass(cls):
+        names = {field.name for field in dataclasses.fields(cls)} | {"output_attentions"}
+        if "_out_features" in names:
+            names |= {"out_features", "out_indices"}
+    else:  # a config class that is not a dataclass: whatever it writes
+        names = set(present)
+    aliases = getattr(cls, "attribute_map", {})
+    names |= {alias for alias, target in aliases.items() if target in names}
+    return {name for name in names if not name.startswith("_") and name not in ("model_type", "transformers_version")}
+
+
+def rebuild_encoder_config(encoder_config: PretrainedConfig, **overrides: Any) -> PretrainedConfig:
+    """A new config of the same class built from `encoder_config`'s own fields merged with `overrides`, so that every
+    field the class derives in its constructor (BEiT/Swin `stage_names`, `out_features`, `out_indices`; Swin
+    `hidden_size`; ViT `pooler_output_size`, ...) is derived again from the new values rather than kept stale.
+
+    The one place where encoder overrides are applied (presets, `--config_overrides`, checkpoint overrides, a stock
+    encoder's config). Raises ValueError naming the key for a field the encoder does not have, and for a field that
+    its config derives from others (e.g. Swin's `hidden_size`: set `embed_dim`).
+    """
+    known = encoder_config_fields(encoder_config)
+    model_type = encoder_config.model_type
+    aliases = getattr(type(encoder_config), "attribute_map", {})
+    present = set(encoder_config.to_dict())
+    for key in overrides:
+        if key in known:
+            continue
+        if key in present or aliases.get(key) in present:
+            raise ValueError(f"{key}: the {model_type} encoder config derives it from its other fields; set those")
+        raise ValueError(f"{key}: not a field of SimMIMConfig or of the {model_type} encoder config")
+    if not overrides:
+        return copy.deepcopy(encoder_config)
+    rebuilt = type(encoder_config)(**{**_constructor_kwargs(encoder_config), **copy.deepcopy(overrides)})
+    # Carry over what to_dict() leaves out (the attention kernel chosen at load time).
+    rebuilt._attn_implementation = getattr(encoder_config, "_attn_implementation", None)
+    return rebuilt
+
+
 def encoder_stride_of(encoder_config: PretrainedConfig) -> int:
     """Pixels per output token side: the patch size, times 2 per Swin stage after the first."""
     patch = to_pair(encoder_config.patch_size)[0]
     if encoder_config.model_type in HIERARCHICAL_ENCODERS:
         return patch * 2 ** (len(encoder_config.depths) - 1)
     return patch
+
+
+def default_mask_patch_size(encoder_config: PretrainedConfig) -> int:
+    """32 px as in the paper when the image allows it, else the coarsest cell that tiles the image."""
+    height, width = to_pair(encoder_config.image_size)
+    patch = to_pair(encoder_config.patch_size)[0]
+    for size in (32, 16, 8, 4, 2, 1):
+        if size % patch == 0 and height % size == 0 and width % size == 0:
+            return size
+    return patch
+
+
+def _processor_statistics(name_or_path: str, channels: int) -> tuple[list[float], list[float]] | None:
+    """`(image_mean, image_std)` of the image processor saved with a model, if it has one with a value per channel."""
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return None
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if mean is None or std is None:
+        return None
+    mean = [float(mean)] * channels if isinstance(mean, (int, float)) else [float(value) for value in mean]
+    std = [float(std)] * channels if isinstance(std, (int, float)) else [float(value) for value in std]
+    return (mean, std) if len(mean) == len(std) == channels else None
 
 
 class SimMIMConfig(PretrainedConfig):
@@ -167,21 +278,27 @@ class SimMIMConfig(PretrainedConfig):
                 raise ValueError(
                     f"encoder_config: unknown encoder type {model_type!r}; supported: {SUPPORTED_ENCODERS}"
                 )
-            encoder_config = AutoConfig.for_model(model_type, **encoder_config)
-        else:
-            encoder_config = copy.deepcopy(encoder_config)
+            encoder_config = _encoder_config_from_dict(model_type, encoder_config)
         if encoder_config.model_type not in SUPPORTED_ENCODERS:
             raise ValueError(
                 f"encoder_config: unknown encoder type {encoder_config.model_type!r}; supported: {SUPPORTED_ENCODERS}"
             )
+        changes: dict[str, Any] = {}
         if image_size is not None:
-            encoder_config.image_size = list(image_size) if isinstance(image_size, (list, tuple)) else int(image_size)
+            changes["image_size"] = list(image_size) if isinstance(image_size, (list, tuple)) else int(image_size)
         if num_channels is not None:
-            encoder_config.num_channels = int(num_channels)
+            changes["num_channels"] = int(num_channels)
         # The encoder must carry a mask token (BEiT reads this from its config; ViT/Swin take a constructor flag).
         if encoder_config.model_type == "beit":
-            encoder_config.use_mask_token = True
-        encoder_config.encoder_stride = encoder_stride_of(encoder_config)
+            changes["use_mask_token"] = True
+        changes = {
+            key: value for key, value in changes.items() if _plain(getattr(encoder_config, key)) != _plain(value)
+        }
+        encoder_config = rebuild_encoder_config(encoder_config, **changes)  # a copy either way
+        # Configs with an `encoder_stride` field (ViT, DeiT, Swin, Swinv2) state the one the SimMIM head uses.
+        stride = encoder_stride_of(encoder_config)
+        if "encoder_stride" in encoder_config_fields(encoder_config) and encoder_config.encoder_stride != stride:
+            encoder_config = rebuild_encoder_config(encoder_config, encoder_stride=stride)
         self.encoder_config = encoder_config
         self.mask_patch_size = int(mask_patch_size)
         self.mask_ratio = float(mask_ratio)
@@ -252,27 +369,89 @@ class SimMIMConfig(PretrainedConfig):
         if name not in presets:
             raise ValueError(f"preset: unknown preset {name!r}; available: {list(presets)}")
         encoder_config, settings = presets[name]
-        simmim_fields = {"mask_patch_size", "mask_ratio", "image_size", "num_channels", "image_mean", "image_std"}
-        for key, value in overrides.items():
-            if key in simmim_fields:
-                settings[key] = value
-            elif hasattr(encoder_config, key):
-                setattr(encoder_config, key, value)
-            else:
-                raise ValueError(f"{key}: not a field of SimMIMConfig or of the {encoder_config.model_type} encoder")
-        if "num_channels" in overrides and "image_mean" not in overrides and name == "demo":
+        overrides = dict(overrides)
+        if "num_channels" in overrides and "image_mean" not in overrides:
             channels = int(overrides["num_channels"])
-            settings["image_mean"] = [FASHION_MNIST_MEAN] * channels
-            settings["image_std"] = [FASHION_MNIST_STD] * channels
-        elif "num_channels" in overrides and "image_mean" not in overrides:
-            settings["image_mean"] = _default_stat(IMAGENET_MEAN, int(overrides["num_channels"]))
-            settings["image_std"] = _default_stat(IMAGENET_STD, int(overrides["num_channels"]))
-        return cls(encoder_config=encoder_config, preset=name, **settings)
+            if name == "demo":
+                overrides["image_mean"] = [FASHION_MNIST_MEAN] * channels
+                overrides["image_std"] = [FASHION_MNIST_STD] * channels
+            else:
+                overrides["image_mean"] = _default_stat(IMAGENET_MEAN, channels)
+                overrides["image_std"] = _default_stat(IMAGENET_STD, channels)
+        return cls(encoder_config=encoder_config, preset=name, **settings).with_overrides(**overrides)
+
+    @classmethod
+    def from_encoder(cls, name_or_path: str, **overrides: Any) -> SimMIMConfig:
+        """The config for continuing SimMIM pretraining from a stock encoder (Hub id or folder; a bare `ViTModel`,
+        `SwinModel`, `BeitModel`, ... or one with a head, such as `ViTForImageClassification`).
+
+        The encoder config is the checkpoint's (image size, patch, channels, every architecture field); the
+        normalisation statistics are those of its image processor when it has one (else ImageNet's); the mask cell
+        is 32 px where the image allows it. `overrides` are SimMIM or encoder fields, as in `from_preset`.
+        Raises ValueError for an encoder type SimMIM does not support, naming the supported ones.
+        """
+        source = AutoConfig.from_pretrained(name_or_path)
+        if source.model_type not in SUPPORTED_ENCODERS:
+            raise ValueError(
+                f"{name_or_path} is a {source.model_type!r} model; SimMIM continues pretraining from "
+                f"{', '.join(SUPPORTED_ENCODERS)} encoders"
+            )
+        overrides = dict(overrides)
+        # The checkpoint's head (if any) is not part of the SimMIM encoder; export names the stock encoder class.
+        encoder_fields = {"architectures": None}
+        encoder_fields.update({key: value for key, value in overrides.items() if key not in SIMMIM_FIELDS})
+        for key in ("image_size", "num_channels"):
+            if key in overrides:
+                encoder_fields[key] = overrides.pop(key)
+        encoder_config = rebuild_encoder_config(source, **encoder_fields)
+        settings = {key: value for key, value in overrides.items() if key in SIMMIM_FIELDS}
+        settings.setdefault("mask_patch_size", default_mask_patch_size(encoder_config))
+        if "image_mean" not in settings and "image_std" not in settings:
+            statistics = _processor_statistics(name_or_path, encoder_config.num_channels)
+            if statistics is not None:
+                settings["image_mean"], settings["image_std"] = statistics
+        return cls(encoder_config=encoder_config, **settings)
+
+    def with_overrides(self, **overrides: Any) -> SimMIMConfig:
+        """A new, validated config with SimMIM fields (`mask_ratio=...`, `image_size=...`) and encoder fields
+        (`hidden_size=...`, `depths=[...]`) replaced. The encoder config is rebuilt by its own class
+        (`rebuild_encoder_config`), so its derived fields follow the new values. Raises ValueError naming an unknown
+        key."""
+        settings = {
+            "mask_patch_size": self.mask_patch_size,
+            "mask_ratio": self.mask_ratio,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "preset": self.preset,
+            "initializer": self.initializer,
+            "weight_decay_exemptions": self.weight_decay_exemptions,
+        }
+        encoder_overrides = {}
+        for key, value in overrides.items():
+            if key in SIMMIM_FIELDS:
+                settings[key] = value
+            else:
+                encoder_overrides[key] = value
+        encoder_config = rebuild_encoder_config(self.encoder_config, **encoder_overrides)
+        return type(self)(encoder_config=encoder_config, **settings)
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output["encoder_config"] = self.encoder_config.to_dict()
         return output
+
+
+def _encoder_config_from_dict(model_type: str, values: dict[str, Any]) -> PretrainedConfig:
+    """The encoder config saved in a SimMIM `config.json`. Configs written before derived fields were rebuilt (a BEiT
+    or Swin whose depth was overridden by attribute) carry the default depth's `stage_names` / `out_features` /
+    `out_indices`; those are derived again instead of failing the load."""
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except ValueError:
+        derived = ("stage_names", "out_features", "out_indices")
+        if not any(key in values for key in derived):
+            raise
+        return AutoConfig.for_model(model_type, **{key: value for key, value in values.items() if key not in derived})
 
 
 def _default_stat(values: list[float], channels: int) -> list[float]:

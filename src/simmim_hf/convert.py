@@ -16,21 +16,11 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoModelForMaskedImageModeling, PreTrainedModel, ViTImageProcessor
 
-from .configuration_simmim import SimMIMConfig, to_pair
+from .configuration_simmim import SimMIMConfig, default_mask_patch_size, rebuild_encoder_config, to_pair
 from .modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel
 
 # transformers' MIM classes keep their encoder under the model type's name (`vit`, `swin`, `swinv2`, `deit`).
 _TRANSFORMERS_MIM_TYPES = ("vit", "deit", "swin", "swinv2")
-
-
-def _default_mask_patch_size(encoder_config: Any) -> int:
-    """32 px as in the paper when the image allows it, else the coarsest cell that tiles the image."""
-    height, width = to_pair(encoder_config.image_size)
-    patch = to_pair(encoder_config.patch_size)[0]
-    for size in (32, 16, 8, 4, 2, 1):
-        if size % patch == 0 and height % size == 0 and width % size == 0:
-            return size
-    return patch
 
 
 def from_transformers(
@@ -48,7 +38,7 @@ def from_transformers(
     encoder_config = copy.deepcopy(model.config)
     config = SimMIMConfig(
         encoder_config=encoder_config,
-        mask_patch_size=mask_patch_size or _default_mask_patch_size(encoder_config),
+        mask_patch_size=mask_patch_size or default_mask_patch_size(encoder_config),
         mask_ratio=mask_ratio,
     )
     if config.encoder_stride != model.config.encoder_stride:
@@ -78,12 +68,12 @@ def to_transformers(model: SimMIMForMaskedImageModeling) -> PreTrainedModel:
 
 def stock_encoder_config(config: SimMIMConfig) -> Any:
     """The encoder's config as a stock model wants it: no mask token, architectures set."""
-    encoder_config = copy.deepcopy(config.encoder_config)
-    if encoder_config.model_type == "beit":
-        encoder_config.use_mask_token = False
+    encoder_config = config.encoder_config
     model_class = AutoModel._model_mapping[type(encoder_config)]
-    encoder_config.architectures = [model_class.__name__]
-    return encoder_config
+    changes: dict[str, Any] = {"architectures": [model_class.__name__]}
+    if encoder_config.model_type == "beit":
+        changes["use_mask_token"] = False
+    return rebuild_encoder_config(encoder_config, **changes)
 
 
 def stock_encoder(model: SimMIMForMaskedImageModeling | SimMIMModel) -> PreTrainedModel:

@@ -11,6 +11,7 @@ Self-contained (imports only torch, transformers and the config module) so it al
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any
@@ -21,6 +22,8 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedImageModelingOutput
 
 from .configuration_simmim import PLAIN_ENCODERS, SimMIMConfig
+
+logger = logging.getLogger(__name__)
 
 # `weight_decay_exemptions="all-tokens"`: parameter-name fragments that are not weight-decayed (besides every bias
 # and every 1-D tensor): every token, position embedding, relative position table and scale.
@@ -333,6 +336,61 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.simmim.get_input_embeddings()
+
+    @classmethod
+    def from_encoder(
+        cls,
+        name_or_path: str,
+        config: SimMIMConfig | None = None,
+        attn_implementation: str | None = None,
+        **overrides: Any,
+    ) -> SimMIMForMaskedImageModeling:
+        """SimMIM over a stock encoder's pretrained weights, to continue pretraining it (e.g. on domain images).
+
+        `name_or_path`: Hub id or folder of a ViT, DeiT, BEiT, Swin or Swinv2 model, bare (`ViTModel`) or with a head
+        (`ViTForImageClassification`, `BeitForMaskedImageModeling`, ...). The encoder is loaded with the stock
+        class's `from_pretrained` (so transformers' own key conversions apply); a head in the checkpoint is dropped
+        (logged). The checkpoint's mask token is kept where it has one; otherwise one is added (truncated normal, std
+        0.02). The reconstruction head is new. `config` defaults to `SimMIMConfig.from_encoder(name_or_path,
+        **overrides)`; overrides that change tensor shapes (width, depth, patch) cannot load the weights.
+        """
+        if config is None:
+            config = SimMIMConfig.from_encoder(name_or_path, **overrides)
+        elif overrides:
+            raise ValueError(f"{', '.join(overrides)}: give either a config or overrides, not both")
+        encoder_config = config.encoder_config
+        if attn_implementation:
+            encoder_config._attn_implementation = attn_implementation
+        encoder_class = AutoModel._model_mapping[type(encoder_config)]
+        kwargs: dict[str, Any] = {"add_pooling_layer": False}
+        if encoder_config.model_type != "beit":  # BEiT reads `use_mask_token` from its config.
+            kwargs["use_mask_token"] = True
+        source, info = encoder_class.from_pretrained(
+            name_or_path, config=encoder_config, output_loading_info=True, dtype=torch.float32, **kwargs
+        )
+        if info.get("mismatched_keys") or info.get("error_msgs"):
+            raise ValueError(
+                f"{name_or_path}: its weights do not fit the SimMIM encoder config (mismatched "
+                f"{sorted(map(str, info.get('mismatched_keys') or []))[:5]}); override only fields that keep shapes"
+            )
+        missing = {str(key) for key in info.get("missing_keys", [])}
+        new_token = any(key.endswith("mask_token") for key in missing)
+        others = sorted(key for key in missing if not key.endswith("mask_token"))
+        if others:
+            logger.warning("%s has no %s: initialised fresh", name_or_path, ", ".join(others))
+        dropped = sorted({str(key).split(".")[0] for key in info.get("unexpected_keys", [])})
+        if dropped:
+            logger.info("%s: dropped what the encoder does not use (the checkpoint's head): %s", name_or_path, dropped)
+        model = cls(config)
+        model.simmim.encoder.load_state_dict(source.state_dict())
+        if new_token:
+            init_mask_token(model.simmim.encoder)
+        logger.info(
+            "SimMIM from %s: encoder weights loaded, %s mask token, new reconstruction head",
+            name_or_path,
+            "new" if new_token else "the checkpoint's",
+        )
+        return model
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
         # Remote code: transformers records only this class in `auto_map`; name the bare encoder too, so that

@@ -71,27 +71,22 @@ def build_config(model_args: ModelArguments) -> SimMIMConfig:
         if getattr(model_args, key) is not None
     }
     overrides.update(parse_overrides(model_args.config_overrides))
+    if model_args.init_encoder_from and model_args.model_name_or_path:
+        raise UsageError(
+            "--init_encoder_from and --model_name_or_path: give one (a stock encoder to start from, or a SimMIM "
+            "checkpoint to continue)"
+        )
+    if model_args.init_encoder_from:
+        try:
+            return SimMIMConfig.from_encoder(model_args.init_encoder_from, **overrides)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--init_encoder_from {model_args.init_encoder_from}: {error}") from error
     if not model_args.model_name_or_path:
         return SimMIMConfig.from_preset(model_args.preset, **overrides)
     base = SimMIMConfig.from_pretrained(model_args.model_name_or_path)
-    fields = {
-        "mask_patch_size": base.mask_patch_size,
-        "mask_ratio": base.mask_ratio,
-        "image_mean": base.image_mean,
-        "image_std": base.image_std,
-        "preset": base.preset,
-    }
-    encoder_config = base.encoder_config
-    for key, value in overrides.items():
-        if key in fields or key in ("image_size", "num_channels"):
-            fields[key] = value
-        elif hasattr(encoder_config, key):
-            setattr(encoder_config, key, value)
-        else:
-            raise ValueError(f"{key}: not a field of SimMIMConfig or of the {encoder_config.model_type} encoder")
     if "num_channels" in overrides and "image_mean" not in overrides:
         raise ValueError("num_channels: changing the channel count of a checkpoint needs image_mean and image_std")
-    return SimMIMConfig(encoder_config=encoder_config, **fields)  # re-validated
+    return base.with_overrides(**overrides)  # re-validated, derived encoder fields rebuilt
 
 
 def build_model(model_args: ModelArguments, config: SimMIMConfig) -> SimMIMForMaskedImageModeling:
@@ -100,6 +95,8 @@ def build_model(model_args: ModelArguments, config: SimMIMConfig) -> SimMIMForMa
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.model_name_or_path:
         return SimMIMForMaskedImageModeling.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
+    if model_args.init_encoder_from:
+        return SimMIMForMaskedImageModeling.from_encoder(model_args.init_encoder_from, config=config, **kwargs)
     if kwargs:
         config.encoder_config._attn_implementation = kwargs["attn_implementation"]
     return SimMIMForMaskedImageModeling(config)
@@ -246,7 +243,7 @@ def run_summary(
         "wall_time_seconds": round(wall_time, 1),
         "dataset_name": data_args.dataset_name,
         "dataset_config_name": data_args.dataset_config_name,
-        "base_model": model_args.model_name_or_path,
+        "base_model": model_args.model_name_or_path or model_args.init_encoder_from,
         "final_loss": loss_curve[-1][1] if loss_curve else None,
         "loss_curve": loss_curve,
         "nonfinite_steps": getattr(trainer, "nonfinite_steps", 0),

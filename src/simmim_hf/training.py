@@ -43,6 +43,15 @@ class ModelArguments:
             "`base_model` in the card."
         },
     )
+    init_encoder_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue pretraining a stock encoder (Hub id or folder of a ViT, DeiT, BEiT, Swin or Swinv2 "
+            "model, with or without a head): its weights, config and image statistics, a new mask token where it "
+            "has none, a new reconstruction head; recorded as `base_model` in the card. Not with "
+            "--model_name_or_path."
+        },
+    )
     mask_ratio: float | None = field(default=None, metadata={"help": "Override the preset's mask ratio (0.6)."})
     mask_patch_size: int | None = field(default=None, metadata={"help": "Override the preset's mask cell (32 px)."})
     image_size: int | None = field(default=None, metadata={"help": "Override the preset's image size."})

@@ -1,0 +1,125 @@
+"""Continue SimMIM pretraining from a stock transformers encoder (issue 14), offline, on tiny stock folders."""
+
+import json
+import logging
+import sys
+
+import pytest
+import torch
+from test_auto_and_remote import run_python
+from test_pretrain import TINY, pretrain_args, run, shards  # noqa: F401  (shards is a fixture)
+from tiny_configs import tiny_beit, tiny_swin, tiny_vit
+from transformers import AutoModel
+
+from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling
+from simmim_hf.configuration_simmim import IMAGENET_MEAN
+from simmim_hf.errors import UsageError
+from simmim_hf.pretraining import build_config
+from simmim_hf.training import ModelArguments
+
+PROCESSOR_MEAN, PROCESSOR_STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+# name -> (stock class, config, has a mask token, saves an image processor)
+SOURCES = {
+    "vit": ("ViTModel", tiny_vit(), False, True),
+    "vit_classifier": ("ViTForImageClassification", tiny_vit(num_labels=3), False, True),
+    "swin": ("SwinModel", tiny_swin(), False, False),
+    "beit": ("BeitModel", tiny_beit(use_mask_token=False), False, False),
+    "beit_with_mask_token": ("BeitModel", tiny_beit(use_mask_token=True), True, False),
+}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Tiny stock model folders, written by a process that cannot import simmim_hf (as a user's or the Hub's)."""
+    root = tmp_path_factory.mktemp("stock")
+    specs = {name: (cls, config.to_json_string(), mask, proc) for name, (cls, config, mask, proc) in SOURCES.items()}
+    (root / "specs.json").write_text(json.dumps(specs))
+    run_python(f"""
+        import json
+        import torch
+        import transformers
+        from transformers import AutoConfig, ConvNextConfig, ConvNextModel, ViTImageProcessor
+        root = {str(root)!r}
+        for name, (cls, config, mask_token, processor) in json.load(open(root + "/specs.json")).items():
+            config = json.loads(config)
+            config = AutoConfig.for_model(config.pop("model_type"), **config)
+            torch.manual_seed(0)
+            model = getattr(transformers, cls)(config)
+            with torch.no_grad():  # pretrained-looking values: not the stock init (a zero mask token, unit norms)
+                for param in model.parameters():
+                    param.normal_(0, 0.05)
+            model.save_pretrained(root + "/" + name)
+            if processor:
+                ViTImageProcessor(image_mean={PROCESSOR_MEAN}, image_std={PROCESSOR_STD}).save_pretrained(
+                    root + "/" + name
+                )
+        ConvNextModel(ConvNextConfig(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1])).save_pretrained(
+            root + "/convnext"
+        )
+        """)
+    return root
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_from_encoder_keeps_every_encoder_tensor(sources, name, caplog):
+    _, source_config, has_mask_token, has_processor = SOURCES[name]
+    with caplog.at_level(logging.INFO, logger="simmim_hf"):
+        model = SimMIMForMaskedImageModeling.from_encoder(str(sources / name), mask_patch_size=8)
+    source = AutoModel.from_pretrained(sources / name).state_dict()  # the encoder, transformers' own loading
+    state = model.state_dict()
+    compared = [key for key in source if not key.startswith("pooler.")]  # SimMIM's encoder has no pooler
+    assert compared and all(torch.equal(state[f"simmim.encoder.{key}"], source[key]) for key in compared)
+    new = set(state) - {f"simmim.encoder.{key}" for key in compared}
+    token = "simmim.encoder.embeddings.mask_token"
+    assert new == {"decoder.0.weight", "decoder.0.bias"} | (set() if has_mask_token else {token})
+    if has_mask_token:
+        assert torch.equal(state[token], source["embeddings.mask_token"])  # kept
+    else:
+        assert 0.01 < state[token].std().item() < 0.03  # truncated normal, std 0.02 (stock encoders start at zero)
+    config = model.config
+    assert (config.encoder_type, config.image_size, config.model_patch_size, config.num_channels) == (
+        source_config.model_type,
+        source_config.image_size,
+        source_config.patch_size,
+        source_config.num_channels,
+    )
+    assert config.image_mean == (PROCESSOR_MEAN if has_processor else IMAGENET_MEAN)
+    if name == "vit_classifier":
+        assert "classifier" in caplog.text  # the head that was dropped is named
+
+
+def test_overrides_and_unsupported_types(sources):
+    config = SimMIMConfig.from_encoder(str(sources / "swin"), mask_ratio=0.5, drop_path_rate=0.2, image_mean=[0.4] * 3)
+    assert (config.mask_ratio, config.encoder_config.drop_path_rate, config.image_mean) == (0.5, 0.2, [0.4] * 3)
+    with pytest.raises(ValueError, match=r"'convnext'.*vit, deit, beit, swin, swinv2"):
+        SimMIMConfig.from_encoder(str(sources / "convnext"))
+    with pytest.raises(UsageError, match="init_encoder_from.*model_name_or_path"):
+        build_config(ModelArguments(init_encoder_from=str(sources / "vit"), model_name_or_path=str(sources / "vit")))
+    with pytest.raises(UsageError, match="convnext"):
+        build_config(ModelArguments(init_encoder_from=str(sources / "convnext")))
+
+
+@pytest.mark.parametrize("name", ["vit_classifier", "beit"])
+def test_pretrain_script_continues_from_a_stock_encoder(sources, shards, tmp_path, name):  # noqa: F811
+    from huggingface_hub import ModelCard
+
+    output = tmp_path / "run"
+    args = pretrain_args(shards, output, 3, "--init_encoder_from", str(sources / name), "--mask_patch_size", "8")
+    index = args.index("--config_overrides")
+    assert args[index + 1] == TINY
+    del args[index : index + 2]  # the architecture is the source's
+    run([sys.executable, "scripts/pretrain.py", *args])
+    summary = json.loads((output / "simmim_run.json").read_text())
+    assert summary["base_model"] == str(sources / name) and summary["steps_completed"] == 3
+    assert ModelCard.load(output / "README.md").data.base_model == str(sources / name)
+    processor = json.loads((output / "encoder" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == (PROCESSOR_MEAN if SOURCES[name][3] else IMAGENET_MEAN)
+    out = run_python(f"""
+        import json
+        from transformers import AutoModel
+        model, info = AutoModel.from_pretrained({str(output / "encoder")!r}, output_loading_info=True)
+        print(json.dumps([type(model).__name__, {{k: list(map(str, v)) for k, v in info.items()}}]))
+        """)
+    class_name, info = json.loads(out.strip().splitlines()[-1])
+    assert class_name == {"vit_classifier": "ViTModel", "beit": "BeitModel"}[name]
+    assert not any(info.values()), info
