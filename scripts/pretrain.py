@@ -10,13 +10,12 @@ line override it.
 
 from __future__ import annotations
 
-import logging
 import sys
 
-import transformers
 from transformers import HfArgumentParser
 
 from simmim_hf.cli import expand_config_file
+from simmim_hf.console import configure_logging
 from simmim_hf.data import DataArguments
 from simmim_hf.pretraining import run_pretraining
 from simmim_hf.training import ModelArguments, SimMIMTrainingArguments
@@ -26,12 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, SimMIMTrainingArguments))
     argv = expand_config_file(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-    )
-    transformers.utils.logging.set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
-    transformers.utils.logging.enable_explicit_format()
+    configure_logging(training_args.should_log)  # transformers at warnings; the run header says what runs
     return run_pretraining(model_args, data_args, training_args)
 
 

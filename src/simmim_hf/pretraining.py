@@ -25,8 +25,10 @@ from . import __version__
 from .callbacks import ReconstructionCallback
 from .collate import SimMIMCollator, StreamLoader
 from .configuration_simmim import SimMIMConfig
+from .console import run_header
 from .convert import export_encoder
 from .data import DataArguments, load_pretrain_dataset
+from .image_stats import resolve_image_stats
 from .masking import SimMIMMaskGenerator
 from .modeling_simmim import SimMIMForMaskedImageModeling
 from .training import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
@@ -219,8 +221,8 @@ def run_pretraining(
         raise ValueError("max_steps: a streaming run needs a positive --max_steps")
     set_seed(args.seed)
     config = build_config(model_args)
+    stats_source = resolve_image_stats(model_args, data_args, config, warn=args.should_log)
     model = build_model(model_args, config)
-    logger.info("SimMIM %s: %.2fM parameters", config.encoder_type, sum(p.numel() for p in model.parameters()) / 1e6)
 
     dataset = load_pretrain_dataset(
         data_args,
@@ -283,6 +285,8 @@ def run_pretraining(
         trainer.remove_callback(reconstruction)
     else:
         reconstruction.attach(trainer)
+    if trainer.is_world_process_zero():
+        logger.info(run_header(model_args, data_args, args, config, model, dataset, stats_source, resume))
     if resume and (Path(resume) / WALL_TIME_FILE).is_file():
         trainer.earlier_wall_time = json.loads((Path(resume) / WALL_TIME_FILE).read_text())["wall_time_seconds"]
     trainer.session_start = time.perf_counter()

@@ -47,6 +47,21 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention kernel: eager, sdpa (default when available), flash_attention_2."}
     )
+    image_stats: str | None = field(
+        default=None,
+        metadata={
+            "help": "Normalisation statistics: `preset` (default: the preset's or checkpoint's own), `imagenet`, or "
+            "`dataset` (recorded by prepare_data.py next to the shards, else measured on the first "
+            "--image_stats_samples images)."
+        },
+    )
+    image_mean: list[float] | None = field(
+        default=None, metadata={"help": "Per-channel mean, e.g. `0.5 0.5 0.5` (with --image_std)."}
+    )
+    image_std: list[float] | None = field(default=None, metadata={"help": "Per-channel std (with --image_mean)."})
+    image_stats_samples: int = field(
+        default=1000, metadata={"help": "Images measured for `--image_stats dataset` when nothing is recorded."}
+    )
 
 
 @dataclass
@@ -88,10 +103,23 @@ class SimMIMTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Train in bf16 autocast on a GPU that supports it when neither --bf16 nor --fp16 is given."},
     )
+    warmup_steps: float | None = field(
+        default=None,
+        metadata={
+            "help": "Linear warmup: steps (>= 1) or a fraction of max_steps (< 1). Default: --default_warmup_ratio."
+        },
+    )
+    default_warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Warmup as a fraction of max_steps when --warmup_steps is not given."}
+    )
 
     def __post_init__(self) -> None:
         if wants_auto_bf16(self):
             self.bf16 = True
+        # Why the warmup is what it is, for the run header: "given" or "default".
+        self.warmup_origin = "given" if self.warmup_steps is not None else "default"
+        if self.warmup_steps is None:
+            self.warmup_steps = self.default_warmup_ratio
         super().__post_init__()
         if self.base_learning_rate <= 0:
             raise ValueError(f"base_learning_rate must be positive, got {self.base_learning_rate}")
