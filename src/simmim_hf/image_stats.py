@@ -108,9 +108,9 @@ def _data_files_of(data_args: Any) -> list[str]:
     return files
 
 
-def find_recorded_stats(data_args: Any) -> tuple[dict[str, Any], Path] | None:
-    """The statistics `prepare_data.py` recorded for the data of a run: `prepare_data.json` next to the data files
-    (or in `--data_dir`, or in a folder given as `--dataset_name`), when it lists those files. None otherwise."""
+def find_prepare_summary(data_args: Any) -> tuple[dict[str, Any], Path] | None:
+    """The `prepare_data.json` written with the run's data: next to the data files (or in `--data_dir`, or in a
+    folder given as `--dataset_name`) and listing those files. `(summary, path)`, or None."""
     files = _data_files_of(data_args)
     folders = [Path(path).parent for path in files]
     for name in (data_args.data_dir, data_args.dataset_name):
@@ -125,17 +125,34 @@ def find_recorded_stats(data_args: Any) -> tuple[dict[str, Any], Path] | None:
             summary = json.loads(summary_path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if STATS_KEY in summary and (not names or names & set(summary.get("shards", []))):
-            return summary[STATS_KEY], summary_path
+        if isinstance(summary, dict) and (not names or names & set(summary.get("shards", []))):
+            return summary, summary_path
     return None
 
 
-def find_prepare_summary(data_args: Any) -> dict[str, Any] | None:
-    """The whole `prepare_data.json` of the run's data (for the model card's dataset source), or None."""
-    found = find_recorded_stats(data_args)
-    if found is None:
+def find_recorded_stats(data_args: Any) -> tuple[dict[str, Any], Path] | None:
+    """The statistics `prepare_data.py` recorded for the run's data, with the file's path; None when there are none."""
+    found = find_prepare_summary(data_args)
+    if found is None or STATS_KEY not in found[0]:
         return None
-    return json.loads(found[1].read_text())
+    return found[0][STATS_KEY], found[1]
+
+
+def data_provenance(data_args: Any) -> dict[str, Any]:
+    """What the run's data is, for the run summary and the model card: the source `prepare_data.py` sharded (the
+    embedded Fashion-MNIST, a Hub dataset id, a save_to_disk folder or an image folder), its kind, the file format and
+    the image count. Empty values when the data was not written by prepare_data.py."""
+    found = find_prepare_summary(data_args)
+    if found is None:
+        return {"data_source": None, "data_source_type": None, "data_format": None, "num_source_images": None}
+    summary = found[0]
+    arguments = summary.get("arguments", {})
+    return {
+        "data_source": arguments.get("source"),
+        "data_source_type": summary.get("source_type"),
+        "data_format": arguments.get("format"),
+        "num_source_images": summary.get("num_written"),
+    }
 
 
 def stream_images(data_args: Any, count: int) -> Iterator[PIL.Image.Image]:

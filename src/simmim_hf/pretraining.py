@@ -28,7 +28,7 @@ from .configuration_simmim import SimMIMConfig
 from .console import run_header
 from .convert import export_encoder
 from .data import DataArguments, load_pretrain_dataset
-from .image_stats import resolve_image_stats
+from .image_stats import data_provenance, resolve_image_stats
 from .masking import SimMIMMaskGenerator
 from .modeling_simmim import SimMIMForMaskedImageModeling
 from .training import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
@@ -294,6 +294,8 @@ def run_pretraining(
     wall_time = trainer.wall_time()
 
     summary = run_summary(model_args, data_args, args, config, trainer, wall_time)
+    summary.update(image_mean=config.image_mean, image_std=config.image_std, image_stats_source=stats_source)
+    summary.update(data_provenance(data_args))
     # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); the rest is the main process's.
     trainer.save_model(args.output_dir)
     failure: BaseException | None = None

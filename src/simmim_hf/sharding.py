@@ -237,17 +237,20 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
         from .fashion_mnist import CLASS_NAMES
 
         records, class_names = _fashion_records(args.split), list(CLASS_NAMES)
+        source_type = "fashion-mnist"
         total = {"train": 60_000, "test": 10_000}.get(args.split)
     elif source_path.is_dir() and not is_saved_dataset(source_path):
         if output.resolve() == source_path.resolve() or source_path.resolve() in output.resolve().parents:
             raise ValueError("--output must not be inside the source folder")
         folder_records, class_names = _folder_records(source_path)
         records, total = iter(folder_records), len(folder_records)
+        source_type = "folder"
     else:
         streaming = not is_saved_dataset(source_path)  # Hub datasets stream, so --max_samples downloads little
         dataset = load_source_dataset(args.source, args.dataset_config_name, args.split, streaming=streaming)
         records, class_names = _dataset_records(dataset, args.image_column)
         total = None if streaming else len(dataset)
+        source_type = "dataset" if streaming else "saved-dataset"
     if total is not None and args.max_samples is not None:
         total = min(total, args.max_samples)
     if total is not None and total < args.num_shards:
@@ -301,6 +304,7 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
         logger.warning("Some shards are empty (%d images for %d shards)", written, args.num_shards)
     summary = {
         "arguments": asdict(args),
+        "source_type": source_type,  # fashion-mnist, folder, dataset (Hub or load_dataset id), saved-dataset
         "num_written": written,
         "num_skipped": len(skipped),
         "num_reencoded": reencoded,
