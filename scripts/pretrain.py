@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """SimMIM pretraining with the HF Trainer.
 
-    accelerate launch scripts/pretrain.py --preset demo --output_dir runs/demo --max_steps 300
-    accelerate launch scripts/pretrain.py --config runs/swin-b.yaml [--any_flag value ...]
+    python scripts/pretrain.py --preset demo --output_dir runs/demo --max_steps 300      # one process
+    accelerate launch --config_file configs/accelerate/ddp.yaml scripts/pretrain.py --config runs/swin-b.yaml \
+        [--any_flag value ...]
 
 Every `TrainingArguments` flag works. `--config FILE` (YAML or JSON) supplies defaults; flags given on the command
 line override it.
