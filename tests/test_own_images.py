@@ -187,3 +187,19 @@ def test_card_of_a_fashion_mnist_run_names_the_data_and_has_a_title(fashion_run)
     assert card.text.lstrip().startswith("# SimMIM ViT (demo preset) pretrained on Fashion-MNIST\n")
     assert "on webdataset" not in card.text and "64 images, read from WebDataset tar shards" in card.text
     assert f'AutoModel.from_pretrained("{output / "encoder"}")' in card.text
+
+
+def test_evaluation_loads_an_exported_encoder_without_a_pooler_report(tmp_path, capfd):
+    from tiny_configs import tiny_simmim_config
+
+    from simmim_hf import SimMIMForMaskedImageModeling, export_encoder
+    from simmim_hf.features import load_encoder
+    from simmim_hf.finetune import build_classifier
+
+    folder = export_encoder(SimMIMForMaskedImageModeling(tiny_simmim_config("vit")), tmp_path / "encoder")
+    capfd.readouterr()
+    encoder = load_encoder(str(folder))
+    classifier = build_classifier(str(folder), ["a", "b"])
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "UNEXPECTED" not in err, err
+    assert type(encoder.model).__name__ == "ViTModel" and classifier.config.num_labels == 2
