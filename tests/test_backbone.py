@@ -58,7 +58,7 @@ def test_feature_maps_and_a_upernet_forward(exported):
     with torch.no_grad():
         maps = backbone(pixel_values).feature_maps
     assert [tuple(m.shape[1:]) for m in maps] == shapes
-    config = UperNetConfig(backbone_config=backbone.config, hidden_size=16, use_auxiliary_head=False, num_labels=3)
+    config = UperNetConfig(backbone_config=backbone.config, hidden_size=16, auxiliary_channels=16, num_labels=3)
     segmenter = UperNetForSemanticSegmentation(config).eval()
     segmenter.backbone.load_state_dict(backbone.state_dict())  # strict: every key of the pretrained backbone
     with torch.no_grad():
@@ -74,3 +74,43 @@ def test_a_plain_vit_export_is_refused_with_the_alternative(tmp_path):
     folder = export_encoder(model, tmp_path / "encoder")
     with pytest.raises(ValueError, match="beit-base-patch16-224"):
         load_backbone(folder, out_indices=[1, 2])
+
+
+HUB_LOAD = """
+import sys, torch
+from huggingface_hub import HfApi
+from transformers import AutoBackbone
+folder, repo, out = sys.argv[1:4]
+HfApi().create_repo(repo)
+HfApi().upload_folder(folder_path=folder, repo_id=repo)
+backbone = AutoBackbone.from_pretrained(repo, out_features=["stage1", "stage2", "stage3", "stage4"])
+torch.save({"class": type(backbone).__name__, "state": backbone.state_dict()}, out)
+"""
+
+
+def test_stock_autobackbone_loads_a_pushed_encoder_from_the_hub(tmp_path):
+    """What `load_backbone` stands in for locally: plain `AutoBackbone.from_pretrained(repo_id)` on a Hub repo (the
+    local Hub-compatible server of tests/hub_server.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from hub_server import HubServer
+
+    encoder_overrides, backbone_kwargs, _, _ = CASES["swin"]
+    torch.manual_seed(0)
+    model = SimMIMForMaskedImageModeling(tiny_simmim_config("swin", mask_patch_size=16, **encoder_overrides))
+    folder = export_encoder(model, tmp_path / "encoder")
+    token = "hf_" + "b" * 34
+    with HubServer(users={token: ("alice", {})}) as hub:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"), HF_TOKEN=token,
+                   HF_HUB_DISABLE_TELEMETRY="1")  # fmt: skip
+        command = [sys.executable, "-c", HUB_LOAD, str(folder), "alice/swin-simmim", str(tmp_path / "out.pt")]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = torch.load(tmp_path / "out.pt")
+    local = load_backbone(folder, **backbone_kwargs).state_dict()
+    assert loaded["class"] == "SwinBackbone" and loaded["state"].keys() == local.keys()
+    for key, tensor in AutoModel.from_pretrained(folder).state_dict().items():
+        torch.testing.assert_close(loaded["state"][f"swin.{key}"], tensor, rtol=0, atol=0)

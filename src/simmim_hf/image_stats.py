@@ -211,8 +211,8 @@ def resolve_image_stats(model_args: Any, data_args: Any, config: Any, warn: bool
     elif choice == "dataset":
         found = find_recorded_stats(data_args)
         if found is not None:
-            stats, path = found
-            source = f"measured by prepare_data.py on {stats['num_images']} images ({path})"
+            stats = found[0]  # the source names no path: it goes into the model card
+            source = f"measured by prepare_data.py on {stats['num_images']} images"
         else:
             count = int(getattr(model_args, "image_stats_samples", 1000))
             stats = measure_image_stats(stream_images(data_args, count))
