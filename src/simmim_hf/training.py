@@ -118,6 +118,8 @@ class SimMIMTrainingArguments(TrainingArguments):
             self.bf16 = True
         # Why the warmup is what it is, for the run header: "given" or "default".
         self.warmup_origin = "given" if self.warmup_steps is not None else "default"
+        if not 0 <= self.default_warmup_ratio < 1:
+            raise ValueError(f"default_warmup_ratio must be in [0, 1), got {self.default_warmup_ratio}")
         if self.warmup_steps is None:
             self.warmup_steps = self.default_warmup_ratio
         super().__post_init__()
