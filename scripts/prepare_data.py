@@ -27,6 +27,12 @@ def main() -> None:
     )
     if summary["num_skipped"]:
         print("First skipped:", json.dumps(summary["skipped"][:5], indent=2))
+    if "image_stats" in summary:
+        stats = summary["image_stats"]
+        print(
+            f"Image statistics of the first {stats['num_images']} images ({stats['num_colour_images']} in colour): "
+            f"mean {stats['mean']}, std {stats['std']} (pretrain with --image_stats dataset to use them)"
+        )
     print(f"Read back with data_files={summary['data_files']!r}")
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """SimMIM pretraining with the HF Trainer.
 
-    accelerate launch scripts/pretrain.py --preset demo --output_dir runs/demo --max_steps 300
-    accelerate launch scripts/pretrain.py --config runs/swin-b.yaml [--any_flag value ...]
+    python scripts/pretrain.py --preset demo --output_dir runs/demo --max_steps 300      # one process
+    accelerate launch --config_file configs/accelerate/ddp.yaml scripts/pretrain.py --config runs/swin-b.yaml \
+        [--any_flag value ...]
 
 Every `TrainingArguments` flag works. `--config FILE` (YAML or JSON) supplies defaults; flags given on the command
 line override it. A mistake in the arguments, the config file, the data paths or the launch prints one line,
@@ -11,13 +12,12 @@ line override it. A mistake in the arguments, the config file, the data paths or
 
 from __future__ import annotations
 
-import logging
 import sys
 
-import transformers
 from transformers import HfArgumentParser
 
 from simmim_hf.cli import parse_arguments, run_script
+from simmim_hf.console import configure_logging
 from simmim_hf.data import DataArguments
 from simmim_hf.pretraining import run_pretraining
 from simmim_hf.training import ModelArguments, SimMIMTrainingArguments
@@ -26,12 +26,7 @@ from simmim_hf.training import ModelArguments, SimMIMTrainingArguments
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, SimMIMTrainingArguments))
     model_args, data_args, training_args = parse_arguments(parser, sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-    )
-    transformers.utils.logging.set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
-    transformers.utils.logging.enable_explicit_format()
+    configure_logging(training_args.should_log)  # transformers at warnings; the run header says what runs
     return run_pretraining(model_args, data_args, training_args)
 
 

@@ -4,8 +4,10 @@ image processor, and mean-pooling its patch tokens into one vector per image.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from simmim_hf.eval_data import to_pil
+
+logger = logging.getLogger(__name__)
 
 PIXELS = "pixels"
 # Token parameters that are prepended to the patch sequence (and left out of mean pooling), each `(1, n, dim)`.
@@ -87,10 +91,16 @@ def load_encoder(
         build, source = AutoModel.from_config, config
     else:
         build, source = AutoModel.from_pretrained, path
-    try:  # the pooler is never used here; leaving it out avoids a "newly initialized" report
-        model = build(source, add_pooling_layer=False)
-    except TypeError:  # architectures without a pooler option
-        model = build(source)
+    if random_init:
+        try:  # the pooler is never used here
+            model = build(source, add_pooling_layer=False)
+        except TypeError:  # architectures without a pooler option
+            model = build(source)
+    else:
+        try:
+            model = load_reporting_surprises(build, source, expected_unexpected=("pooler.",), add_pooling_layer=False)
+        except TypeError:
+            model = load_reporting_surprises(build, source)
     try:
         processor = AutoImageProcessor.from_pretrained(image_processor or path)
     except OSError as error:
@@ -99,6 +109,44 @@ def load_encoder(
             "pass --image_processor with a folder or Hub id that has one"
         ) from error
     return Encoder(model.eval(), processor, int(getattr(model.config, "num_channels", 3)), path)
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+def load_reporting_surprises(
+    from_pretrained: Callable[..., Any],
+    source: str,
+    expected_unexpected: tuple[str, ...] = (),
+    expected_missing: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> Any:
+    """`from_pretrained(source, **kwargs)` without transformers' LOAD REPORT for what the caller expects.
+
+    The pooler of an exported encoder is unused by feature extraction and by classification heads (they pool
+    themselves), and a classifier's head is new by design: the report would point at them although nothing is wrong.
+    Keys matching `expected_unexpected` / `expected_missing` (name prefixes) are left out; anything else is logged as
+    one warning.
+    """
+    import transformers
+
+    # A filter, not a level: transformers runs extra checks (and warns) when this logger's own level is >= WARNING.
+    report_logger = transformers.utils.logging.get_logger("transformers.modeling_utils")
+    report_logger.addFilter(_drop_load_report)
+    try:
+        model, info = from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        report_logger.removeFilter(_drop_load_report)
+    surprises = {
+        "unexpected": [k for k in info.get("unexpected_keys", []) if not k.startswith(expected_unexpected)],
+        "missing": [k for k in info.get("missing_keys", []) if not k.startswith(expected_missing)],
+        "mismatched": [str(k) for k in info.get("mismatched_keys", [])],
+    }
+    surprises = {kind: sorted(keys) for kind, keys in surprises.items() if keys}
+    if surprises:
+        logger.warning("Loading %s as %s: %s", source, type(model).__name__, surprises)
+    return model
 
 
 def num_prefix_tokens(model: nn.Module) -> int:

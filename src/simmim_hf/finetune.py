@@ -17,7 +17,7 @@ from transformers import Trainer
 
 from simmim_hf.eval_data import EvalData, to_pil
 from simmim_hf.evaluation import EvaluationArguments
-from simmim_hf.features import resolve_encoder_path
+from simmim_hf.features import load_reporting_surprises, resolve_encoder_path
 from simmim_hf.layer_decay import param_groups_layer_decay
 
 
@@ -132,8 +132,15 @@ def build_classifier(
     if random_init:
         return AutoModelForImageClassification.from_config(config)
     # ignore_mismatched_sizes: a checkpoint that already is a classifier may have another number of classes.
-    return AutoModelForImageClassification.from_pretrained(
-        model_name_or_path, config=config, ignore_mismatched_sizes=True
+    # The new head is missing from the checkpoint by design, and an exported encoder's pooler is not used by the
+    # classifier: neither is worth a load report.
+    return load_reporting_surprises(
+        AutoModelForImageClassification.from_pretrained,
+        model_name_or_path,
+        expected_unexpected=("pooler.",),
+        expected_missing=("classifier.",),
+        config=config,
+        ignore_mismatched_sizes=True,
     )
 
 

@@ -80,6 +80,48 @@ def _dataset_pretty_name(name: str | None) -> str:
     return name or "unknown"
 
 
+_FORMAT_NAMES = {
+    "webdataset": "WebDataset tar shards",
+    "parquet": "parquet shards",
+    "imagefolder": "an image folder",
+    "arrow": "Arrow files",
+}
+_BACKBONE_SHORT = {"vit": "ViT", "swin": "Swin", "swinv2": "Swin V2", "beit": "BEiT", "deit": "DeiT"}
+
+
+def pretraining_data(run: dict[str, Any]) -> tuple[str, str, str | None]:
+    """What a run was pretrained on: `(short name, one-line description, Hub dataset id or None)`.
+
+    A Hub id or the embedded Fashion-MNIST is named directly. Local shards (`webdataset`, `parquet`, ...) are a file
+    format, not data: their source is what `prepare_data.py` recorded (`data_source` in simmim_run.json), e.g.
+    Fashion-MNIST, a Hub dataset or an image folder; without a record the data is "unnamed local images".
+    """
+    name = run.get("dataset_name")
+    source, kind = run.get("data_source"), run.get("data_source_type")
+    count = run.get("num_source_images")
+    stored = ""
+    if name and name.lower() in _LOCAL_BUILDERS:
+        stored = f", read from {_FORMAT_NAMES.get(name.lower(), name + ' files')}"
+    elif name:  # a Hub id, the embedded Fashion-MNIST, or a save_to_disk folder: the data itself
+        source, kind = name, "fashion-mnist" if name.lower() in _FASHION_MNIST_ALIASES else None
+    hub_id = FASHION_MNIST_HUB_ID if kind == "fashion-mnist" else hub_dataset_id(source) if kind != "folder" else None
+    if hub_id == FASHION_MNIST_HUB_ID:
+        short = "Fashion-MNIST"
+    elif hub_id:
+        short = hub_id
+    elif source:
+        short = Path(str(source).rstrip("/")).name or str(source)
+    else:
+        short = "unnamed local images"
+    what = "images of the folder" if kind == "folder" else "images of"
+    description = f"{what} `{short}`" if not hub_id and source else short
+    if count:
+        description += f" ({count:,} images{stored})"
+    elif stored:
+        description += f" ({stored[2:]})"
+    return short, description, hub_id
+
+
 def eval_results_to_model_index(eval_json: dict[str, Any]) -> list[EvalResult]:
     """Converts an evaluation JSON (written by scripts/evaluate.py) into `EvalResult`s for the card's model-index.
 
@@ -181,7 +223,8 @@ def _hyperparameter_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("Preset", _fmt(run.get("preset"))),
         ("Backbone", _fmt(run.get("backbone"))),
-        ("Pretraining data", _dataset_pretty_name(run.get("dataset_name"))),
+        ("Pretraining data", pretraining_data(run)[1]),
+        ("Normalisation", _normalisation_text(run)),
         ("Image size", f"{_fmt(run.get('image_size'))} px, {_fmt(run.get('num_channels'))} channels"),
         ("Mask patch size / ratio", f"{_fmt(run.get('mask_patch_size'))} px / {_fmt(run.get('mask_ratio'))}"),
         ("Optimizer steps", _fmt(run.get("max_steps"))),
@@ -211,6 +254,21 @@ def _data_fault_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
     from .faults import format_counts
 
     return [("Skipped data (faults)", format_counts(faults))]
+
+
+def _normalisation_text(run: dict[str, Any]) -> str:
+    if run.get("image_mean") is None:
+        return "n/a"
+    text = f"mean {run['image_mean']}, std {run.get('image_std')}"
+    return text + (f" ({run['image_stats_source']})" if run.get("image_stats_source") else "")
+
+
+def card_title(run: dict[str, Any], repo_id: str | None, backbone: str) -> str:
+    """The card's title: the repository's name once pushed; before, what was pretrained on what."""
+    if repo_id:
+        return repo_id.split("/")[-1]
+    preset = f" ({run['preset']} preset)" if run.get("preset") else ""
+    return f"SimMIM {_BACKBONE_SHORT.get(backbone, backbone)}{preset} pretrained on {pretraining_data(run)[0]}"
 
 
 def _evaluation_rows(eval_json: dict[str, Any]) -> list[dict[str, str]]:
@@ -263,8 +321,8 @@ def render_model_card(
     eval_json = read_json(eval_results) if isinstance(eval_results, (str, os.PathLike)) else eval_results
 
     backbone = str(encoder_config.get("model_type") or run.get("backbone") or "vit")
-    model_name = repo_id.split("/")[-1] if repo_id else run_dir.resolve().name
-    dataset_id = hub_dataset_id(run.get("dataset_name"))
+    model_name = card_title(run, repo_id, backbone)
+    data_name, data_description, dataset_id = pretraining_data(run)
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
@@ -289,8 +347,10 @@ def render_model_card(
         image_size=run.get("image_size") or encoder_config.get("image_size"),
         image_size_text=_size_text(run.get("image_size") or encoder_config.get("image_size")),
         num_channels=run.get("num_channels") or encoder_config.get("num_channels"),
-        pretraining_dataset=_dataset_pretty_name(run.get("dataset_name")),
+        pretraining_dataset=data_name,
+        pretraining_data_description=data_description,
         pretraining_dataset_id=dataset_id,
+        pushed=bool(repo_id),
         is_fashion_mnist=dataset_id == FASHION_MNIST_HUB_ID,
         hyperparameters=_hyperparameter_rows(run),
         has_reconstruction=(run_dir / RECONSTRUCTION_NAME).is_file(),

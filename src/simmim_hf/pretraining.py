@@ -26,10 +26,12 @@ from .callbacks import ReconstructionCallback
 from .checkpoints import checkpoint_step, find_resume_checkpoint, finished_run, load_weights_strictly
 from .collate import SimMIMCollator, StreamLoader
 from .configuration_simmim import SimMIMConfig
+from .console import run_header
 from .convert import export_encoder
 from .data import DataArguments, load_pretrain_dataset
 from .errors import TrainingDiverged, UsageError
 from .faults import FAULT_REASONS, add_counts
+from .image_stats import data_provenance, resolve_image_stats
 from .masking import SimMIMMaskGenerator
 from .modeling_simmim import SimMIMForMaskedImageModeling
 from .training import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
@@ -278,8 +280,8 @@ def run_pretraining(
             return done
     set_seed(args.seed)
     config = build_config(model_args)
+    stats_source = resolve_image_stats(model_args, data_args, config, warn=args.should_log)
     model = build_model(model_args, config)
-    logger.info("SimMIM %s: %.2fM parameters", config.encoder_type, sum(p.numel() for p in model.parameters()) / 1e6)
 
     dataset = load_pretrain_dataset(
         data_args,
@@ -349,6 +351,8 @@ def run_pretraining(
         trainer.remove_callback(reconstruction)
     else:
         reconstruction.attach(trainer)
+    if trainer.is_world_process_zero():
+        logger.info(run_header(model_args, data_args, args, config, model, dataset, stats_source, resume))
     if resume and (Path(resume) / WALL_TIME_FILE).is_file():
         trainer.earlier_wall_time = json.loads((Path(resume) / WALL_TIME_FILE).read_text())["wall_time_seconds"]
     trainer.session_start = time.perf_counter()
@@ -363,6 +367,8 @@ def run_pretraining(
         refuse_nonfinite(trainer.accelerator.unwrap_model(trainer.model))
 
     summary = run_summary(model_args, data_args, args, config, trainer, wall_time)
+    summary.update(image_mean=config.image_mean, image_std=config.image_std, image_stats_source=stats_source)
+    summary.update(data_provenance(data_args))
     # Every rank takes part in saving (FSDP/DeepSpeed gather the weights); the rest is the main process's.
     save_full_model(trainer, args.output_dir)
     failure: BaseException | None = None

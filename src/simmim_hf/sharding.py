@@ -29,6 +29,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .data import FASHION_MNIST, dataset_features, detect_image_column, is_saved_dataset, load_source_dataset
+from .image_stats import STATS_KEY, ImageStatsAccumulator
+from .transforms import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,13 @@ class PrepareDataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of a Hub dataset."})
     image_column: str | None = field(default=None, metadata={"help": "Image column of a dataset (default: detect)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace the contents of a non-empty output folder."})
+    stats_max_images: int = field(
+        default=10_000,
+        metadata={
+            "help": "Measure per-channel mean/std on the first N images written (recorded in prepare_data.json for "
+            "`--image_stats dataset`; 0 = do not measure)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -62,6 +71,8 @@ class PrepareDataArguments:
             raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.stats_max_images < 0:
+            raise ValueError(f"stats_max_images must be >= 0, got {self.stats_max_images}")
 
 
 @dataclass
@@ -226,17 +237,20 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
         from .fashion_mnist import CLASS_NAMES
 
         records, class_names = _fashion_records(args.split), list(CLASS_NAMES)
+        source_type = "fashion-mnist"
         total = {"train": 60_000, "test": 10_000}.get(args.split)
     elif source_path.is_dir() and not is_saved_dataset(source_path):
         if output.resolve() == source_path.resolve() or source_path.resolve() in output.resolve().parents:
             raise ValueError("--output must not be inside the source folder")
         folder_records, class_names = _folder_records(source_path)
         records, total = iter(folder_records), len(folder_records)
+        source_type = "folder"
     else:
         streaming = not is_saved_dataset(source_path)  # Hub datasets stream, so --max_samples downloads little
         dataset = load_source_dataset(args.source, args.dataset_config_name, args.split, streaming=streaming)
         records, class_names = _dataset_records(dataset, args.image_column)
         total = None if streaming else len(dataset)
+        source_type = "dataset" if streaming else "saved-dataset"
     if total is not None and args.max_samples is not None:
         total = min(total, args.max_samples)
     if total is not None and total < args.num_shards:
@@ -260,6 +274,7 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
     # fixes png or jpg and later images of the other format are re-encoded to it. Parquet keeps each file's format.
     target: str | None = None
     counts, skipped, written, reencoded = [0] * args.num_shards, [], 0, 0
+    stats = ImageStatsAccumulator()
     progress = tqdm(total=total, desc=f"Writing {args.num_shards} {args.format} shards", unit="img")
     try:
         for record in _chain(first, records):
@@ -274,6 +289,8 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
             if args.format == "webdataset" and target is None:
                 target = ext
             reencoded += changed
+            if written < args.stats_max_images:
+                stats.add(decode_image(data))
             shard = written % args.num_shards
             writer.write(shard, f"{written:09d}", data, ext, record.label)
             counts[shard] += 1
@@ -287,6 +304,7 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
         logger.warning("Some shards are empty (%d images for %d shards)", written, args.num_shards)
     summary = {
         "arguments": asdict(args),
+        "source_type": source_type,  # fashion-mnist, folder, dataset (Hub or load_dataset id), saved-dataset
         "num_written": written,
         "num_skipped": len(skipped),
         "num_reencoded": reencoded,
@@ -296,6 +314,8 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
         "class_names": class_names,
         "data_files": str(output / f"{args.split}-*.{suffix}"),
     }
+    if stats.num_images:
+        summary[STATS_KEY] = stats.result()
     (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -62,6 +62,21 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention kernel: eager, sdpa (default when available), flash_attention_2."}
     )
+    image_stats: str | None = field(
+        default=None,
+        metadata={
+            "help": "Normalisation statistics: `preset` (default: the preset's or checkpoint's own), `imagenet`, or "
+            "`dataset` (recorded by prepare_data.py next to the shards, else measured on the first "
+            "--image_stats_samples images)."
+        },
+    )
+    image_mean: list[float] | None = field(
+        default=None, metadata={"help": "Per-channel mean, e.g. `0.5 0.5 0.5` (with --image_std)."}
+    )
+    image_std: list[float] | None = field(default=None, metadata={"help": "Per-channel std (with --image_mean)."})
+    image_stats_samples: int = field(
+        default=1000, metadata={"help": "Images measured for `--image_stats dataset` when nothing is recorded."}
+    )
 
 
 @dataclass
@@ -114,6 +129,15 @@ class SimMIMTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Always off here: a non-finite loss is logged as nan, never replaced by an average or 0."},
     )
+    warmup_steps: float | None = field(
+        default=None,
+        metadata={
+            "help": "Linear warmup: steps (>= 1) or a fraction of max_steps (< 1). Default: --default_warmup_ratio."
+        },
+    )
+    default_warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Warmup as a fraction of max_steps when --warmup_steps is not given."}
+    )
 
     def __post_init__(self) -> None:
         if wants_auto_bf16(self):
@@ -123,9 +147,15 @@ class SimMIMTrainingArguments(TrainingArguments):
             self.logging_nan_inf_filter = False
         if self.max_nonfinite_steps < 1:
             raise UsageError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        # Why the warmup is what it is, for the run header: "given" or "default".
+        self.warmup_origin = "given" if self.warmup_steps is not None else "default"
+        if not 0 <= self.default_warmup_ratio < 1:
+            raise UsageError(f"default_warmup_ratio must be in [0, 1), got {self.default_warmup_ratio}")
+        if self.warmup_steps is None:
+            self.warmup_steps = self.default_warmup_ratio
         super().__post_init__()
         if self.base_learning_rate <= 0:
-            raise ValueError(f"base_learning_rate must be positive, got {self.base_learning_rate}")
+            raise UsageError(f"base_learning_rate must be positive, got {self.base_learning_rate}")
         self.learning_rate = scaled_learning_rate(
             self.base_learning_rate,
             self.per_device_train_batch_size,

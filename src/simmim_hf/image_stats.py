@@ -1,0 +1,262 @@
+"""Per-channel normalisation statistics of an image corpus, and the choice of statistics for a pretraining run.
+
+`ImageStatsAccumulator` measures mean and standard deviation per channel over every pixel of the images it is given
+(values in [0, 1], images converted to RGB as the pretraining transform does, plus the greyscale "L" channel for
+1-channel models) and counts the images that carry colour. `scripts/prepare_data.py` records the result in its output
+folder's `prepare_data.json`; `resolve_image_stats` reads it back for `--image_stats dataset` (or measures the first
+images of the stream when no record is found) and warns when greyscale statistics meet colour images.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+from .errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+STATS_KEY = "image_stats"
+SUMMARY_FILE = "prepare_data.json"  # written by simmim_hf.sharding.prepare_data
+CHOICES = ("preset", "imagenet", "dataset")
+# Images larger than this many pixels are box-reduced by an integer factor before measuring (a 12-Mpixel photo would
+# otherwise need ~300 MB of float64); the mean is unchanged by box averaging, the std drops slightly.
+MAX_MEASURED_PIXELS = 1024 * 1024
+# An image "has colour" when its channels differ by more than this on average (JPEG noise on grey stays far below).
+COLOUR_THRESHOLD = 0.02
+# Statistics whose channels agree this closely are greyscale statistics.
+GREY_TOLERANCE = 1e-3
+
+
+class ImageStatsAccumulator:
+    """Running per-channel sums over images; `result()` gives mean/std over all pixels (each pixel weighs the same).
+
+    `add(image)` takes a PIL image of any mode; it is measured as RGB (greyscale replicated) and as "L".
+    """
+
+    def __init__(self) -> None:
+        self.sums = np.zeros(4, dtype=np.float64)  # R, G, B, L
+        self.squares = np.zeros(4, dtype=np.float64)
+        self.pixels = 0
+        self.num_images = 0
+        self.num_colour_images = 0
+
+    def add(self, image: PIL.Image.Image) -> None:
+        factor = int(np.ceil(np.sqrt(image.width * image.height / MAX_MEASURED_PIXELS)))
+        if factor > 1:
+            image = image.reduce(factor)
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0  # (H, W, 3)
+        grey = np.asarray(image.convert("L"), dtype=np.float64)[..., None] / 255.0  # (H, W, 1)
+        values = np.concatenate([rgb, grey], axis=-1).reshape(-1, 4)
+        self.sums += values.sum(axis=0)
+        self.squares += np.square(values).sum(axis=0)
+        self.pixels += values.shape[0]
+        self.num_images += 1
+        chroma = (rgb.max(axis=-1) - rgb.min(axis=-1)).mean()
+        self.num_colour_images += bool(chroma > COLOUR_THRESHOLD)
+
+    def result(self) -> dict[str, Any]:
+        """`{"mean": [r, g, b], "std": [...], "grey_mean": [l], "grey_std": [l], "num_images", "num_colour_images"}`."""
+        if not self.pixels:
+            raise ValueError("no image was measured")
+        mean = self.sums / self.pixels
+        std = np.sqrt(np.maximum(self.squares / self.pixels - np.square(mean), 0.0))
+        return {
+            "mean": [round(float(v), 4) for v in mean[:3]],
+            "std": [round(float(v), 4) for v in std[:3]],
+            "grey_mean": [round(float(mean[3]), 4)],
+            "grey_std": [round(float(std[3]), 4)],
+            "num_images": self.num_images,
+            "num_colour_images": self.num_colour_images,
+        }
+
+
+def measure_image_stats(images: Iterable[PIL.Image.Image]) -> dict[str, Any]:
+    """Statistics of `images` (see `ImageStatsAccumulator.result`)."""
+    accumulator = ImageStatsAccumulator()
+    for image in images:
+        accumulator.add(image)
+    return accumulator.result()
+
+
+def stats_for_channels(stats: dict[str, Any], channels: int) -> tuple[list[float], list[float]]:
+    """The (mean, std) pair for a model with `channels` input channels (3: RGB, 1: the "L" channel)."""
+    if channels == 3:
+        return list(stats["mean"]), list(stats["std"])
+    if channels == 1:
+        return list(stats["grey_mean"]), list(stats["grey_std"])
+    raise UsageError(f"image_stats dataset: measured statistics exist for 1 or 3 channels, not {channels}")
+
+
+def is_greyscale_stats(mean: list[float], std: list[float]) -> bool:
+    """Whether per-channel statistics are the same number on every channel of a multi-channel model."""
+    return len(mean) > 1 and max(mean) - min(mean) < GREY_TOLERANCE and max(std) - min(std) < GREY_TOLERANCE
+
+
+def _data_files_of(data_args: Any) -> list[str]:
+    files: list[str] = []
+    for pattern in data_args.data_files or []:
+        files.extend(sorted(glob.glob(pattern)) or [pattern])
+    return files
+
+
+def find_prepare_summary(data_args: Any) -> tuple[dict[str, Any], Path] | None:
+    """The `prepare_data.json` written with the run's data: next to the data files (or in `--data_dir`, or in a
+    folder given as `--dataset_name`) and listing those files. `(summary, path)`, or None."""
+    files = _data_files_of(data_args)
+    folders = [Path(path).parent for path in files]
+    for name in (data_args.data_dir, data_args.dataset_name):
+        if name and Path(name).is_dir():
+            folders.append(Path(name))
+    names = {Path(path).name for path in files}
+    for folder in dict.fromkeys(folders):
+        summary_path = folder / SUMMARY_FILE
+        if not summary_path.is_file():
+            continue
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(summary, dict) and (not names or names & set(summary.get("shards", []))):
+            return summary, summary_path
+    return None
+
+
+def find_recorded_stats(data_args: Any) -> tuple[dict[str, Any], Path] | None:
+    """The statistics `prepare_data.py` recorded for the run's data, with the file's path; None when there are none."""
+    found = find_prepare_summary(data_args)
+    if found is None or STATS_KEY not in found[0]:
+        return None
+    return found[0][STATS_KEY], found[1]
+
+
+def data_provenance(data_args: Any) -> dict[str, Any]:
+    """What the run's data is, for the run summary and the model card: the source `prepare_data.py` sharded (the
+    embedded Fashion-MNIST, a Hub dataset id, a save_to_disk folder or an image folder), its kind, the file format and
+    the image count. Empty values when the data was not written by prepare_data.py."""
+    found = find_prepare_summary(data_args)
+    if found is None:
+        return {"data_source": None, "data_source_type": None, "data_format": None, "num_source_images": None}
+    summary = found[0]
+    arguments = summary.get("arguments", {})
+    return {
+        "data_source": arguments.get("source"),
+        "data_source_type": summary.get("source_type"),
+        "data_format": arguments.get("format"),
+        "num_source_images": summary.get("num_written"),
+    }
+
+
+def stream_images(data_args: Any, count: int) -> Iterator[PIL.Image.Image]:
+    """The first `count` decodable images of the run's data, in stored order (no shuffle, no augmentation)."""
+    import datasets
+
+    from .data import dataset_features, detect_image_column, load_source_dataset
+    from .transforms import decode_image
+
+    dataset = load_source_dataset(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_split,
+        data_args.data_files,
+        data_args.data_dir,
+        streaming=True,
+    )
+    column = detect_image_column(dataset_features(dataset), data_args.image_column)
+    dataset = dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
+    images = 0
+    for example in dataset:
+        try:
+            image = decode_image(example[column])
+        except Exception:  # noqa: BLE001 - an unreadable image is skipped here as in training
+            continue
+        yield image
+        images += 1
+        if images >= count:
+            return
+
+
+def resolve_image_stats(model_args: Any, data_args: Any, config: Any, warn: bool = True) -> str:
+    """Applies the run's choice of normalisation statistics to `config` (in place) and returns where they came from.
+
+    `model_args.image_mean/image_std` (explicit lists) win; else `model_args.image_stats`: `preset` (the default:
+    the preset's or checkpoint's own), `imagenet`, or `dataset` (recorded by prepare_data.py, else measured on the
+    first `image_stats_samples` images). Warns (once, when `warn`) if greyscale statistics meet colour images.
+    """
+    mean = getattr(model_args, "image_mean", None)
+    std = getattr(model_args, "image_std", None)
+    choice = getattr(model_args, "image_stats", None) or "preset"
+    channels = int(config.num_channels)
+    colour: tuple[int, int] | None = None  # (images with colour, images looked at)
+    if choice not in CHOICES:
+        raise UsageError(f"image_stats: expected one of {', '.join(CHOICES)}, got {choice!r}")
+    if (mean is None) != (std is None):
+        raise UsageError("image_mean/image_std: give both (one value per channel) or neither")
+    if mean is not None:
+        if getattr(model_args, "image_stats", None) not in (None, "preset"):
+            raise UsageError("image_stats: give either --image_stats or --image_mean/--image_std, not both")
+        source = "--image_mean/--image_std"
+    elif choice == "imagenet":
+        from .configuration_simmim import IMAGENET_MEAN, IMAGENET_STD, _default_stat
+
+        mean, std, source = _default_stat(IMAGENET_MEAN, channels), _default_stat(IMAGENET_STD, channels), "ImageNet"
+    elif choice == "dataset":
+        found = find_recorded_stats(data_args)
+        if found is not None:
+            stats = found[0]  # the source names no path: it goes into the model card
+            source = f"measured by prepare_data.py on {stats['num_images']} images"
+        else:
+            count = int(getattr(model_args, "image_stats_samples", 1000))
+            stats = measure_image_stats(stream_images(data_args, count))
+            source = f"measured on the first {stats['num_images']} images of the stream"
+        mean, std = stats_for_channels(stats, channels)
+        colour = (stats["num_colour_images"], stats["num_images"])
+    else:
+        where = f"preset {config.preset}" if config.preset else "checkpoint"
+        source = f"the {where}'s own"
+    if mean is not None:
+        if len(mean) != channels or len(std) != channels:
+            raise UsageError(
+                f"image_mean/image_std: need {channels} values each (num_channels={channels}), got "
+                f"{len(mean)}/{len(std)}"
+            )
+        if any(value <= 0 for value in std):
+            raise UsageError(f"image_std: values must be positive, got {std}")
+        config.image_mean, config.image_std = [float(v) for v in mean], [float(v) for v in std]
+    if warn and is_greyscale_stats(config.image_mean, config.image_std):
+        if colour is None:
+            found = find_recorded_stats(data_args)
+            if found is not None:
+                colour = (found[0]["num_colour_images"], found[0]["num_images"])
+            else:
+                sample = ImageStatsAccumulator()
+                try:
+                    for image in itertools.islice(stream_images(data_args, 16), 16):
+                        sample.add(image)
+                except Exception as error:  # noqa: BLE001 - the check is advice; the run reports data errors itself
+                    logger.debug("Could not sample images for the colour check: %s", error)
+                colour = (sample.num_colour_images, sample.num_images)
+        if colour[0] > 0:
+            logger.warning(
+                "Normalising colour images with greyscale statistics (mean %s, std %s: %s): %d of %d images looked "
+                "at have colour. Pass --image_stats dataset (the data's own statistics), --image_stats imagenet, or "
+                "--image_mean/--image_std.",
+                _short(config.image_mean),
+                _short(config.image_std),
+                source,
+                colour[0],
+                colour[1],
+            )
+    return source
+
+
+def _short(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
