@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
+from pretrain_helpers import TINY, pretrain_args, run
 from test_auto_and_remote import run_python
-from test_pretrain import TINY, pretrain_args, run, shards  # noqa: F401  (shards is a fixture)
 from tiny_configs import tiny_beit, tiny_swin, tiny_vit
 from transformers import AutoModel
 

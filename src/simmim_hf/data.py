@@ -257,6 +257,34 @@ def check_shard_count(num_shards: int, world_size: int = 1, num_workers: int = 0
     return False
 
 
+def raw_image_dataset(
+    data_args: DataArguments, streaming: bool = True, max_samples: int | None = None
+) -> datasets.IterableDataset | datasets.Dataset:
+    """The run's split with its image column as `pixel_values`, cells undecoded (`{"bytes", "path"}`).
+
+    Local webdataset/parquet shards come from the fault-tolerant shard reader, whose fault markers have
+    `pixel_values` None plus `_fault`/`_detail` columns. `max_samples` only pre-truncates `fashion-mnist`.
+    """
+    dataset = load_source_dataset(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_split,
+        data_args.data_files,
+        data_args.data_dir,
+        streaming=streaming,
+        max_samples=max_samples,
+    )
+    if getattr(dataset, "simmim_shard_reader", False):
+        return dataset
+    column = detect_image_column(dataset_features(dataset), data_args.image_column)
+    # Cast first: later steps (select, rename) re-apply the features, and must not decode the images in the reader.
+    dataset = dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
+    if column != "pixel_values":
+        # Named like the model input, so the Trainer's `remove_unused_columns` keeps it.
+        dataset = dataset.rename_column(column, "pixel_values")
+    return dataset
+
+
 def load_pretrain_dataset(
     data_args: DataArguments,
     seed: int = 0,
@@ -289,22 +317,7 @@ def load_pretrain_dataset(
         transform = build_pretrain_transform(config)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    dataset = load_source_dataset(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        data_args.train_split,
-        data_args.data_files,
-        data_args.data_dir,
-        streaming=data_args.streaming,
-        max_samples=data_args.max_train_samples,
-    )
-    if not getattr(dataset, "simmim_shard_reader", False):
-        column = detect_image_column(dataset_features(dataset), data_args.image_column)
-        # Cast first: later steps (select, rename) re-apply the features, and must not decode the images in the reader.
-        dataset = dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
-        if column != "pixel_values":
-            # Named like the model input, so the Trainer's `remove_unused_columns` keeps it.
-            dataset = dataset.rename_column(column, "pixel_values")
+    dataset = raw_image_dataset(data_args, streaming=data_args.streaming, max_samples=data_args.max_train_samples)
 
     if not data_args.streaming:
         decoder = ImageDecoder(transform, max_image_pixels=data_args.max_image_pixels)

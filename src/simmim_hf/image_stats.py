@@ -157,25 +157,16 @@ def data_provenance(data_args: Any) -> dict[str, Any]:
 
 def stream_images(data_args: Any, count: int) -> Iterator[PIL.Image.Image]:
     """The first `count` decodable images of the run's data, in stored order (no shuffle, no augmentation)."""
-    import datasets
-
-    from .data import dataset_features, detect_image_column, load_source_dataset
+    from .data import raw_image_dataset
     from .transforms import decode_image
 
-    dataset = load_source_dataset(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        data_args.train_split,
-        data_args.data_files,
-        data_args.data_dir,
-        streaming=True,
-    )
-    column = detect_image_column(dataset_features(dataset), data_args.image_column)
-    dataset = dataset.cast_column(column, datasets.Image(decode=False)).select_columns([column])
+    dataset = raw_image_dataset(data_args, streaming=True)
     images = 0
     for example in dataset:
+        if example["pixel_values"] is None:  # a fault marker of the shard reader (broken file, no image)
+            continue
         try:
-            image = decode_image(example[column])
+            image = decode_image(example["pixel_values"])
         except Exception:  # noqa: BLE001 - an unreadable image is skipped here as in training
             continue
         yield image
