@@ -4,8 +4,8 @@
 
     python scripts/fault_matrix.py [--output benchmarks/RELIABILITY.md] [--workdir /tmp/faults] [--only kill,nan]
 
-Every row is a function in FAULTS taking the shared `Context` and returning `Row(fault, outcome, figures)`; other
-faults (the data stream's) join by appending to that list. Runs go through tests/pretrain_probe.py, which injects
+Every entry of FAULTS is a function taking the shared `Context` and returning a `Row(fault, outcome, figures)` or a
+list of them (the data stream's faults, from scripts/fault_matrix_data.py). Runs go through tests/pretrain_probe.py, which injects
 the faults (SIGKILL at a step or inside a checkpoint write, NaN losses) and records what each run restored.
 """
 
@@ -113,7 +113,7 @@ def kill_and_rerun(ctx: Context, ranks: int) -> Row:
     figures.append(f"final weights {'identical' if same_weights else 'differ'}")
     exact = difference <= 1e-6 and same_weights
     outcome = "resumed; model and optimizer restored exactly" + (
-        ", same run step by step" if exact else "; curve differs (mask RNG restarts: stream work pending)"
+        ", same run step by step" if exact else "; NOT the same run step by step"
     )
     return Row(f"SIGKILL at a seeded step, {ranks} rank{'s' if ranks > 1 else ''}, 1 DataLoader worker", outcome,
                "; ".join(figures))  # fmt: skip
@@ -243,7 +243,37 @@ def token_in_argument_error(ctx: Context) -> Row:
     )
 
 
-FAULTS: list[Callable[[Context], Row]] = [
+def resume_at_end_of_shards(ctx: Context) -> Row:
+    """The reported case: 2,048 images in 4 shards, 2 ranks, batch 32, checkpoints at 20 and 40, then resumed to 50
+    with the default shuffle buffer (10,000: larger than the data, so the saved position is at the end of the
+    shards while the buffer still held images)."""
+    base = ctx.folder("end-of-shards")
+    shards = make_shards(base / "shards", num_shards=4, max_samples=2048)
+    args = ("--per_device_train_batch_size", "32", "--save_steps", "20", "--shuffle_buffer_size", "10000",
+            "--logging_steps", "10")  # fmt: skip
+    env = {"ACCELERATE_USE_CPU": "true"}
+    run([*LAUNCH_TWO, "scripts/pretrain.py", *pretrain_args(shards, base / "run", 40, *args)], env)
+    resumed = launch([*LAUNCH_TWO, "scripts/pretrain.py", *pretrain_args(shards, base / "run", 50, *args)], env)
+    summary_path = base / "run" / "simmim_run.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    outcome = "resumed into the next pass" if resumed.returncode == 0 else f"FAILED: exit {resumed.returncode}"
+    return Row(
+        "resume at the end of the shards with images still in the shuffle buffer (2 ranks, 2,048 images)",
+        outcome,
+        f"exit {resumed.returncode}; steps {summary.get('steps_completed')}/50; images skipped at the resume (the "
+        f"buffer's contents, summed over ranks): {summary.get('images_skipped_at_resume')}",
+    )
+
+
+def data_faults(ctx: Context) -> list[Row]:
+    """The data stream's faults (scripts/fault_matrix_data.py): broken shards, bad images, bad paths."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from fault_matrix_data import run_data_faults
+
+    return [Row(**row) for row in run_data_faults(ctx.folder("data"))]
+
+
+FAULTS: list[Callable[[Context], Row | list[Row]]] = [
     kill_one_rank,
     kill_two_ranks,
     kill_during_checkpoint_write,
@@ -253,6 +283,8 @@ FAULTS: list[Callable[[Context], Row]] = [
     launch_world_size_one,
     config_mistakes,
     token_in_argument_error,
+    resume_at_end_of_shards,
+    data_faults,
 ]
 
 
@@ -291,7 +323,8 @@ def main() -> None:
     for fault in chosen:
         began = time.perf_counter()
         try:
-            rows.append(fault(ctx))
+            result = fault(ctx)
+            rows.extend(result if isinstance(result, list) else [result])
         except Exception as error:  # a row that could not be measured says so; the others still run
             rows.append(
                 Row(fault.__name__, "not measured: the matrix itself failed", f"{type(error).__name__}: {error}")
