@@ -291,6 +291,18 @@ class SimMIMTrainer(Trainer):
         count = load_weights_strictly(target, folder)
         logger.info("Restored all %d weight tensors from %s", count, folder)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # transformers < 5.2x maps the optimizer state to `args.device` when world_size > 1; on CPU processes that is
+        # "cpu:0", which torch cannot restore to. Load plain DDP-on-CPU states here, on "cpu".
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if checkpoint is None or sharded or self.args.world_size == 1 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        folder = Path(checkpoint)
+        if not ((folder / "optimizer.pt").is_file() and (folder / "scheduler.pt").is_file()):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
+
     # -- non-finite steps -----------------------------------------------------------------------------------------
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         loss = super().training_step(*args, **kwargs)
