@@ -17,7 +17,6 @@ def test_required_presets_exist():
     assert {
         "vit-base-patch16-224",
         "swin-base-window6-192",
-        "swin-large-window12-192",
         "beit-base-patch16-224",
         "demo",
     } <= set(PRESETS)
@@ -117,3 +116,12 @@ def test_checkpoint_config_written_with_stale_derived_fields_still_loads(tmp_pat
     )
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert SimMIMConfig.from_pretrained(tmp_path).encoder_config.out_features == ["stage4"]
+
+
+def test_swin_window_larger_than_a_stage_grid_is_refused_with_the_field_named():
+    # Swin-L's official 192 px / window 12 recipe: stage 4 is 6x6. transformers' SwinModel fails in its forward pass
+    # on it (one window for every stage), so the config refuses it up front.
+    with pytest.raises(ValueError, match=r"window_size=12 is larger than stage 4's 6x6"):
+        SimMIMConfig.from_preset("swin-base-window6-192", window_size=12)
+    assert "swin-large-window12-192" not in PRESETS
+    SimMIMConfig.from_preset("swin-base-window6-192", window_size=12, image_size=384)  # 12x12 at stage 4: fine

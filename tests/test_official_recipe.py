@@ -28,10 +28,7 @@ def test_preset_settings_follow_the_official_configs():
     assert beit.layer_norm_eps == 1e-6 and beit.layer_scale_init_value == 0.1 and beit.drop_path_rate == 0.1
     assert beit.use_shared_relative_position_bias and not beit.use_relative_position_bias
     assert not beit.use_absolute_position_embeddings and not beit.use_mean_pooling
-    for name, embed_dim, heads, window in (
-        ("swin-base-window6-192", 128, [4, 8, 16, 32], 6),
-        ("swin-large-window12-192", 192, [6, 12, 24, 48], 12),
-    ):
+    for name, embed_dim, heads, window in (("swin-base-window6-192", 128, [4, 8, 16, 32], 6),):
         config = SimMIMConfig.from_preset(name)
         swin = config.encoder_config
         assert (swin.embed_dim, swin.depths, swin.num_heads, swin.window_size) == (
@@ -138,7 +135,6 @@ def _official_exempt(name, param, family):
         ("beit-base-patch16-224", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                        intermediate_size=64)),
         ("swin-base-window6-192", dict(embed_dim=8, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 2])),
-        ("swin-large-window12-192", dict(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 2])),
     ],
 )  # fmt: skip
 def test_optimizer_groups_follow_the_official_lists(tmp_path, preset, overrides):

@@ -33,7 +33,6 @@ FASHION_MNIST_STD = 0.3530
 def _preset_encoders() -> dict[str, tuple[PretrainedConfig, dict[str, Any]]]:
     """Preset name -> (encoder config, SimMIM settings). Built on demand so no config object is shared."""
     swin_base = dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])
-    swin_large = dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48])
     imagenet = dict(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
     return {
         # Tiny ViT for Fashion-MNIST on a CPU: 28px images are resized to 32px, 4px patches (8x8 grid), 8px mask
@@ -67,13 +66,6 @@ def _preset_encoders() -> dict[str, tuple[PretrainedConfig, dict[str, Any]]]:
         "swin-base-window6-192": (
             SwinConfig(
                 image_size=192, patch_size=4, window_size=6, encoder_stride=32, drop_path_rate=0.0, **swin_base
-            ),
-            dict(mask_patch_size=32, **imagenet),
-        ),
-        # microsoft/SimMIM simmim_pretrain__swin_large__img192_window12__800ep.yaml.
-        "swin-large-window12-192": (
-            SwinConfig(
-                image_size=192, patch_size=4, window_size=12, encoder_stride=32, drop_path_rate=0.0, **swin_large
             ),
             dict(mask_patch_size=32, **imagenet),
         ),
@@ -335,6 +327,7 @@ class SimMIMConfig(PretrainedConfig):
 
     def _validate(self) -> None:
         height, width = to_pair(self.image_size)
+        self._validate_windows(height, width)
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.mask_patch_size <= 0:
@@ -361,6 +354,24 @@ class SimMIMConfig(PretrainedConfig):
                 f"image_mean/image_std need one value per channel (num_channels={self.num_channels}), got "
                 f"{len(self.image_mean)}/{len(self.image_std)}"
             )
+
+    def _validate_windows(self, height: int, width: int) -> None:
+        """transformers' Swin uses one `window_size` for every stage and fails in the forward pass on a stage whose
+        grid is smaller than the window (the official code shrinks that stage's window instead, e.g. Swin-L at 192 px
+        with window 12: stage 4 is 6x6). Refuse such a config here, naming the field."""
+        encoder = self.encoder_config
+        if encoder.model_type not in HIERARCHICAL_ENCODERS:
+            return
+        window = encoder.window_size
+        patch = self.model_patch_size
+        for stage in range(len(encoder.depths)):
+            grid = (height // patch // 2**stage, width // patch // 2**stage)
+            if min(grid) < window:
+                raise ValueError(
+                    f"window_size={window} is larger than stage {stage + 1}'s {grid[0]}x{grid[1]} token grid at "
+                    f"image_size {self.image_size}; transformers' {encoder.model_type} keeps one window for every stage "
+                    f"and cannot run it. Use a window of at most {min(grid)} or a larger image"
+                )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SimMIMConfig:
