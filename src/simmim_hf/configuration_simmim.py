@@ -196,12 +196,18 @@ def encoder_stride_of(encoder_config: PretrainedConfig) -> int:
     return patch
 
 
+# The paper's grids are 6x6 (192 px) and 7x7 (224 px) cells; the demo's 32 px images use 4x4.
+MIN_MASK_CELLS = 4
+
+
 def default_mask_patch_size(encoder_config: PretrainedConfig) -> int:
-    """32 px as in the paper when the image allows it, else the coarsest cell that tiles the image."""
+    """32 px as in the paper when the image allows it, else the coarsest cell that tiles the image with at least
+    `MIN_MASK_CELLS` cells per side (a 32 px image in 32 px cells would be masked whole), a multiple of the patch."""
     height, width = to_pair(encoder_config.image_size)
     patch = to_pair(encoder_config.patch_size)[0]
     for size in (32, 16, 8, 4, 2, 1):
-        if size % patch == 0 and height % size == 0 and width % size == 0:
+        tiles = size % patch == 0 and height % size == 0 and width % size == 0
+        if tiles and min(height, width) // size >= MIN_MASK_CELLS:
             return size
     return patch
 

@@ -279,7 +279,12 @@ def run_pretraining(
             print(message)
             return done
     set_seed(args.seed)
-    config = build_config(model_args)
+    try:
+        config = build_config(model_args)
+    except UsageError:
+        raise
+    except ValueError as error:  # SimMIMConfig's validation names the field: an input mistake, exit 2
+        raise UsageError(str(error)) from error
     stats_source = resolve_image_stats(model_args, data_args, config, warn=args.should_log)
     model = build_model(model_args, config)
 
