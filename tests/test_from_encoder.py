@@ -114,7 +114,9 @@ def test_pretrain_script_continues_from_a_stock_encoder(sources, shards, tmp_pat
     run([sys.executable, "scripts/pretrain.py", *args])
     summary = json.loads((output / "simmim_run.json").read_text())
     assert summary["base_model"] == str(sources / name) and summary["steps_completed"] == 3
-    assert ModelCard.load(output / "README.md").data.base_model == str(sources / name)
+    card = ModelCard.load(output / "README.md")
+    # A local folder is named in the text, not as Hub `base_model` metadata (which would be read as a repo id).
+    assert card.data.base_model is None and f"starting from the local checkpoint `{sources / name}`" in card.text
     processor = json.loads((output / "encoder" / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == (PROCESSOR_MEAN if SOURCES[name][3] else IMAGENET_MEAN)
     out = run_python(f"""

@@ -329,7 +329,7 @@ def render_model_card(
         license=license,
         tags=["simmim", "masked-image-modeling", "vision", backbone, f"arxiv:{SIMMIM_ARXIV_ID}"],
         datasets=[dataset_id] if dataset_id else None,
-        base_model=run.get("base_model") or None,
+        base_model=hub_base_model(run),
         model_name=model_name,
         eval_results=eval_results_to_model_index(eval_json) if eval_json else None,
     )
@@ -358,7 +358,8 @@ def render_model_card(
         mask_ratio=run.get("mask_ratio"),
         evaluation_rows=_evaluation_rows(eval_json) if eval_json else [],
         include_full_checkpoint=include_full_checkpoint,
-        base_model_id=run.get("base_model") or None,
+        base_model_id=hub_base_model(run),
+        base_model_local=None if hub_base_model(run) else run.get("base_model"),
         simmim_arxiv_id=SIMMIM_ARXIV_ID,
     )
 
@@ -381,3 +382,12 @@ def write_model_card(
     path = Path(run_dir) / "README.md"
     card.save(path)
     return path
+
+
+def hub_base_model(run: dict[str, Any]) -> str | None:
+    """The run's starting model when it names a Hub repository; a local folder (which readers of the card cannot
+    open, and which the Hub's `base_model` metadata would misread as a repo id) gets None."""
+    base = run.get("base_model")
+    if not base or Path(base).exists() or base.startswith((".", "/", "~")) or base.count("/") != 1:
+        return None
+    return base
