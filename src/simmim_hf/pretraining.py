@@ -275,8 +275,7 @@ def run_pretraining(
                 f"{args.output_dir} holds a finished run of {args.max_steps} steps: nothing to do "
                 "(raise --max_steps to continue it, or choose another --output_dir)"
             )
-            logger.warning(message)
-            print(message)
+            print(message)  # once, on stdout (not also through the logger)
             return done
     set_seed(args.seed)
     try:
