@@ -17,6 +17,13 @@ optimiser settings, alternated in one call (ours, baseline, ours, baseline, ...)
 
     python scripts/benchmark.py --e2e --e2e_data /tmp/fmnist-shards --e2e_steps 300 --e2e_workers 0,1,2 --repeats 2
 
+Per-core decode + augmentation (`--decode`): scikit-image's bundled photographs re-encoded as JPEG (quality 90) at
+500x375, 1024x768 and 1600x1200, decoded and augmented to 224x224 in this one process (one torch thread), ours
+(`SimMIMAugmentation.decode_and_augment` with the per-image seeding, uint8 out) against plain PIL + torchvision
+(`Image.open().convert("RGB")`, RandomResizedCrop 224, flip, ToTensor, Normalize), alternated, medians:
+
+    python scripts/benchmark.py --decode --repeats 5
+
 It reports, per side and worker count, the Trainer's training images/s (`train_samples_per_second`), the whole
 process's wall time and CPU seconds (medians over `--repeats`), and the ratios ours / baseline. Without shards in
 `--e2e_data` it writes them first (`scripts/prepare_data.py --source fashion-mnist --num_shards 8`).
@@ -66,6 +73,8 @@ class BenchmarkArguments:
     e2e_batch_size: int = field(default=64, metadata={"help": "Per-device batch of the end-to-end runs."})
     e2e_workers: str = field(default="1", metadata={"help": "Comma-separated DataLoader worker counts."})
     e2e_overrides: str = field(default="", metadata={"help": "Encoder overrides for both sides (tests: tiny model)."})
+    decode: bool = field(default=False, metadata={"help": "Per-core JPEG decode + augmentation, ours vs torchvision."})
+    decode_seconds: float = field(default=1.0, metadata={"help": "Seconds per timed decode run."})
     repeats: int = field(default=2, metadata={"help": "Alternated runs per side and worker count (medians)."})
 
 
@@ -222,8 +231,95 @@ def run_e2e(args: BenchmarkArguments) -> dict:
     return report
 
 
+DECODE_SIZES = ((500, 375), (1024, 768), (1600, 1200))
+
+
+def photo_jpegs(width: int, height: int) -> list[bytes]:
+    """scikit-image's bundled colour photographs, resized to `width` x `height`, as JPEG (quality 90)."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+    import skimage.data
+
+    encoded = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"):
+        try:
+            array = getattr(skimage.data, name)()
+        except Exception:  # noqa: BLE001 - a photo that needs a download is skipped
+            continue
+        if array.ndim != 3:
+            continue
+        image = PIL.Image.fromarray(np.asarray(array, dtype=np.uint8)[..., :3]).resize((width, height), 3)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+def run_decode(args: BenchmarkArguments) -> dict:
+    import io
+    import random
+
+    import PIL.Image
+    from torchvision import transforms as T
+
+    from simmim_hf.configuration_simmim import IMAGENET_MEAN, IMAGENET_STD
+    from simmim_hf.transforms import CROP_RATIO, CROP_SCALE, SimMIMAugmentation, augmentation_seed
+
+    torch.set_num_threads(1)
+    ours = SimMIMAugmentation((224, 224), 3, IMAGENET_MEAN, IMAGENET_STD, uint8=True)
+    reference = T.Compose(
+        [
+            T.RandomResizedCrop(224, scale=CROP_SCALE, ratio=CROP_RATIO),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+    def ours_one(data: bytes, epoch: int) -> torch.Tensor:
+        return ours.decode_and_augment(data, rng=random.Random(augmentation_seed(0, epoch, data)))
+
+    def torchvision_one(data: bytes, epoch: int) -> torch.Tensor:
+        return reference(PIL.Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def rate(function, photos: list[bytes]) -> float:
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.decode_seconds:
+            for data in photos:
+                function(data, count)
+                count += 1
+        return count / (time.perf_counter() - start)
+
+    rows = []
+    for width, height in DECODE_SIZES:
+        photos = photo_jpegs(width, height)
+        rates: dict[str, list[float]] = {"ours": [], "torchvision": []}
+        for _ in range(args.repeats):
+            rates["ours"].append(rate(ours_one, photos))
+            rates["torchvision"].append(rate(torchvision_one, photos))
+        row = {"size": f"{width}x{height}", "photos": len(photos), "runs": rates}
+        row.update({f"{side}_images_per_second": round(statistics.median(v), 1) for side, v in rates.items()})
+        row["ratio"] = round(row["ours_images_per_second"] / row["torchvision_images_per_second"], 2)
+        rows.append(row)
+    report = {"device": device_name("cpu"), "torch": torch.__version__, "pillow": PIL.__version__,
+              "settings": asdict(args), "decode": rows}  # fmt: skip
+    print(f"{report['device']} | torch {torch.__version__} | Pillow {PIL.__version__} | one process, one thread")
+    print(f"{'JPEG size':>10} {'photos':>6} {'ours img/s':>11} {'torchvision':>11} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['size']:>10} {r['photos']:>6} {r['ours_images_per_second']:>11} "
+              f"{r['torchvision_images_per_second']:>11} {r['ratio']:>6}")  # fmt: skip
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(report, handle, indent=2)
+    return report
+
+
 def main() -> dict:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
+    if args.decode:
+        return run_decode(args)
     if args.e2e:
         return run_e2e(args)
     config, models = build_models(args)
