@@ -1,6 +1,7 @@
 """The pretraining data pipeline: which images to read, and how to stream them to the DataLoader.
 
-`load_pretrain_dataset` returns a `datasets` dataset whose examples are `{"pixel_values": (C, H, W) float tensor}`.
+`load_pretrain_dataset` returns a `datasets` dataset whose examples are `{"pixel_values": (C, H, W) float tensor}`
+(uint8 with `uint8=True`, normalised later on the training device).
 Streaming (the default) goes: `load_dataset(..., streaming=True)` -> keep the image column, cast it to
 `Image(decode=False)` (bytes only) -> `shuffle(seed, buffer_size)` -> `split_dataset_by_node(rank, world_size)` ->
 `map(decode + transform)` -> drop undecodable images. Decoding and augmentation therefore run lazily inside the
