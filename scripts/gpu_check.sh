@@ -20,6 +20,25 @@ for preset in vit-base-patch16-224 swin-base-window6-192; do
 done
 timeout 200 python scripts/benchmark.py --preset vit-base-patch16-224 --batch_size 128 --precision bf16 --steps 20 \
   --warmup 8 --compile --variants transformers,simmim_hf+fused --output "$OUT/bench_vit-base_bf16_compile.json"
+# Input pipeline on the GPU host: per-core JPEG decode + augmentation (ours vs PIL + torchvision), then short
+# end-to-end jobs (scripts/pretrain.py, bf16 autocast and fused AdamW by default on the GPU) for ViT-B/16@224 and
+# Swin-B@192 on skimage photos written as 1600x1200 JPEG shards, 8 DataLoader workers; images/s from the Trainer.
+timeout 90 python scripts/benchmark.py --decode --repeats 3 --output "$OUT/decode.json"
+E2E=$(mktemp -d)
+python - "$E2E" <<'PY'
+import os, sys; sys.path.insert(0, "scripts"); from benchmark import photo_jpegs
+folder = os.path.join(sys.argv[1], "photos"); os.makedirs(folder)
+for i in range(512):
+    photos = photo_jpegs(1600, 1200) if i == 0 else photos
+    open(os.path.join(folder, f"{i:04d}.jpg"), "wb").write(photos[i % len(photos)])
+PY
+python scripts/prepare_data.py --source "$E2E/photos" --output "$E2E/shards" --num_shards 8 >/dev/null
+for preset in vit-base-patch16-224 swin-base-window6-192; do
+  timeout 150 python scripts/pretrain.py --preset "$preset" --dataset_name webdataset --data_files "$E2E"/shards/*.tar \
+    --output_dir "$E2E/run-$preset" --max_steps 40 --per_device_train_batch_size 128 --dataloader_num_workers 8 \
+    --shuffle_buffer_size 256 --logging_steps 10 --save_steps 1000 --report_to none --num_visualize_images 2 \
+    2>&1 | grep -E "images_per_second|train_samples_per_second" | tail -3
+done
 # FSDP2 with the shipped config (SHARDED_STATE_DICT checkpoints): 4 steps, then resume to 6 from the sharded
 # checkpoint; the final save must be a full model the job can export (encoder/, card). Noise images: a save check.
 SCRATCH=$(mktemp -d)

@@ -1,6 +1,7 @@
 """The pretraining data pipeline: which images to read, and how to stream them to the DataLoader.
 
-`load_pretrain_dataset` returns a `datasets` dataset whose examples are `{"pixel_values": (C, H, W) float tensor}`.
+`load_pretrain_dataset` returns a `datasets` dataset whose examples are `{"pixel_values": (C, H, W) float tensor}`
+(uint8 with `uint8=True`, normalised later on the training device).
 Streaming (the default) goes: `load_dataset(..., streaming=True)` -> keep the image column, cast it to
 `Image(decode=False)` (bytes only) -> `shuffle(seed, buffer_size)` -> `split_dataset_by_node(rank, world_size)` ->
 `map(decode + transform)` -> drop undecodable images. Decoding and augmentation therefore run lazily inside the
@@ -31,7 +32,7 @@ from .errors import UsageError
 from .faults import record_read
 from .shard_reader import KINDS as SHARD_KINDS
 from .shard_reader import is_remote, resolve_data_files, shard_stream
-from .transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, build_pretrain_transform
+from .transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, SimMIMAugmentation, build_pretrain_transform
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +295,7 @@ def load_pretrain_dataset(
     *,
     config: Any = None,
     transform: Callable[[PIL.Image.Image], torch.Tensor] | None = None,
+    uint8: bool = False,
 ) -> datasets.IterableDataset | datasets.Dataset:
     """The pretraining stream for one rank: examples `{"pixel_values": (C, H, W) float tensor}`.
 
@@ -304,6 +306,9 @@ def load_pretrain_dataset(
         num_workers: DataLoader workers per rank, only used to check the shard count and split `max_train_samples`.
         config: a SimMIMConfig-like object for `build_pretrain_transform`; or pass `transform` directly.
         transform: PIL image -> tensor; overrides `config`.
+        uint8: with the built-in augmentation (`SimMIMAugmentation`), yield uint8 pixels instead of normalised
+            floats, to be normalised on the training device (`transforms.normalize_pixel_values`); the pretraining
+            job does. Other transforms are left as they are.
 
     Streaming returns a `datasets.IterableDataset`, decoded and transformed lazily, faulty examples dropped and
     counted per reason (`dataset.simmim_decoder.fault_counts()` in the process that iterates it; `StreamLoader`
@@ -315,6 +320,8 @@ def load_pretrain_dataset(
         if config is None:
             raise ValueError("load_pretrain_dataset needs `config` (to build the transform) or `transform`")
         transform = build_pretrain_transform(config)
+    if uint8 and isinstance(transform, SimMIMAugmentation):
+        transform = transform.with_uint8()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     dataset = raw_image_dataset(data_args, streaming=data_args.streaming, max_samples=data_args.max_train_samples)

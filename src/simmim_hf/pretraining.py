@@ -35,6 +35,7 @@ from .image_stats import data_provenance, resolve_image_stats
 from .masking import SimMIMMaskGenerator
 from .modeling_simmim import SimMIMForMaskedImageModeling
 from .training import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
+from .transforms import normalize_pixel_values
 from .visualization import save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,16 @@ class StreamTrainer(ThroughputTrainer):
             if any(faults.values()):
                 logs.update({f"data_faults/{reason}": count for reason, count in faults.items()})
         super().log(logs, start_time)
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Moves the batch to the device, where uint8 `pixel_values` (the job's collated images) are normalised
+        with the model config's `image_mean`/`image_std`; float pixel values pass unchanged."""
+        inputs = super()._prepare_inputs(inputs)
+        pixel_values = inputs.get("pixel_values") if isinstance(inputs, dict) else None
+        if pixel_values is not None and pixel_values.dtype == torch.uint8:
+            config = self.accelerator.unwrap_model(self.model).config
+            inputs["pixel_values"] = normalize_pixel_values(pixel_values, config.image_mean, config.image_std)
+        return inputs
 
     def get_train_dataloader(self):
         if self.stream_loader is None:
@@ -294,6 +305,7 @@ def run_pretraining(
         world_size=args.world_size,
         num_workers=args.dataloader_num_workers,
         config=config,
+        uint8=True,  # normalised on the device by StreamTrainer._prepare_inputs: 4x less to collate, pin and copy
     )
     collator = SimMIMCollator(SimMIMMaskGenerator.from_config(config), seed=args.seed, rank=args.process_index)
     loader = None

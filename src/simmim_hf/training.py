@@ -318,15 +318,29 @@ class SimMIMTrainer(Trainer):
         flags = torch.zeros(2, dtype=torch.int32, device=self.args.device)
         if loss_flag is not None:
             flags[0] = loss_flag.reshape(()).to(torch.int32)
+        clipped_norm, self._clipped_grad_norm = getattr(self, "_clipped_grad_norm", None), None
         if getattr(self.accelerator, "scaler", None) is None:  # with fp16 loss scaling, the scaler handles overflow
-            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-            if grads:
-                flags[1] = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).to(flags.device, torch.int32)
+            if clipped_norm is not None:  # the Trainer's clipping just measured it: no second pass over the grads
+                if hasattr(clipped_norm, "full_tensor"):  # a DTensor (FSDP2)
+                    clipped_norm = clipped_norm.full_tensor()
+                norm = torch.as_tensor(clipped_norm, dtype=torch.float32)
+                flags[1] = (~torch.isfinite(norm)).to(flags.device, torch.int32)
+            else:
+                grads = [
+                    p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None
+                ]
+                grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+                if grads:
+                    flags[1] = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).to(flags.device, torch.int32)
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         loss_bad, grad_bad = flags.tolist()
         return " and ".join(name for name, bad in (("loss", loss_bad), ("gradient norm", grad_bad)) if bad)
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        # Kept for `_nonfinite_step` (the pre-clip norm of this step's gradients, global under FSDP/DeepSpeed).
+        self._clipped_grad_norm = super()._clip_grad_norm(model)
+        return self._clipped_grad_norm
 
     def skip_nonfinite_step(self) -> None:
         """Called before every optimizer step: on a non-finite step, drops the gradients so that the optimizer

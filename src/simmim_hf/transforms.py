@@ -1,7 +1,11 @@
 """Image decoding and the SimMIM pretraining augmentation.
 
-`build_pretrain_transform(config)` is a torchvision transforms v2 pipeline: PIL image of any mode -> normalised float
-tensor `(C, H, W)`. `ImageDecoder` turns the raw `{"bytes", "path"}` cells that `datasets` keeps when an image column
+`build_pretrain_transform(config)` is the SimMIM augmentation (`SimMIMAugmentation`): PIL image of any mode ->
+normalised float tensor `(C, H, W)`, or with `uint8=True` the same pixels as a uint8 tensor, normalised later on the
+training device (`normalize_pixel_values`; 4x less to collate, pin and copy). It draws torchvision's
+`RandomResizedCrop` (same algorithm, scale and ratio) and flip from a `random.Random`, crops and resizes with PIL
+exactly as torchvision v2 does on PIL images, and decodes JPEGs at a reduced scale (PIL `draft`, 1/2 to 1/8) when
+the crop, drawn on the full size, still has at least the output's resolution at that scale. `ImageDecoder` turns the raw `{"bytes", "path"}` cells that `datasets` keeps when an image column
 is cast to `Image(decode=False)` into PIL images, so that decoding happens lazily inside the DataLoader workers and a
 corrupt file costs one skipped example instead of a crashed run.
 
@@ -9,8 +13,9 @@ Images are recognised by their content (PIL sniffs the bytes), never by a file e
 announces more than `max_image_pixels` pixels is refused before its pixels are decoded (`too_large`).
 
 Reproducible augmentation: an `ImageDecoder` built with a `seed` (the streaming pipeline's) draws each example's
-random crop and flip from a generator seeded with (seed, pass, digest of the image's raw bytes), inside
-`torch.random.fork_rng`, so the augmentation of an example is a pure function of the run seed, the pass and the
+random crop and flip from a generator seeded with (seed, pass, digest of the image's raw bytes) (a `random.Random`
+handed to `SimMIMAugmentation`; any other transform runs inside `torch.random.fork_rng` seeded the same way), so the
+augmentation of an example is a pure function of the run seed, the pass and the
 image itself: the same in an uninterrupted run and in a resumed one, whichever worker or rank reads it, and the
 process's global RNG is left as it was. The pass is the one the stream reader announced for the decoder's key
 (`faults.set_stream_epoch`; `StreamLoader` does it), 0 otherwise. Without a seed (map-style datasets), the transform
@@ -22,6 +27,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
+import random
+import struct
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -65,14 +73,172 @@ def _check_config(config: Any) -> tuple[tuple[int, int], int, list[float], list[
     return size, channels, mean, std
 
 
-def build_pretrain_transform(config: Any) -> Callable[[PIL.Image.Image], torch.Tensor]:
-    """The SimMIM pretraining augmentation as a torchvision v2 pipeline.
+def normalize_pixel_values(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels -> normalised float32, on the tensor's device.
+
+    `pixel_values: (..., C, H, W)` uint8 (0-255); returns `(pixel_values / 255 - mean) / std` per channel, float32.
+    """
+    view = (-1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pixel_values.device).view(view)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=pixel_values.device).view(view)
+    return pixel_values.to(torch.float32).div_(255.0).sub_(mean_t).div_(std_t)
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: random.Random,
+    scale: Sequence[float] = CROP_SCALE,
+    ratio: Sequence[float] = CROP_RATIO,
+) -> tuple[int, int, int, int]:
+    """A `RandomResizedCrop` box `(top, left, height, width)` on a `width` x `height` image, drawn from `rng`.
+
+    The algorithm (and so the distribution) of torchvision's `RandomResizedCrop.get_params`: up to 10 tries of an
+    area fraction uniform in `scale` and a log-uniform aspect ratio in `ratio`, else the largest central crop within
+    `ratio`.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randrange(height - h + 1), rng.randrange(width - w + 1), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _exif_rotated(image: PIL.Image.Image) -> bool:
+    try:
+        return image.getexif().get(0x0112, 1) not in (0, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: let the full decode path deal with it
+        return True
+
+
+class SimMIMAugmentation:
+    """SimMIM's pretraining augmentation: channel conversion, `RandomResizedCrop(size, CROP_SCALE, CROP_RATIO)`
+    (bilinear, antialiased), horizontal flip with probability 1/2.
+
+    Call it on a PIL image (`augmentation(image, rng)`), or on encoded bytes (`decode_and_augment`), which decodes a
+    JPEG at a reduced scale when the crop allows it. Returns `pixel_values: (channels, height, width)`: float32
+    normalised with `mean`/`std`, or uint8 when built with `uint8=True` (normalise with `normalize_pixel_values`).
+    The crop and flip come from `rng` (a `random.Random`); without one, from a generator seeded by one draw of
+    torch's global RNG. Picklable.
+    """
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        uint8: bool = False,
+        draft: bool = True,
+    ) -> None:
+        self.size = (int(size[0]), int(size[1]))  # (height, width)
+        self.channels = int(channels)
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        self.uint8 = uint8
+        self.draft = draft
+
+    def with_uint8(self, uint8: bool = True) -> SimMIMAugmentation:
+        """A copy that returns uint8 pixels (or normalised floats with `uint8=False`)."""
+        return type(self)(self.size, self.channels, self.mean, self.std, uint8=uint8, draft=self.draft)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, channels={self.channels}, scale={CROP_SCALE}, "
+            f"ratio={CROP_RATIO}, flip=0.5, uint8={self.uint8}, draft={self.draft})"
+        )
+
+    @staticmethod
+    def _global_rng() -> random.Random:
+        return random.Random(int(torch.randint(0, 2**62, (1,)).item()))
+
+    def _convert(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        # "L" stays one channel when three are wanted: replicated after the resize (exactly what RGB would give).
+        if self.channels == 3:
+            return image if image.mode in ("RGB", "L") else image.convert("RGB")
+        return image if image.mode == "L" else image.convert("L")
+
+    def _finish(self, image: PIL.Image.Image, flip: bool) -> torch.Tensor:
+        if flip:
+            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
+        if pixels.ndim == 2:
+            pixels = pixels.unsqueeze(0).expand(self.channels, -1, -1).contiguous()
+        else:
+            pixels = pixels.permute(2, 0, 1).contiguous()
+        return pixels if self.uint8 else normalize_pixel_values(pixels, self.mean, self.std)
+
+    def __call__(self, image: PIL.Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """`image`: a decoded PIL image of any mode. Returns `pixel_values: (C, H, W)` (class docstring)."""
+        rng = rng if rng is not None else self._global_rng()
+        image = self._convert(image)
+        top, left, height, width = random_resized_crop_box(image.width, image.height, rng)
+        flip = rng.random() < 0.5
+        # Crop, then resize: what torchvision's resized_crop does on a PIL image.
+        image = image.crop((left, top, left + width, top + height))
+        if image.size != self.size[::-1]:
+            image = image.resize(self.size[::-1], PIL.Image.Resampling.BILINEAR)
+        return self._finish(image, flip)
+
+    def decode_and_augment(
+        self, data: bytes, max_pixels: int | None = None, rng: random.Random | None = None
+    ) -> torch.Tensor:
+        """Decodes encoded image bytes and augments them; JPEGs at a reduced scale when the crop allows it.
+
+        The crop box is drawn on the full (header) size, then the JPEG is decoded at the largest DCT scale 1/s
+        (s in 1, 2, 4, 8) at which the box still covers at least the output size, and the box, divided by s, is
+        resized to the output. Same draws (hence the same crop and flip) as `__call__` on the fully decoded image.
+        Raises as `decode_image` does (`ImageTooLargeError`, PIL errors, truncated files).
+        """
+        image = open_image(data, None, max_pixels)
+        if not (self.draft and image.format == "JPEG" and image.mode in ("L", "RGB") and not _exif_rotated(image)):
+            return self(decode_image(image), rng)
+        rng = rng if rng is not None else self._global_rng()
+        full_width, full_height = image.size
+        top, left, height, width = random_resized_crop_box(full_width, full_height, rng)
+        flip = rng.random() < 0.5
+        out_height, out_width = self.size
+        request = (math.ceil(full_width * out_width / width), math.ceil(full_height * out_height / height))
+        drafted = image.draft(image.mode, request)
+        reduction = full_width / drafted[1][2] if drafted else 1.0
+        image.load()
+        image = self._convert(image)
+        if reduction == 1.0:
+            image = image.crop((left, top, left + width, top + height))
+            if image.size != (out_width, out_height):
+                image = image.resize((out_width, out_height), PIL.Image.Resampling.BILINEAR)
+        else:
+            box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
+            image = image.resize((out_width, out_height), PIL.Image.Resampling.BILINEAR, box=box)
+        return self._finish(image, flip)
+
+
+def build_pretrain_transform(config: Any, uint8: bool = False) -> SimMIMAugmentation:
+    """The SimMIM pretraining augmentation for `config` (`SimMIMAugmentation`).
 
     `config` is any object with `image_size` (int, or [height, width]), `num_channels` (1 or 3), `image_mean` and
     `image_std` (one float per channel), e.g. a `SimMIMConfig`. The returned callable maps a PIL image of any mode
     (L, RGB, RGBA, P, ...) to `pixel_values: (num_channels, height, width)` float32, normalised with the config's
-    mean/std.
+    mean/std; with `uint8=True`, to the same pixels as uint8 (normalise them with `normalize_pixel_values`).
     """
+    size, channels, mean, std = _check_config(config)
+    return SimMIMAugmentation(size, channels, mean, std, uint8=uint8)
+
+
+def build_torchvision_transform(config: Any) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    """The same augmentation as a torchvision v2 pipeline (the reference `SimMIMAugmentation` is tested against)."""
     size, channels, mean, std = _check_config(config)
     to_channels = v2.RGB() if channels == 3 else v2.Grayscale(num_output_channels=1)
     return v2.Compose(
@@ -163,10 +329,12 @@ def decode_image(cell: Any, max_pixels: int | None = None) -> PIL.Image.Image:
 
 
 def augmentation_seed(seed: int, epoch: int, data: bytes) -> int:
-    """The seed of one example's augmentation: a function of the run seed, the pass and the image's raw bytes."""
-    digest = hashlib.blake2b(data, digest_size=16).digest()
-    words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
-    return int(np.random.SeedSequence([int(seed), int(epoch), *words]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """The seed of one example's augmentation: a function of the run seed, the pass and the image's raw bytes.
+
+    A BLAKE2b digest of the bytes keyed with (seed, pass): one C call, no seed-sequence mixing.
+    """
+    key = struct.pack("<qq", int(seed) % 2**63, int(epoch) % 2**63)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "little") >> 1
 
 
 class ImageDecoder:
@@ -215,7 +383,14 @@ class ImageDecoder:
             where = f"worker {worker.id}" if worker is not None else "main process"
             logger.warning("Skipping %s: %s (%d %s so far in the %s)", reason, detail, count, reason, where)
 
+    def _rng(self, data: bytes | None) -> random.Random | None:
+        if self.seed is None or data is None:
+            return None
+        return random.Random(augmentation_seed(self.seed, stream_epoch(self.key), data))
+
     def _augment(self, image: PIL.Image.Image, data: bytes | None) -> torch.Tensor:
+        if isinstance(self.transform, SimMIMAugmentation):
+            return self.transform(image, self._rng(data))
         if self.seed is None or data is None:
             return self.transform(image)
         with torch.random.fork_rng(devices=[]):
@@ -234,6 +409,8 @@ class ImageDecoder:
                     if not name:
                         raise ValueError("image cell has neither bytes nor path")
                     data = Path(name).read_bytes()
+                if isinstance(self.transform, SimMIMAugmentation):
+                    return self.transform.decode_and_augment(data, self.max_image_pixels, self._rng(data))
                 image = decode_image(data, self.max_image_pixels)
             return self._augment(image, data)
         except Exception as error:  # noqa: BLE001 - any unreadable image must cost one example, not the run
