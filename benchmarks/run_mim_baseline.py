@@ -26,7 +26,7 @@ from torchvision import transforms as T
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForMaskedImageModeling
 
 from simmim_hf import SimMIMConfig
-from simmim_hf.transforms import CROP_RATIO, CROP_SCALE
+from simmim_hf.data.images import CROP_RATIO, CROP_SCALE
 
 
 class NumpyMaskGenerator:

@@ -265,7 +265,7 @@ def run_decode(args: BenchmarkArguments) -> dict:
     from torchvision import transforms as T
 
     from simmim_hf.configuration_simmim import IMAGENET_MEAN, IMAGENET_STD
-    from simmim_hf.transforms import CROP_RATIO, CROP_SCALE, SimMIMAugmentation, augmentation_seed
+    from simmim_hf.data.images import CROP_RATIO, CROP_SCALE, SimMIMAugmentation, augmentation_seed
 
     torch.set_num_threads(1)
     ours = SimMIMAugmentation((224, 224), 3, IMAGENET_MEAN, IMAGENET_STD, uint8=True)

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from simmim_hf.official import convert_official
-    from simmim_hf.pretraining import parse_overrides
+    from simmim_hf.pretrain.run import parse_overrides
+    from simmim_hf.publish.official import convert_official
 
     output_dir = Path(args.output_dir)
     try:

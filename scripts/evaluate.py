@@ -24,7 +24,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 from transformers import HfArgumentParser  # noqa: E402
 
 from simmim_hf.cli import parse_arguments, run_script  # noqa: E402
-from simmim_hf.evaluation import EvaluationArguments, run_evaluation  # noqa: E402
+from simmim_hf.eval.run import EvaluationArguments, run_evaluation  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_dir = None if (args.random_init or args.raw_pixels) else pretraining_run_of(args.model)
     if run_dir is not None and args.update_model_card:
         # The run's local model card gets the results in its evaluation table and model-index.
-        from simmim_hf.model_card import write_model_card
+        from simmim_hf.publish.model_card import write_model_card
 
         print(f"updated the model card {write_model_card(run_dir, eval_results=payload)}")
     return payload

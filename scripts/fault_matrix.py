@@ -314,7 +314,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated fault function names")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fault_matrix_"))
-    from simmim_hf.fashion_mnist import ensure_fashion_mnist
+    from simmim_hf.data.fashion_mnist import ensure_fashion_mnist
 
     ensure_fashion_mnist()
     ctx = Context(workdir, make_shards(workdir / "shards"))

@@ -6,7 +6,7 @@
 Every function takes an empty work folder and returns one row: `fault` (what was broken), `outcome` ("handled: ..."
 when the pipeline behaved as documented, "FAILED: ..." otherwise) and `figures` (images read, faults counted per
 reason). The builders (`write_tar`, `truncate_tar_end`, ...) are shared with tests/test_data_faults.py. Images are
-Fashion-MNIST test images (fetched once from Debian's package by `simmim_hf.fashion_mnist`).
+Fashion-MNIST test images (fetched once from Debian's package by `simmim_hf.data.fashion_mnist`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 
 import PIL.Image
 
-from simmim_hf.collate import SimMIMCollator, StreamLoader
-from simmim_hf.data import DataArguments, load_pretrain_dataset
+from simmim_hf.data.collate import SimMIMCollator, StreamLoader
+from simmim_hf.data.faults import DataFaultError, format_counts
+from simmim_hf.data.stream import DataArguments, load_pretrain_dataset
 from simmim_hf.errors import UsageError
-from simmim_hf.faults import DataFaultError, format_counts
 from simmim_hf.masking import SimMIMMaskGenerator
 
 CONFIG = SimpleNamespace(image_size=16, num_channels=1, image_mean=[0.286], image_std=[0.353])
@@ -37,7 +37,7 @@ PER_SHARD = 8
 
 
 def fashion_images(count: int, offset: int = 0) -> list[PIL.Image.Image]:
-    from simmim_hf.fashion_mnist import load_fashion_mnist
+    from simmim_hf.data.fashion_mnist import load_fashion_mnist
 
     images, _ = load_fashion_mnist("test")
     return [PIL.Image.fromarray(image) for image in images[offset : offset + count]]

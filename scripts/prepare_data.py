@@ -14,7 +14,7 @@ import sys
 from transformers import HfArgumentParser
 
 from simmim_hf.cli import parse_arguments, run_script
-from simmim_hf.sharding import PrepareDataArguments, prepare_data
+from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
 
 
 def main() -> None:

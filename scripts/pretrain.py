@@ -17,10 +17,10 @@ import sys
 from transformers import HfArgumentParser
 
 from simmim_hf.cli import parse_arguments, run_script
-from simmim_hf.console import configure_logging
-from simmim_hf.data import DataArguments
-from simmim_hf.pretraining import run_pretraining
-from simmim_hf.training import ModelArguments, SimMIMTrainingArguments
+from simmim_hf.data.stream import DataArguments
+from simmim_hf.pretrain.console import configure_logging
+from simmim_hf.pretrain.run import run_pretraining
+from simmim_hf.pretrain.trainer import ModelArguments, SimMIMTrainingArguments
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so that --help stays fast.
     from huggingface_hub.errors import HfHubHTTPError
 
-    from simmim_hf.hub import HubPublishError, push_run_to_hub
+    from simmim_hf.publish.hub import HubPublishError, push_run_to_hub
 
     try:
         url = push_run_to_hub(

@@ -19,7 +19,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def fashion_mnist_dir():
     """Folder with the four Fashion-MNIST IDX files (fetched once from Debian's package)."""
-    from simmim_hf.fashion_mnist import ensure_fashion_mnist
+    from simmim_hf.data.fashion_mnist import ensure_fashion_mnist
 
     return ensure_fashion_mnist()
 

@@ -25,9 +25,9 @@ from torchvision.transforms import v2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import simmim_hf.collate as collate  # noqa: E402
-import simmim_hf.data as data  # noqa: E402
-import simmim_hf.pretraining as pretraining  # noqa: E402
+import simmim_hf.data.collate as collate  # noqa: E402
+import simmim_hf.data.stream as data  # noqa: E402
+import simmim_hf.pretrain.run as pretraining  # noqa: E402
 
 PROBE = Path(sys.argv.pop(1))
 RANK = int(os.environ.get("RANK", "0"))

@@ -14,11 +14,11 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from simmim_hf.collate import SimMIMCollator, StreamLoader
-from simmim_hf.data import DataArguments, detect_image_column, interleaved_shards, load_pretrain_dataset
+from simmim_hf.data.collate import SimMIMCollator, StreamLoader
+from simmim_hf.data.images import build_pretrain_transform
+from simmim_hf.data.stream import DataArguments, detect_image_column, interleaved_shards, load_pretrain_dataset
+from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
 from simmim_hf.masking import SimMIMMaskGenerator
-from simmim_hf.sharding import PrepareDataArguments, prepare_data
-from simmim_hf.transforms import build_pretrain_transform
 
 NUM_IMAGES, NUM_SHARDS = 64, 4
 # Keeps the pixels as they are, so examples can be recognised after the pipeline (the real augmentation is random).
@@ -49,7 +49,7 @@ def shards(tmp_path_factory, fashion_mnist_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def source_digests(fashion_mnist_dir) -> set[str]:
-    from simmim_hf.fashion_mnist import load_fashion_mnist
+    from simmim_hf.data.fashion_mnist import load_fashion_mnist
 
     images, _ = load_fashion_mnist("test")
     return {digest(torch.from_numpy(image.copy()).unsqueeze(0)) for image in images[:NUM_IMAGES]}
@@ -193,10 +193,10 @@ def test_split_by_node_gives_disjoint_ranks_covering_all(shards, source_digests)
 
 
 def test_shard_count_warning(shards, caplog):
-    with caplog.at_level(logging.WARNING, logger="simmim_hf.data"):
+    with caplog.at_level(logging.WARNING, logger="simmim_hf.data.stream"):
         load_pretrain_dataset(shard_args(shards), world_size=2, num_workers=2, transform=IDENTITY)
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="simmim_hf.data"):
+    with caplog.at_level(logging.WARNING, logger="simmim_hf.data.stream"):
         load_pretrain_dataset(shard_args(shards), world_size=1, num_workers=3, transform=IDENTITY)
     assert "4 shard(s), not a multiple" in caplog.text and "imagefolder streams as ONE shard" in caplog.text
 
@@ -215,7 +215,7 @@ def test_interleaved_shards_never_exceed_a_readers_share():
 
 def corrupt_shard(folder: Path) -> Path:
     """One tar shard: 5 Fashion-MNIST PNGs and, in the middle, a PNG cut in half."""
-    from simmim_hf.fashion_mnist import load_fashion_mnist
+    from simmim_hf.data.fashion_mnist import load_fashion_mnist
 
     images, _ = load_fashion_mnist("test")
     path = folder / "corrupt-00000.tar"
@@ -236,7 +236,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, fashion_mnist_dir, caplo
     path = corrupt_shard(tmp_path)
     args = DataArguments(dataset_name="webdataset", data_files=[str(path)], shuffle_buffer_size=2)
     dataset = load_pretrain_dataset(args, config=rgb_config())
-    with caplog.at_level(logging.WARNING, logger="simmim_hf.transforms"):
+    with caplog.at_level(logging.WARNING, logger="simmim_hf.data.images"):
         examples = list(dataset)
     assert len(examples) == 5
     assert dataset.simmim_decoder.num_skipped == 1
@@ -360,7 +360,7 @@ def test_stream_loader_resume_continues_with_unseen_samples(shards, num_workers)
 def test_stream_loader_state_with_other_worker_count_starts_next_pass(shards, caplog):
     dataset = load_pretrain_dataset(shard_args(shards), transform=IDENTITY)
     loader = StreamLoader(dataset, DigestCollator(), batch_size=4)
-    with caplog.at_level(logging.WARNING, logger="simmim_hf.collate"):
+    with caplog.at_level(logging.WARNING, logger="simmim_hf.data.collate"):
         loader.load_state_dict({"version": 1, "epoch": 2, "num_workers": 3, "worker_states": {}})
     assert loader.epoch == 3 and "num_workers=3" in caplog.text
     with pytest.raises(ValueError, match="num_workers"):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from simmim_hf.collate import SimMIMCollator, StreamLoader
-from simmim_hf.data import DataArguments, load_pretrain_dataset
+from simmim_hf.data.collate import SimMIMCollator, StreamLoader
+from simmim_hf.data.faults import DataFaultError, add_counts
+from simmim_hf.data.stream import DataArguments, load_pretrain_dataset
 from simmim_hf.errors import UsageError
-from simmim_hf.faults import DataFaultError, add_counts
 from simmim_hf.masking import SimMIMMaskGenerator
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from simmim_hf import configuration_simmim, fashion_mnist
+from simmim_hf import configuration_simmim
+from simmim_hf.data import fashion_mnist
 
 
 def test_recorded_statistics_match_the_training_images(fashion_mnist_dir):

@@ -274,7 +274,7 @@ def test_fsdp_final_save_gathers_a_full_state_dict():
 
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from simmim_hf.pretraining import save_full_model
+    from simmim_hf.pretrain.run import save_full_model
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
     saved_under = []

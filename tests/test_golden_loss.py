@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMMaskGenerator
-from simmim_hf.fashion_mnist import load_fashion_mnist
-from simmim_hf.training import optimizer_groups
+from simmim_hf.data.fashion_mnist import load_fashion_mnist
+from simmim_hf.pretrain.trainer import optimizer_groups
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_vit_fashion_mnist.json"
 STEPS = 12

@@ -23,7 +23,7 @@ from tiny_configs import tiny_simmim_config, tiny_vit
 from transformers import AutoImageProcessor, AutoModel, ViTImageProcessor, ViTModel
 
 from simmim_hf import SimMIMForMaskedImageModeling, SimMIMMaskGenerator
-from simmim_hf.hub import (
+from simmim_hf.publish.hub import (
     HubPublishError,
     NotARunDirError,
     eval_results_to_model_index,
@@ -336,7 +336,7 @@ json.dump({"task": extractor.task, "model_class": type(model).__name__, "card": 
 
 @pytest.fixture(scope="module")
 def fashion_images(fashion_mnist_dir, tmp_path_factory) -> Path:
-    from simmim_hf.fashion_mnist import load_fashion_mnist
+    from simmim_hf.data.fashion_mnist import load_fashion_mnist
 
     path = tmp_path_factory.mktemp("images") / "images.npy"
     np.save(path, load_fashion_mnist("test", fashion_mnist_dir)[0][:3])

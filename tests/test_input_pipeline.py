@@ -13,13 +13,13 @@ from tiny_configs import tiny_simmim_config
 from torchvision.transforms.v2 import functional as F
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling
-from simmim_hf.data import DataArguments, load_pretrain_dataset
-from simmim_hf.transforms import (
+from simmim_hf.data.images import (
     SimMIMAugmentation,
     build_pretrain_transform,
     normalize_pixel_values,
     random_resized_crop_box,
 )
+from simmim_hf.data.stream import DataArguments, load_pretrain_dataset
 
 CONFIG = SimMIMConfig.from_preset("demo")
 
@@ -54,7 +54,7 @@ def test_uint8_and_float_paths_equal_torchvision_on_the_same_draws(mode):
 def test_crop_box_distribution_matches_torchvision_random_resized_crop():
     from torchvision.transforms import v2
 
-    from simmim_hf.transforms import CROP_RATIO, CROP_SCALE
+    from simmim_hf.data.images import CROP_RATIO, CROP_SCALE
 
     draws, image = random.Random(0), torch.zeros(3, 300, 400)
     torch.manual_seed(0)
@@ -126,8 +126,8 @@ def test_stream_uint8_pixels_normalise_to_the_float_stream(shards):
 @pytest.mark.parametrize("compile_model", [False, True])
 def test_trainer_normalises_uint8_batches_with_fused_adamw_and_compile(tmp_path, compile_model):
     from simmim_hf.masking import SimMIMMaskGenerator
-    from simmim_hf.pretraining import StreamTrainer
-    from simmim_hf.training import SimMIMTrainingArguments
+    from simmim_hf.pretrain.run import StreamTrainer
+    from simmim_hf.pretrain.trainer import SimMIMTrainingArguments
 
     config = tiny_simmim_config("vit")
     config.image_mean, config.image_std = [0.3] * 3, [0.2] * 3

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from simmim_hf import SimMIMForMaskedImageModeling, from_official, official_classifier
-from simmim_hf.official import OfficialCheckpointError, OfficialConfigNode, load_official_checkpoint
+from simmim_hf.publish.official import OfficialCheckpointError, OfficialConfigNode, load_official_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -424,7 +424,7 @@ def test_converted_finetuned_checkpoint_is_a_stock_classifier(tmp_path, family):
 def test_script_converts_and_the_converted_checkpoint_trains_a_step(tmp_path):
     from transformers import AutoModel
 
-    from simmim_hf.training import SimMIMTrainer, SimMIMTrainingArguments
+    from simmim_hf.pretrain.trainer import SimMIMTrainer, SimMIMTrainingArguments
 
     state = vit_state()
     path = save_official(tmp_path / "ckpt.pth", state, "vit", VIT["image"], heads=VIT["heads"])

@@ -13,8 +13,8 @@ import torch
 from tiny_configs import tiny_beit, tiny_swin
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling, export_encoder
-from simmim_hf.layer_decay import param_groups_layer_decay
-from simmim_hf.training import SimMIMTrainer, SimMIMTrainingArguments
+from simmim_hf.eval.layer_decay import param_groups_layer_decay
+from simmim_hf.pretrain.trainer import SimMIMTrainer, SimMIMTrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 # Std of a standard normal truncated to [-1, 1]: sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)).
@@ -260,7 +260,7 @@ def test_swin_finetuning_export_resamples_tables_like_the_official_loader(tmp_pa
 def test_evaluation_finetunes_beit_in_the_official_layout(tmp_path):
     from transformers import AutoConfig
 
-    from simmim_hf.finetune import finetuning_encoder_path
+    from simmim_hf.eval.finetune import finetuning_encoder_path
 
     model = SimMIMForMaskedImageModeling(SimMIMConfig(encoder_config=tiny_beit()))
     encoder = export_encoder(model, tmp_path / "encoder")

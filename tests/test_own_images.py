@@ -18,13 +18,13 @@ import skimage.data
 from huggingface_hub import ModelCard
 
 from simmim_hf.configuration_simmim import IMAGENET_MEAN, SimMIMConfig
-from simmim_hf.console import configure_logging
-from simmim_hf.data import DataArguments
+from simmim_hf.data.stats import resolve_image_stats
+from simmim_hf.data.stream import DataArguments
+from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
 from simmim_hf.errors import UsageError
-from simmim_hf.image_stats import resolve_image_stats
-from simmim_hf.model_card import card_title, pretraining_data
-from simmim_hf.sharding import PrepareDataArguments, prepare_data
-from simmim_hf.training import ModelArguments, SimMIMTrainingArguments
+from simmim_hf.pretrain.console import configure_logging
+from simmim_hf.pretrain.trainer import ModelArguments, SimMIMTrainingArguments
+from simmim_hf.publish.model_card import card_title, pretraining_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
@@ -193,8 +193,8 @@ def test_evaluation_loads_an_exported_encoder_without_a_pooler_report(tmp_path, 
     from tiny_configs import tiny_simmim_config
 
     from simmim_hf import SimMIMForMaskedImageModeling, export_encoder
-    from simmim_hf.features import load_encoder
-    from simmim_hf.finetune import build_classifier
+    from simmim_hf.eval.features import load_encoder
+    from simmim_hf.eval.finetune import build_classifier
 
     folder = export_encoder(SimMIMForMaskedImageModeling(tiny_simmim_config("vit")), tmp_path / "encoder")
     capfd.readouterr()

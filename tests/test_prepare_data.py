@@ -1,4 +1,4 @@
-"""scripts/prepare_data.py and simmim_hf.sharding: shards that `load_dataset` streams back pixel for pixel."""
+"""scripts/prepare_data.py and simmim_hf.data.write_shards: shards that `load_dataset` streams back pixel for pixel."""
 
 import io
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from simmim_hf.sharding import PrepareDataArguments, prepare_data
+from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES, NUM_SHARDS = 64, 4
@@ -20,7 +20,7 @@ NUM_IMAGES, NUM_SHARDS = 64, 4
 
 @pytest.fixture(scope="module")
 def fashion_test(fashion_mnist_dir):
-    from simmim_hf.fashion_mnist import load_fashion_mnist
+    from simmim_hf.data.fashion_mnist import load_fashion_mnist
 
     return load_fashion_mnist("test")
 
@@ -102,7 +102,7 @@ def test_image_folder_skips_unreadable_files_and_labels_by_subfolder(tmp_path, f
 
 
 def test_saved_dataset_source_keeps_class_names(tmp_path, fashion_test):
-    from simmim_hf.fashion_mnist import CLASS_NAMES
+    from simmim_hf.data.fashion_mnist import CLASS_NAMES
 
     images, labels = fashion_test
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})

@@ -12,9 +12,9 @@ from tiny_configs import tiny_simmim_config
 from transformers import HfArgumentParser
 
 from simmim_hf.cli import expand_config_file
-from simmim_hf.data import DataArguments
+from simmim_hf.data.stream import DataArguments
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
-from simmim_hf.training import (
+from simmim_hf.pretrain.trainer import (
     ModelArguments,
     SimMIMTrainer,
     SimMIMTrainingArguments,
@@ -162,7 +162,7 @@ def test_config_file_errors_are_clear(tmp_path):
 
 
 def test_zero_max_steps_is_refused(tmp_path):
-    from simmim_hf.pretraining import run_pretraining
+    from simmim_hf.pretrain.run import run_pretraining
 
     args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="max_steps"):
@@ -170,7 +170,7 @@ def test_zero_max_steps_is_refused(tmp_path):
 
 
 def test_throughput_is_logged(tmp_path):
-    from simmim_hf.training import ThroughputTrainer
+    from simmim_hf.pretrain.trainer import ThroughputTrainer
 
     model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
     args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
@@ -225,7 +225,7 @@ def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
 def test_bf16_is_chosen_only_on_capable_gpus(monkeypatch):
     from types import SimpleNamespace
 
-    import simmim_hf.training as training
+    import simmim_hf.pretrain.trainer as training
 
     flags = dict(auto_bf16=True, bf16=False, fp16=False, use_cpu=False)
     monkeypatch.setattr(training, "bf16_capable_gpu", lambda: True)
@@ -265,7 +265,7 @@ def test_map_style_dataset_pretrains(tmp_path):
 
 
 def test_config_overrides_accept_lists_and_reject_unknown_fields():
-    from simmim_hf.pretraining import build_config, parse_overrides
+    from simmim_hf.pretrain.run import build_config, parse_overrides
 
     assert parse_overrides("depths=[1,1,2,1],drop_path_rate=0.1,hidden_act=gelu") == {
         "depths": [1, 1, 2, 1],
@@ -279,7 +279,7 @@ def test_config_overrides_accept_lists_and_reject_unknown_fields():
 
 
 def test_checkpoint_config_overrides_are_validated(tmp_path):
-    from simmim_hf.pretraining import build_config
+    from simmim_hf.pretrain.run import build_config
 
     tiny_simmim_config("vit").save_pretrained(tmp_path)
     config = build_config(ModelArguments(model_name_or_path=str(tmp_path), mask_ratio=0.4, config_overrides="hidden_dropout_prob=0.1"))  # fmt: skip
@@ -295,7 +295,7 @@ def test_non_square_transform(tmp_path):
 
     from PIL import Image
 
-    from simmim_hf.transforms import build_pretrain_transform
+    from simmim_hf.data.images import build_pretrain_transform
 
     config = SimpleNamespace(image_size=[32, 48], num_channels=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     assert build_pretrain_transform(config)(Image.new("L", (28, 28))).shape == (3, 32, 48)

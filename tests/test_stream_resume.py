@@ -13,10 +13,10 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from simmim_hf.collate import SimMIMCollator, StreamLoader
-from simmim_hf.data import DataArguments, load_pretrain_dataset
+from simmim_hf.data.collate import SimMIMCollator, StreamLoader
+from simmim_hf.data.stream import DataArguments, load_pretrain_dataset
+from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
 from simmim_hf.masking import SimMIMMaskGenerator
-from simmim_hf.sharding import PrepareDataArguments, prepare_data
 
 NUM_IMAGES, NUM_SHARDS, BATCH, SEED = 64, 4, 4, 5
 CONFIG = SimpleNamespace(image_size=16, num_channels=1, image_mean=[0.286], image_std=[0.353])
@@ -112,7 +112,7 @@ def test_resume_with_a_buffer_reads_nothing_twice_and_logs_what_it_skips(shards,
     del batches
 
     resumed_loader = digest_loader(shards, num_workers, buffer)
-    with caplog.at_level(logging.WARNING, logger="simmim_hf.collate"):
+    with caplog.at_level(logging.WARNING, logger="simmim_hf.data.collate"):
         resumed_loader.load_state_dict(state)
     resumed = []
     for batch in resumed_loader:
@@ -136,7 +136,7 @@ def test_resume_at_the_end_of_the_shards_moves_on_to_the_next_pass(shards, caplo
     take(interrupted, 2)
     state = interrupted.state_dict()
     resumed = digest_loader(shards, 0, buffer=100, world_size=2)
-    with caplog.at_level(logging.INFO, logger="simmim_hf.collate"):
+    with caplog.at_level(logging.INFO, logger="simmim_hf.data.collate"):
         resumed.load_state_dict(state)
         first = take(resumed, 1)[0]
     assert resumed.epoch == 1

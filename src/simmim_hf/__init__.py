@@ -7,10 +7,10 @@ Importing the package registers `SimMIMConfig` and the models with `AutoConfig`,
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedImageModeling
 
 from .configuration_simmim import PRESETS, SimMIMConfig
-from .convert import export_encoder, export_finetuning_layout, from_transformers, to_transformers
 from .masking import SimMIMMaskGenerator
 from .modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel, SimMIMPreTrainedModel
-from .official import convert_official, from_official, official_classifier
+from .publish.convert import export_encoder, export_finetuning_layout, from_transformers, to_transformers
+from .publish.official import convert_official, from_official, official_classifier
 
 __version__ = "0.1.0"
 

@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .configuration_simmim import IMAGENET_MEAN, IMAGENET_STD, SimMIMConfig, _preset_encoders
-from .errors import UsageError
-from .modeling_simmim import SimMIMForMaskedImageModeling
+from simmim_hf.configuration_simmim import IMAGENET_MEAN, IMAGENET_STD, SimMIMConfig, _preset_encoders
+from simmim_hf.errors import UsageError
+from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
 
 # The preset an official checkpoint of each family starts from (for what the tensors do not determine).
 DEFAULT_PRESETS = {"vit": "beit-base-patch16-224", "swin": "swin-base-window6-192"}
@@ -679,7 +679,7 @@ def convert_official(
     the stock encoder in `output_dir/encoder` (`export_encoder`). Fine-tuned checkpoint: a stock image classifier
     with its image processor. Either way also `official_config.json`, the checkpoint's own config as data.
     """
-    from .convert import export_encoder, image_processor_for
+    from simmim_hf.publish.convert import export_encoder, image_processor_for
 
     state, config = _load(path_or_state_dict)
     family, kind = checkpoint_kind(state)

@@ -21,7 +21,7 @@ uninterrupted one exactly:
   * masks: the generator of a batch is seeded from (seed, rank, pass, worker, batch index of that worker in the pass);
     the batch index is part of the saved state;
   * augmentation: each example's crop and flip are seeded from (seed, pass, digest of its raw bytes) in the decoder
-    (`simmim_hf.transforms`), which learns the pass from `_BatchStream`.
+    (`simmim_hf.data.images`), which learns the pass from `_BatchStream`.
 With a shuffle buffer of 1, a loader restored from `state_dict()` after k batches yields exactly batches k+1, k+2, ...
 of the uninterrupted loader. With a real buffer, the examples the buffers held when the state was saved are not saved
 (as `datasets` documents): a resume skips them (never more than one buffer per worker), logs how many, and reads
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from .faults import (
+from simmim_hf.data.faults import (
     DataFaultError,
     add_counts,
     fault_snapshot,
@@ -55,7 +55,7 @@ from .faults import (
     set_stream_epoch,
     subtract_counts,
 )
-from .masking import SimMIMMaskGenerator
+from simmim_hf.masking import SimMIMMaskGenerator
 
 logger = logging.getLogger(__name__)
 

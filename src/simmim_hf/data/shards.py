@@ -31,8 +31,8 @@ from typing import Any
 
 import datasets
 
-from .errors import UsageError
-from .transforms import is_image
+from simmim_hf.data.images import is_image
+from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def parquet_image_column(files: Sequence[str], image_column: str | None = None) 
     """The image column of parquet shards, from the schema of the first file that opens."""
     import pyarrow.parquet as pq
 
-    from .data import detect_image_column
+    from simmim_hf.data.stream import detect_image_column
 
     for path in files:
         try:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from simmim_hf.eval_data import to_pil
+from simmim_hf.eval.data import to_pil
 
 logger = logging.getLogger(__name__)
 

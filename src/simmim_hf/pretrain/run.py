@@ -21,22 +21,22 @@ import torch
 import transformers
 from transformers import set_seed
 
-from . import __version__
-from .callbacks import ReconstructionCallback
-from .checkpoints import checkpoint_step, find_resume_checkpoint, finished_run, load_weights_strictly
-from .collate import SimMIMCollator, StreamLoader
-from .configuration_simmim import SimMIMConfig
-from .console import run_header
-from .convert import export_encoder
-from .data import DataArguments, load_pretrain_dataset
-from .errors import TrainingDiverged, UsageError
-from .faults import FAULT_REASONS, add_counts
-from .image_stats import data_provenance, resolve_image_stats
-from .masking import SimMIMMaskGenerator
-from .modeling_simmim import SimMIMForMaskedImageModeling
-from .training import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
-from .transforms import normalize_pixel_values
-from .visualization import save_reconstruction_grid
+from simmim_hf import __version__
+from simmim_hf.configuration_simmim import SimMIMConfig
+from simmim_hf.data.collate import SimMIMCollator, StreamLoader
+from simmim_hf.data.faults import FAULT_REASONS, add_counts
+from simmim_hf.data.images import normalize_pixel_values
+from simmim_hf.data.stats import data_provenance, resolve_image_stats
+from simmim_hf.data.stream import DataArguments, load_pretrain_dataset
+from simmim_hf.errors import TrainingDiverged, UsageError
+from simmim_hf.masking import SimMIMMaskGenerator
+from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
+from simmim_hf.pretrain.callbacks import ReconstructionCallback
+from simmim_hf.pretrain.checkpoints import checkpoint_step, find_resume_checkpoint, finished_run, load_weights_strictly
+from simmim_hf.pretrain.console import run_header
+from simmim_hf.pretrain.trainer import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
+from simmim_hf.publish.convert import export_encoder
+from simmim_hf.visualization import save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
 
@@ -421,8 +421,8 @@ def finish_run(
         model, preview["pixel_values"], preview["bool_masked_pos"], output_dir / "reconstruction.png"
     )
     (output_dir / RUN_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    from .hub import push_run_to_hub
-    from .model_card import write_model_card
+    from simmim_hf.publish.hub import push_run_to_hub
+    from simmim_hf.publish.model_card import write_model_card
 
     write_model_card(output_dir)
     logger.info("Wrote %s (checkpoint, encoder/, reconstruction.png, model card)", output_dir)

@@ -18,9 +18,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .checkpoints import STAGING_PREFIX, find_resume_checkpoint, load_weights_strictly, rotate_checkpoints
-from .configuration_simmim import to_pair
-from .errors import TrainingDiverged, UsageError
+from simmim_hf.configuration_simmim import to_pair
+from simmim_hf.errors import TrainingDiverged, UsageError
+from simmim_hf.pretrain.checkpoints import (
+    STAGING_PREFIX,
+    find_resume_checkpoint,
+    load_weights_strictly,
+    rotate_checkpoints,
+)
 
 logger = logging.getLogger(__name__)
 

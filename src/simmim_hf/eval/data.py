@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from simmim_hf.evaluation import EvaluationArguments
+    from simmim_hf.eval.run import EvaluationArguments
 
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist")
 _LABEL_NAMES = ("label", "labels", "cls", "class", "target", "fine_label")
@@ -51,7 +51,7 @@ def to_pil(image: Any, num_channels: int | None = None) -> Any:
     (greyscale is replicated) or "L" for 1 (colour is averaged); `num_channels=None` keeps the mode."""
     from PIL import Image
 
-    from simmim_hf.transforms import decode_image
+    from simmim_hf.data.images import decode_image
 
     if not isinstance(image, (Image.Image, dict, bytes, bytearray, str)):
         image = Image.fromarray(np.asarray(image))
@@ -104,7 +104,7 @@ def detect_columns(features: Any, image_column: str | None, label_column: str | 
     """The image and label column names: given ones are checked, missing ones found by type then by name."""
     import datasets
 
-    from simmim_hf.data import detect_image_column
+    from simmim_hf.data.stream import detect_image_column
 
     image = detect_image_column(features, image_column)  # the same rule as pretraining
     if label_column is not None:
@@ -124,7 +124,7 @@ def detect_columns(features: Any, image_column: str | None, label_column: str | 
 
 def _fashion_mnist_data(args: EvaluationArguments) -> EvalData:
     """The embedded corpus, subset on the raw arrays so that only the kept images are wrapped in a Dataset."""
-    from simmim_hf.fashion_mnist import CLASS_NAMES, load_fashion_mnist, to_dataset
+    from simmim_hf.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist, to_dataset
 
     eval_split = args.eval_split or "test"
     parts = []

@@ -5,10 +5,10 @@
 Streaming (the default) goes: `load_dataset(..., streaming=True)` -> keep the image column, cast it to
 `Image(decode=False)` (bytes only) -> `shuffle(seed, buffer_size)` -> `split_dataset_by_node(rank, world_size)` ->
 `map(decode + transform)` -> drop undecodable images. Decoding and augmentation therefore run lazily inside the
-DataLoader workers. Local `webdataset`/`parquet` shards are read by `simmim_hf.shard_reader` instead of the stock
+DataLoader workers. Local `webdataset`/`parquet` shards are read by `simmim_hf.data.shards` instead of the stock
 builders, so a broken file costs that file's remainder (counted, one warning) instead of the run; every data fault is
-counted per reason (`simmim_hf.faults`). Each example's augmentation is seeded from (seed, pass, image bytes), so a
-resumed stream draws the same crops as an uninterrupted one (`simmim_hf.transforms`). Feed the result to `simmim_hf.collate.StreamLoader`, which repeats it endlessly (one reshuffled
+counted per reason (`simmim_hf.data.faults`). Each example's augmentation is seeded from (seed, pass, image bytes), so a
+resumed stream draws the same crops as an uninterrupted one (`simmim_hf.data.images`). Feed the result to `simmim_hf.collate.StreamLoader`, which repeats it endlessly (one reshuffled
 epoch after another, bounded by the Trainer's `max_steps`) and can save/restore the stream position.
 """
 
@@ -28,11 +28,11 @@ import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from .errors import UsageError
-from .faults import record_read
-from .shard_reader import KINDS as SHARD_KINDS
-from .shard_reader import is_remote, resolve_data_files, shard_stream
-from .transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, SimMIMAugmentation, build_pretrain_transform
+from simmim_hf.data.faults import record_read
+from simmim_hf.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, SimMIMAugmentation, build_pretrain_transform
+from simmim_hf.data.shards import KINDS as SHARD_KINDS
+from simmim_hf.data.shards import is_remote, resolve_data_files, shard_stream
+from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def fashion_mnist_subset(split: str = "train", max_samples: int | None = None) -
     A subset encodes only the rows kept. The full split (PNG-encoding 60k images takes ~15 s) is built once and kept
     as Arrow files next to the IDX files' cache (`$SIMMIM_HF_CACHE`), so later runs and every rank memory-map it.
     """
-    from .fashion_mnist import default_cache_dir, load_fashion_mnist, to_dataset
+    from simmim_hf.data.fashion_mnist import default_cache_dir, load_fashion_mnist, to_dataset
 
     cached = default_cache_dir().parent / "fashion-mnist-arrow" / split
     if max_samples is None and is_saved_dataset(cached):

@@ -251,7 +251,7 @@ def _data_fault_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
     faults = run.get("data_faults") or {}
     if not any(faults.values()):
         return []
-    from .faults import format_counts
+    from simmim_hf.data.faults import format_counts
 
     return [("Skipped data (faults)", format_counts(faults))]
 

@@ -2,7 +2,7 @@
 
 The encoder is anything `AutoModel.from_pretrained` takes; its preprocessing comes from the `AutoImageProcessor`
 saved next to it, so other people's checkpoints work unchanged. `run_evaluation(EvaluationArguments(...))` runs the
-requested protocols and returns (and optionally writes) the results JSON read by `simmim_hf.hub`. Data loading is
+requested protocols and returns (and optionally writes) the results JSON read by `simmim_hf.publish.hub`. Data loading is
 in `eval_data.py`, encoder loading and feature extraction in `features.py`.
 """
 
@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from simmim_hf.eval_data import EvalData, load_eval_data
-from simmim_hf.features import PIXELS, Encoder, extract_features, load_encoder
+from simmim_hf.eval.data import EvalData, load_eval_data
+from simmim_hf.eval.features import PIXELS, Encoder, extract_features, load_encoder
 
 PROTOCOLS = ("knn", "linear", "finetune")
-METRIC_PATH = Path(__file__).parent / "metrics" / "accuracy.py"
+METRIC_PATH = Path(__file__).parent.parent / "metrics" / "accuracy.py"
 
 
 @dataclass
@@ -353,7 +353,7 @@ def run_evaluation(args: EvaluationArguments) -> dict[str, Any]:
             results += accuracy_results(logits, eval_labels, protocol="linear", **row)
             timings["linear"] = time.perf_counter() - tick
         if "finetune" in args.protocol_list:
-            from simmim_hf.finetune import finetune_from_args
+            from simmim_hf.eval.finetune import finetune_from_args
 
             tick = time.perf_counter()
             logits = finetune_from_args(args, data, workdir)

@@ -42,7 +42,7 @@ import PIL.ImageOps
 import torch
 from torchvision.transforms import v2
 
-from .faults import fault_snapshot, record_fault, stream_epoch
+from simmim_hf.data.faults import fault_snapshot, record_fault, stream_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def augmentation_seed(seed: int, epoch: int, data: bytes) -> int:
 class ImageDecoder:
     """Decodes and transforms raw image cells; a cell that fails to decode becomes `None` and is counted.
 
-    Picklable. Faults are counted per reason in the current process (`simmim_hf.faults`), shared by all copies of
+    Picklable. Faults are counted per reason in the current process (`simmim_hf.data.faults`), shared by all copies of
     this decoder (each DataLoader worker process has its own counts); each is logged at warning level with the
     worker id and the file name, the first `log_first` of a reason one by one, then every 100th (a broken file is
     always logged).

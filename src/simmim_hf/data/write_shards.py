@@ -28,9 +28,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .data import FASHION_MNIST, dataset_features, detect_image_column, is_saved_dataset, load_source_dataset
-from .image_stats import STATS_KEY, ImageStatsAccumulator
-from .transforms import decode_image
+from simmim_hf.data.images import decode_image
+from simmim_hf.data.stats import STATS_KEY, ImageStatsAccumulator
+from simmim_hf.data.stream import (
+    FASHION_MNIST,
+    dataset_features,
+    detect_image_column,
+    is_saved_dataset,
+    load_source_dataset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +115,7 @@ def _folder_records(folder: Path) -> tuple[list[_Record], list[str] | None]:
 
 
 def _fashion_records(split: str) -> Iterator[_Record]:
-    from .fashion_mnist import load_fashion_mnist
+    from simmim_hf.data.fashion_mnist import load_fashion_mnist
 
     images, labels = load_fashion_mnist(split)
     for i, (image, label) in enumerate(zip(images, labels)):
@@ -234,7 +240,7 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
     source_path = Path(args.source)
     total: int | None
     if args.source == FASHION_MNIST:
-        from .fashion_mnist import CLASS_NAMES
+        from simmim_hf.data.fashion_mnist import CLASS_NAMES
 
         records, class_names = _fashion_records(args.split), list(CLASS_NAMES)
         source_type = "fashion-mnist"

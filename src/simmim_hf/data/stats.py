@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from .errors import UsageError
+from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ def data_provenance(data_args: Any) -> dict[str, Any]:
 
 def stream_images(data_args: Any, count: int) -> Iterator[PIL.Image.Image]:
     """The first `count` decodable images of the run's data, in stored order (no shuffle, no augmentation)."""
-    from .data import raw_image_dataset
-    from .transforms import decode_image
+    from simmim_hf.data.images import decode_image
+    from simmim_hf.data.stream import raw_image_dataset
 
     dataset = raw_image_dataset(data_args, streaming=True)
     images = 0
@@ -196,7 +196,7 @@ def resolve_image_stats(model_args: Any, data_args: Any, config: Any, warn: bool
             raise UsageError("image_stats: give either --image_stats or --image_mean/--image_std, not both")
         source = "--image_mean/--image_std"
     elif choice == "imagenet":
-        from .configuration_simmim import IMAGENET_MEAN, IMAGENET_STD, _default_stat
+        from simmim_hf.configuration_simmim import IMAGENET_MEAN, IMAGENET_STD, _default_stat
 
         mean, std, source = _default_stat(IMAGENET_MEAN, channels), _default_stat(IMAGENET_STD, channels), "ImageNet"
     elif choice == "dataset":

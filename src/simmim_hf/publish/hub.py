@@ -17,7 +17,7 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from .model_card import (
+from simmim_hf.publish.model_card import (
     ENCODER_DIRNAME,
     RECONSTRUCTION_NAME,
     RUN_SUMMARY_NAME,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .visualization import reconstruction_grid
+from simmim_hf.visualization import reconstruction_grid
 
 logger = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def run_header(
     resume: str | None = None,
 ) -> str:
     """The few lines that open a pretraining log: model, data, batch and learning rate (and why), steps, output."""
-    from .training import REFERENCE_BATCH_SIZE
+    from simmim_hf.pretrain.trainer import REFERENCE_BATCH_SIZE
 
     parameters = sum(p.numel() for p in model.parameters())
     encoder = getattr(getattr(model, "simmim", None), "encoder", None)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from transformers import Trainer
 
-from simmim_hf.eval_data import EvalData, to_pil
-from simmim_hf.evaluation import EvaluationArguments
-from simmim_hf.features import load_reporting_surprises, resolve_encoder_path
-from simmim_hf.layer_decay import param_groups_layer_decay
+from simmim_hf.eval.data import EvalData, to_pil
+from simmim_hf.eval.features import load_reporting_surprises, resolve_encoder_path
+from simmim_hf.eval.layer_decay import param_groups_layer_decay
+from simmim_hf.eval.run import EvaluationArguments
 
 
 class LayerDecayTrainer(Trainer):
@@ -228,7 +228,7 @@ def finetuning_encoder_path(model: str, workdir: str | os.PathLike, layout: str 
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "beit" or (config.use_mean_pooling and not config.use_shared_relative_position_bias):
         return path
-    from simmim_hf.convert import export_finetuning_layout
+    from simmim_hf.publish.convert import export_finetuning_layout
 
     return str(export_finetuning_layout(path, os.path.join(workdir, "encoder-finetuning-layout")))
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoModelForMaskedImageModeling, PreTrainedModel, ViTImageProcessor
 
-from .configuration_simmim import SimMIMConfig, default_mask_patch_size, rebuild_encoder_config, to_pair
-from .modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel
+from simmim_hf.configuration_simmim import SimMIMConfig, default_mask_patch_size, rebuild_encoder_config, to_pair
+from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel
 
 # transformers' MIM classes keep their encoder under the model type's name (`vit`, `swin`, `swinv2`, `deit`).
 _TRANSFORMERS_MIM_TYPES = ("vit", "deit", "swin", "swinv2")
