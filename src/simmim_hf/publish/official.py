@@ -680,6 +680,7 @@ def convert_official(
     with its image processor. Either way also `official_config.json`, the checkpoint's own config as data.
     """
     from simmim_hf.publish.convert import export_encoder, image_processor_for
+    from simmim_hf.publish.run_dir import RunDir
 
     state, config = _load(path_or_state_dict)
     family, kind = checkpoint_kind(state)
@@ -689,7 +690,7 @@ def convert_official(
         output_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(output_dir)
         image_processor_for(model.config).save_pretrained(output_dir)
-        export_encoder(model, output_dir / "encoder")
+        export_encoder(model, RunDir(output_dir).encoder)
     else:
         model = official_classifier(
             state if config is None else {"model": state, "config": config}, preset, **overrides
