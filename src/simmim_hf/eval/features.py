@@ -9,7 +9,6 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +52,7 @@ def resolve_encoder_path(model_name_or_path: str, workdir: str | os.PathLike) ->
     from simmim_hf import SimMIMForMaskedImageModeling, export_encoder
 
     model = SimMIMForMaskedImageModeling.from_pretrained(model_name_or_path)
-    return str(export_encoder(model, Path(workdir) / "encoder"))
+    return str(export_encoder(model, RunDir(workdir).encoder))
 
 
 def pixel_processor(image_size: int, num_channels: int = 1) -> Any:
