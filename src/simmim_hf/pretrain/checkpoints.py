@@ -132,7 +132,7 @@ def finished_run(output_dir: str | Path, max_steps: int) -> dict[str, Any] | Non
     if not (run.summary.is_file() and (run.path / "model.safetensors").is_file()):
         return None
     try:
-        summary = json.loads(run.summary.read_text())
+        summary = run.read_summary()
     except (OSError, ValueError):
         return None
     return summary if summary.get("steps_completed") == max_steps else None
