@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 # This file is named like the `evaluate` library, and Python puts the script's folder first on sys.path, where
@@ -25,6 +24,7 @@ from transformers import HfArgumentParser  # noqa: E402
 
 from simmim_hf.cli import parse_arguments, run_script  # noqa: E402
 from simmim_hf.eval.run import EvaluationArguments, run_evaluation  # noqa: E402
+from simmim_hf.publish.run_dir import RunDir  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
@@ -33,24 +33,15 @@ def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
     return args
 
 
-def pretraining_run_of(model: str) -> Path | None:
-    """The pretraining output folder behind `--model` (the run itself or its `encoder/`), if it is one."""
-    folder = Path(model)
-    for candidate in (folder, folder.parent):
-        if (candidate / "simmim_run.json").is_file() and (candidate / "encoder").is_dir():
-            return candidate
-    return None
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     payload = run_evaluation(args)
-    run_dir = None if (args.random_init or args.raw_pixels) else pretraining_run_of(args.model)
+    run_dir = None if (args.random_init or args.raw_pixels) else RunDir.containing(args.model)
     if run_dir is not None and args.update_model_card:
         # The run's local model card gets the results in its evaluation table and model-index.
         from simmim_hf.publish.model_card import write_model_card
 
-        print(f"updated the model card {write_model_card(run_dir, eval_results=payload)}")
+        print(f"updated the model card {write_model_card(run_dir.path, eval_results=payload)}")
     return payload
 
 

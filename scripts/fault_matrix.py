@@ -12,7 +12,6 @@ the faults (SIGKILL at a step or inside a checkpoint write, NaN losses) and reco
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import shutil
@@ -37,6 +36,8 @@ from pretrain_helpers import (  # noqa: E402
     pretrain_args,
     run,
 )
+
+from simmim_hf.publish.run_dir import RunDir  # noqa: E402
 
 KILL_SEED = 8
 MAX_STEPS = 8
@@ -135,7 +136,7 @@ def kill_during_checkpoint_write(ctx: Context) -> Row:
     left = sorted(p.name for p in output.iterdir() if "checkpoint" in p.name)
     resumed = launch(command)
     passed_over = resumed.stderr.count("Not resuming from incomplete")
-    steps = json.loads((output / "simmim_run.json").read_text())["steps_completed"] if resumed.returncode == 0 else 0
+    steps = RunDir(output).read_summary()["steps_completed"] if resumed.returncode == 0 else 0
     outcome = "resumed from the last complete checkpoint" if resumed.returncode == 0 else "rerun failed"
     return Row(
         "SIGKILL while checkpoint-4 is written",
@@ -154,7 +155,9 @@ def forced_nan(ctx: Context) -> Row:
     lines = (base / "p" / "digests-rank0.txt").read_text().splitlines()
     digests = {int(line.split()[0]): line.split()[1:] for line in lines}
     error = next((line[line.index("error: ") :] for line in result.stderr.splitlines() if "error: " in line), "")
-    exported = [name for name in ("encoder", "simmim_run.json", "README.md") if (output / name).exists()]
+    exported = [
+        path for path in (RunDir(output).encoder, RunDir(output).summary, RunDir(output).card) if path.exists()
+    ]
     checkpoints = sorted(p.name for p in output.iterdir() if p.name.startswith("checkpoint-"))
     return Row(
         "NaN loss at step 3, then at steps 5-7 (`--max_nonfinite_steps 3`)",
@@ -180,7 +183,7 @@ def demo_learning_rate_1e3(ctx: Context) -> Row:
     zero_losses = sum(float(loss) == 0.0 for loss in losses)
     return Row(
         "`--base_learning_rate 1e3`, demo preset",
-        f"exit {result.returncode}; nothing exported" if not (output / "encoder").exists() else "exported (!)",
+        f"exit {result.returncode}; nothing exported" if not RunDir(output).encoder.exists() else "exported (!)",
         f"losses logged: {', '.join(losses[:5])}, ...; {sum(loss == 'nan' for loss in losses)} of {len(losses)} "
         f"logged as nan, {zero_losses} as 0; {skipped} steps skipped ({by_loss} for a non-finite loss, the rest for "
         f"the gradient norm); {time.perf_counter() - start:.0f} s; "
@@ -254,8 +257,7 @@ def resume_at_end_of_shards(ctx: Context) -> Row:
     env = {"ACCELERATE_USE_CPU": "true"}
     run([*LAUNCH_TWO, "scripts/pretrain.py", *pretrain_args(shards, base / "run", 40, *args)], env)
     resumed = launch([*LAUNCH_TWO, "scripts/pretrain.py", *pretrain_args(shards, base / "run", 50, *args)], env)
-    summary_path = base / "run" / "simmim_run.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = RunDir(base / "run").read_summary() if RunDir(base / "run").summary.is_file() else {}
     outcome = "resumed into the next pass" if resumed.returncode == 0 else f"FAILED: exit {resumed.returncode}"
     return Row(
         "resume at the end of the shards with images still in the shuffle buffer (2 ranks, 2,048 images)",

@@ -13,6 +13,7 @@ from PIL import Image
 
 from simmim_hf import SimMIMForMaskedImageModeling, SimMIMMaskGenerator
 from simmim_hf.configuration_simmim import to_pair
+from simmim_hf.publish.run_dir import RunDir
 from simmim_hf.visualization import save_reconstruction_grid
 
 
@@ -20,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="SimMIM checkpoint folder or Hub id (the pretraining output_dir)")
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--output", default="reconstruction.png", help="PNG to write")
+    parser.add_argument("--output", default=RunDir.RECONSTRUCTION_NAME, help="PNG to write")
     parser.add_argument("--mask_ratio", type=float, default=None, help="override the checkpoint's mask ratio")
     parser.add_argument("--seed", type=int, default=0, help="mask seed")
     return parser.parse_args(argv)

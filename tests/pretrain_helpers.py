@@ -1,11 +1,12 @@
 """Helpers shared by the end-to-end pretraining tests (test_pretrain.py, test_faults.py) and scripts/fault_matrix.py:
 subprocess runs of scripts/pretrain.py (or tests/pretrain_probe.py) with a tiny ViT on Fashion-MNIST shards."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from simmim_hf.publish.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
@@ -54,7 +55,7 @@ def read_batches(probe: Path, rank: int = 0) -> list[list[str]]:
 
 
 def loss_curve(output_dir: Path) -> list[list]:
-    return json.loads((Path(output_dir) / "simmim_run.json").read_text())["loss_curve"]
+    return RunDir(output_dir).read_summary()["loss_curve"]
 
 
 def folder_digest(folder: Path) -> dict[str, bytes]:

@@ -23,16 +23,15 @@ from tiny_configs import tiny_simmim_config, tiny_vit
 from transformers import AutoImageProcessor, AutoModel, ViTImageProcessor, ViTModel
 
 from simmim_hf import SimMIMForMaskedImageModeling, SimMIMMaskGenerator
-from simmim_hf.publish.hub import (
-    HubPublishError,
-    NotARunDirError,
+from simmim_hf.errors import HubPublishError, NotARunDirError
+from simmim_hf.publish.hub import push_run_to_hub
+from simmim_hf.publish.model_card import (
     eval_results_to_model_index,
     hub_dataset_id,
-    push_run_to_hub,
     render_model_card,
-    validate_run_dir,
     write_model_card,
 )
+from simmim_hf.publish.run_dir import validate_run_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PUSH_SCRIPT = REPO_ROOT / "scripts" / "push_to_hub.py"

@@ -1,7 +1,8 @@
-"""The one exception type for mistakes in what the user gave (arguments, config files, data paths, launch setup).
+"""The package's exception types.
 
-Entry scripts catch `UsageError`, print its message on one line (no traceback) and exit with status 2, before
-anything is written to the output folder. Raise it with a message that names the field, file or key at fault.
+`UsageError` is the one type for mistakes in what the user gave (arguments, config files, data paths, launch setup):
+entry scripts catch it, print its message on one line (no traceback) and exit with status 2, before anything is
+written to the output folder. Raise it with a message that names the field, file or key at fault.
 """
 
 from __future__ import annotations
@@ -13,3 +14,11 @@ class UsageError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """Training stopped after `--max_nonfinite_steps` NaN/Inf steps in a row; scripts report it on one line."""
+
+
+class HubPublishError(RuntimeError):
+    """A push that cannot go ahead; the message says what to do about it."""
+
+
+class NotARunDirError(HubPublishError, ValueError):
+    """The folder given is not the output of a SimMIM pretraining run."""

@@ -9,7 +9,6 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from simmim_hf.eval.data import to_pil
+from simmim_hf.publish.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,13 @@ def resolve_encoder_path(model_name_or_path: str, workdir: str | os.PathLike) ->
     config_dict, _ = PretrainedConfig.get_config_dict(model_name_or_path)
     if config_dict.get("model_type") != "simmim":
         return model_name_or_path
-    exported = Path(model_name_or_path) / "encoder"
+    exported = RunDir(model_name_or_path).encoder
     if (exported / "config.json").is_file():
         return str(exported)
     from simmim_hf import SimMIMForMaskedImageModeling, export_encoder
 
     model = SimMIMForMaskedImageModeling.from_pretrained(model_name_or_path)
-    return str(export_encoder(model, Path(workdir) / "encoder"))
+    return str(export_encoder(model, RunDir(workdir).encoder))
 
 
 def pixel_processor(image_size: int, num_channels: int = 1) -> Any:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from simmim_hf.publish.run_dir import RunDir
+
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".tmp-"
@@ -123,15 +125,14 @@ def load_weights_strictly(model: torch.nn.Module, checkpoint: str | Path) -> int
     return len(state_dict)
 
 
-def finished_run(output_dir: str | Path, max_steps: int, summary_file: str) -> dict[str, Any] | None:
+def finished_run(output_dir: str | Path, max_steps: int) -> dict[str, Any] | None:
     """The run summary when `output_dir` holds a finished run of `max_steps` steps (final model and summary written),
     else None."""
-    output_dir = Path(output_dir)
-    path = output_dir / summary_file
-    if not (path.is_file() and (output_dir / "model.safetensors").is_file()):
+    run = RunDir(output_dir)
+    if not (run.summary.is_file() and (run.path / "model.safetensors").is_file()):
         return None
     try:
-        summary = json.loads(path.read_text())
+        summary = run.read_summary()
     except (OSError, ValueError):
         return None
     return summary if summary.get("steps_completed") == max_steps else None

@@ -36,13 +36,10 @@ from simmim_hf.pretrain.checkpoints import checkpoint_step, find_resume_checkpoi
 from simmim_hf.pretrain.console import run_header
 from simmim_hf.pretrain.trainer import ModelArguments, SimMIMTrainingArguments, ThroughputTrainer
 from simmim_hf.publish.convert import export_encoder
+from simmim_hf.publish.run_dir import RunDir
 from simmim_hf.visualization import save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
-
-STREAM_STATE_FILE = "stream_state_rank{rank}.json"
-RUN_SUMMARY_FILE = "simmim_run.json"
-WALL_TIME_FILE = "simmim_wall_time.json"
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -156,14 +153,14 @@ class StreamTrainer(ThroughputTrainer):
     def write_checkpoint_extras(self, folder: Path) -> None:
         # Inside the staging folder, before the Trainer's files: the checkpoint is renamed complete with them.
         if self.stream_loader is not None:
-            path = folder / STREAM_STATE_FILE.format(rank=self.args.process_index)
+            path = RunDir.stream_state_file(folder, self.args.process_index)
             path.write_text(json.dumps(self.stream_loader.state_dict()))
         if self.is_world_process_zero():
-            (folder / WALL_TIME_FILE).write_text(json.dumps({"wall_time_seconds": self.wall_time()}))
+            RunDir.wall_time_file(folder).write_text(json.dumps({"wall_time_seconds": self.wall_time()}))
 
 
 def restore_stream_position(loader: StreamLoader, checkpoint: str, rank: int) -> bool:
-    path = Path(checkpoint) / STREAM_STATE_FILE.format(rank=rank)
+    path = RunDir.stream_state_file(checkpoint, rank)
     if not path.is_file():
         logger.warning("No stream position in %s; the stream restarts from a fresh shuffle", checkpoint)
         return False
@@ -280,7 +277,7 @@ def run_pretraining(
     resume = args.resume_from_checkpoint
     auto_resume = resume is None or resume == "latest"  # rerunning a command continues its run
     if auto_resume:
-        done = finished_run(args.output_dir, args.max_steps, RUN_SUMMARY_FILE)
+        done = finished_run(args.output_dir, args.max_steps)
         if done is not None:
             message = (
                 f"{args.output_dir} holds a finished run of {args.max_steps} steps: nothing to do "
@@ -369,8 +366,8 @@ def run_pretraining(
         reconstruction.attach(trainer)
     if trainer.is_world_process_zero():
         logger.info(run_header(model_args, data_args, args, config, model, dataset, stats_source, resume))
-    if resume and (Path(resume) / WALL_TIME_FILE).is_file():
-        trainer.earlier_wall_time = json.loads((Path(resume) / WALL_TIME_FILE).read_text())["wall_time_seconds"]
+    if resume and RunDir.wall_time_file(resume).is_file():
+        trainer.earlier_wall_time = json.loads(RunDir.wall_time_file(resume).read_text())["wall_time_seconds"]
     trainer.session_start = time.perf_counter()
     if resume and (checkpoint_step(resume) or 0) >= args.max_steps:
         # Killed after its last checkpoint, before the end of the job: only the final save and export are left.
@@ -414,13 +411,12 @@ def finish_run(
     """Main process, after `Trainer.save_model`: stock encoder, picture, summary, card, optional Hub push. Works from
     the saved checkpoint, so it is the same under DDP, FSDP and DeepSpeed."""
     output_dir = Path(args.output_dir)
+    run = RunDir(output_dir)
     model = SimMIMForMaskedImageModeling.from_pretrained(output_dir).eval()
     refuse_nonfinite(model)
-    export_encoder(model, output_dir / "encoder")
-    save_reconstruction_grid(
-        model, preview["pixel_values"], preview["bool_masked_pos"], output_dir / "reconstruction.png"
-    )
-    (output_dir / RUN_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    export_encoder(model, run.encoder)
+    save_reconstruction_grid(model, preview["pixel_values"], preview["bool_masked_pos"], run.reconstruction)
+    run.summary.write_text(json.dumps(summary, indent=2) + "\n")
     from simmim_hf.publish.hub import push_run_to_hub
     from simmim_hf.publish.model_card import write_model_card
 

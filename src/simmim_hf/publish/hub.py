@@ -11,109 +11,41 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
+from transformers import HfArgumentParser
 
-from simmim_hf.publish.model_card import (
-    ENCODER_DIRNAME,
-    RECONSTRUCTION_NAME,
-    RUN_SUMMARY_NAME,
-    eval_results_to_model_index,
-    hub_dataset_id,
-    read_json,
-    render_model_card,
-    write_model_card,
-)
-
-__all__ = [
-    "HubPublishError",
-    "NotARunDirError",
-    "eval_results_to_model_index",
-    "hub_dataset_id",
-    "push_run_to_hub",
-    "render_model_card",
-    "validate_run_dir",
-    "write_model_card",
-]
+from simmim_hf.cli import parse_arguments
+from simmim_hf.errors import HubPublishError
+from simmim_hf.publish.model_card import render_model_card
+from simmim_hf.publish.run_dir import RunDir, read_json, validate_run_dir
 
 logger = logging.getLogger(__name__)
 
-ENCODER_REQUIRED_FILES = ("config.json", "preprocessor_config.json")
-FULL_CHECKPOINT_DIR = "simmim"
 # Files of the full checkpoint worth publishing; optimizer states and trainer checkpoints stay local.
 _FULL_CHECKPOINT_SUFFIXES = (".safetensors", ".py")
 _FULL_CHECKPOINT_NAMES = ("config.json", "model.safetensors.index.json", "preprocessor_config.json")
 
 
-class HubPublishError(RuntimeError):
-    """A push that cannot go ahead; the message says what to do about it."""
-
-
-class NotARunDirError(HubPublishError, ValueError):
-    """The folder given is not the output of a SimMIM pretraining run."""
-
-
-def _has_weights(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
-
-
-def validate_run_dir(run_dir: str | os.PathLike, include_full_checkpoint: bool = False) -> Path:
-    """Checks that `run_dir` is a pretraining output that can be published; returns it as a `Path`.
-
-    Needs `simmim_run.json` and `encoder/` (config.json, safetensors weights, preprocessor_config.json), plus the
-    full checkpoint (config.json with model_type "simmim" and safetensors weights) when `include_full_checkpoint`.
-    Raises `NotARunDirError` naming every missing piece.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise NotARunDirError(f"{run_dir} is not a folder; pass the output_dir of scripts/pretrain.py")
-    encoder = run_dir / ENCODER_DIRNAME
-    missing = [] if (run_dir / RUN_SUMMARY_NAME).is_file() else [RUN_SUMMARY_NAME]
-    missing += [f"{ENCODER_DIRNAME}/{name}" for name in ENCODER_REQUIRED_FILES if not (encoder / name).is_file()]
-    if not _has_weights(encoder):
-        missing.append(f"{ENCODER_DIRNAME}/model.safetensors")
-    if include_full_checkpoint:
-        missing += [] if (run_dir / "config.json").is_file() else ["config.json"]
-        missing += [] if _has_weights(run_dir) else ["model.safetensors"]
-    if missing:
-        raise NotARunDirError(
-            f"{run_dir} is not a SimMIM pretraining output: missing {', '.join(missing)}. Pass the output_dir of "
-            "scripts/pretrain.py (it writes simmim_run.json and, through simmim_hf.export_encoder, encoder/)."
-        )
-    try:
-        read_json(run_dir / RUN_SUMMARY_NAME)
-        encoder_config = read_json(encoder / "config.json")
-        processor_config = read_json(encoder / "preprocessor_config.json")
-        full_config = read_json(run_dir / "config.json") if include_full_checkpoint else {}
-    except ValueError as error:
-        raise NotARunDirError(f"{run_dir} is not a usable pretraining output: {error}") from error
-    if include_full_checkpoint and full_config.get("model_type") != "simmim":
-        raise NotARunDirError(
-            f"{run_dir / 'config.json'} has model_type {full_config.get('model_type')!r}, not 'simmim'; it is not a "
-            "full SimMIM checkpoint, so --include_full_checkpoint cannot publish it."
-        )
-    if encoder_config.get("num_channels", 3) == 3 and not processor_config.get("do_convert_rgb"):
-        # Stock processors then reject greyscale/RGBA images instead of converting them; still loadable, so a warning.
-        logger.warning("encoder/preprocessor_config.json lacks do_convert_rgb=true: greyscale inputs will fail")
-    return run_dir
-
-
 def _collect_files(run_dir: Path, include_full_checkpoint: bool) -> list[tuple[str, Path]]:
     """(path in repo, local file) pairs, README excluded: encoder files at the root, then picture, then simmim/."""
+    run = RunDir(run_dir)
     files = [
-        (path.relative_to(run_dir / ENCODER_DIRNAME).as_posix(), path)
-        for path in sorted((run_dir / ENCODER_DIRNAME).rglob("*"))
-        if path.is_file() and path.name != "README.md" and not path.name.startswith(".")
+        (path.relative_to(run.encoder).as_posix(), path)
+        for path in sorted(run.encoder.rglob("*"))
+        if path.is_file() and path.name != RunDir.CARD_NAME and not path.name.startswith(".")
     ]
-    if (run_dir / RECONSTRUCTION_NAME).is_file():
-        files.append((RECONSTRUCTION_NAME, run_dir / RECONSTRUCTION_NAME))
+    if run.reconstruction.is_file():
+        files.append((RunDir.RECONSTRUCTION_NAME, run.reconstruction))
     if include_full_checkpoint:
-        for path in sorted(run_dir.iterdir()):
+        for path in sorted(run.path.iterdir()):
             if path.is_file() and (path.name in _FULL_CHECKPOINT_NAMES or path.suffix in _FULL_CHECKPOINT_SUFFIXES):
-                files.append((f"{FULL_CHECKPOINT_DIR}/{path.name}", path))
+                files.append((f"{RunDir.HUB_FULL_CHECKPOINT_DIR}/{path.name}", path))
     return files
 
 
@@ -218,7 +150,7 @@ def push_run_to_hub(
     api = HfApi(token=token)
     repo_id = _resolve_repo_id(api, repo_id, token)
 
-    run = read_json(run_dir / RUN_SUMMARY_NAME)
+    run = RunDir(run_dir).read_summary()
     try:
         card = render_model_card(
             run_dir,
@@ -233,11 +165,12 @@ def push_run_to_hub(
         f"Upload SimMIM {run.get('backbone', 'encoder')} encoder"
         f" ({run.get('preset') or 'custom'} preset, {run.get('max_steps', '?')} steps)"
     )
-    _refuse_token_leaks(token, [], {"README.md (model card)": str(card), "the commit message": commit_message})
+    texts = {f"{RunDir.CARD_NAME} (model card)": str(card), "the commit message": commit_message}
+    _refuse_token_leaks(token, [], texts)
 
     # The card goes last, so that it is the README of this commit whatever the Hub does with the other files.
     operations = [CommitOperationAdd(path_in_repo=repo_path, path_or_fileobj=str(path)) for repo_path, path in files]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    operations.append(CommitOperationAdd(path_in_repo=RunDir.CARD_NAME, path_or_fileobj=str(card).encode("utf-8")))
     try:
         api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         if revision and revision != constants.DEFAULT_REVISION:
@@ -250,3 +183,54 @@ def push_run_to_hub(
         raise
     logger.info("pushed %d files to %s", len(operations), repo_id)
     return info.commit_url
+
+
+@dataclass
+class PushArguments:
+    """The arguments of scripts/push_to_hub.py (no token: command lines end up in shell histories)."""
+
+    run_dir: str = field(metadata={"help": "output_dir of scripts/pretrain.py (may also be given first, unnamed)"})
+    repo_id: str = field(metadata={"help": "namespace/name of the model repository; created when missing"})
+    private: bool = field(default=False, metadata={"help": "create the repository as private"})
+    revision: str | None = field(default=None, metadata={"help": "branch to push to (created from main if needed)"})
+    include_full_checkpoint: bool = field(
+        default=False, metadata={"help": "also upload the full SimMIM model under simmim/ (to resume pretraining)"}
+    )
+    eval_results: str | None = field(
+        default=None, metadata={"help": "evaluation JSON of scripts/evaluate.py, shown in the card's model-index"}
+    )
+    license: str = field(default="apache-2.0", metadata={"help": "license id for the model card"})
+    commit_message: str | None = field(default=None, metadata={"help": "default describes the run"})
+
+
+def parse_push_args(argv: list[str]) -> PushArguments:
+    """Parses the push script's command line (or one YAML/JSON config file); the run folder may come first, unnamed."""
+    parser = HfArgumentParser(PushArguments)
+    config_file = len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")) and Path(argv[0]).is_file()
+    if argv and not argv[0].startswith("-") and not config_file:
+        argv = ["--run_dir", *argv]  # the run folder may be given positionally, as in the README
+    return parse_arguments(parser, argv)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/push_to_hub.py: parses `argv` (default `sys.argv[1:]`), pushes, prints the commit URL; returns the exit
+    status (1, with the message and no traceback, for an expected failure: folder, token, permissions, server)."""
+    args = parse_push_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("simmim_hf").setLevel(logging.INFO)
+    try:
+        url = push_run_to_hub(
+            args.run_dir,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            include_full_checkpoint=args.include_full_checkpoint,
+            eval_results=args.eval_results,
+            commit_message=args.commit_message,
+            license=args.license,
+        )
+    except (HubPublishError, HfHubHTTPError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Pushed {args.run_dir} to {url}")
+    return 0

@@ -18,9 +18,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-RUN_SUMMARY_NAME = "simmim_run.json"
-ENCODER_DIRNAME = "encoder"
-RECONSTRUCTION_NAME = "reconstruction.png"
+from simmim_hf.publish.run_dir import RunDir, read_json
+
 TEMPLATE_NAME = "simmim_model_card.md"
 SIMMIM_ARXIV_ID = "2111.09886"
 # The embedded default corpus is read from Debian's copy of Fashion-MNIST; on the Hub the same images are this dataset.
@@ -45,18 +44,6 @@ _BACKBONE_NAMES = {
 }
 _PROTOCOL_NAMES = {"knn": "kNN", "linear": "Linear probe", "finetune": "Fine-tuning"}
 _METRIC_NAMES = {"accuracy": "top-1 accuracy", "top5_accuracy": "top-5 accuracy"}
-
-
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a JSON object from `path`, with the file name in the error when it is not one."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
-    return data
 
 
 def hub_dataset_id(name: str | None) -> str | None:
@@ -315,9 +302,9 @@ def render_model_card(
         license: SPDX-style license id of the weights, as the Hub lists them.
         include_full_checkpoint: whether the repository also holds the full SimMIM model under `simmim/`.
     """
-    run_dir = Path(run_dir)
-    run = read_json(run_dir / RUN_SUMMARY_NAME)
-    encoder_config = read_json(run_dir / ENCODER_DIRNAME / "config.json")
+    folder = RunDir(run_dir)
+    run = folder.read_summary()
+    encoder_config = folder.read_encoder_config()
     eval_json = read_json(eval_results) if isinstance(eval_results, (str, os.PathLike)) else eval_results
 
     backbone = str(encoder_config.get("model_type") or run.get("backbone") or "vit")
@@ -333,13 +320,13 @@ def render_model_card(
         model_name=model_name,
         eval_results=eval_results_to_model_index(eval_json) if eval_json else None,
     )
-    weights = run_dir / ENCODER_DIRNAME / "model.safetensors"
+    weights = folder.encoder / "model.safetensors"
     architectures = encoder_config.get("architectures") or [f"{backbone} model"]
     return ModelCard.from_template(
         card_data,
         template_str=_load_template(),
         model_title=model_name,
-        repo_ref=repo_id or str(run_dir / ENCODER_DIRNAME),
+        repo_ref=repo_id or str(folder.encoder),
         backbone=backbone,
         backbone_name=_BACKBONE_NAMES.get(backbone, backbone),
         architecture=architectures[0],
@@ -353,8 +340,8 @@ def render_model_card(
         pushed=bool(repo_id),
         is_fashion_mnist=dataset_id == FASHION_MNIST_HUB_ID,
         hyperparameters=_hyperparameter_rows(run),
-        has_reconstruction=(run_dir / RECONSTRUCTION_NAME).is_file(),
-        reconstruction_file=RECONSTRUCTION_NAME,
+        has_reconstruction=folder.reconstruction.is_file(),
+        reconstruction_file=RunDir.RECONSTRUCTION_NAME,
         mask_ratio=run.get("mask_ratio"),
         evaluation_rows=_evaluation_rows(eval_json) if eval_json else [],
         include_full_checkpoint=include_full_checkpoint,
@@ -371,7 +358,7 @@ def write_model_card(
     license: str = "apache-2.0",
     include_full_checkpoint: bool = False,
 ) -> Path:
-    """Renders the card (see `render_model_card`) and saves it as `run_dir/README.md`; returns that path."""
+    """Renders the card (see `render_model_card`) and saves it as the run's `README.md`; returns that path."""
     card = render_model_card(
         run_dir,
         eval_results=eval_results,
@@ -379,7 +366,7 @@ def write_model_card(
         license=license,
         include_full_checkpoint=include_full_checkpoint,
     )
-    path = Path(run_dir) / "README.md"
+    path = RunDir(run_dir).card
     card.save(path)
     return path
 

@@ -435,6 +435,48 @@ def _rebuild_config(encoder_config: Any, values: dict[str, Any]) -> Any:
 # -------------------------------------------------------------------------------------------------- key mapping
 
 
+# Tensors every official transformer block has (ViT/BEiT and Swin alike), by block-relative name.
+_BLOCK_RENAMES = {
+    "norm1.weight": "layernorm_before.weight",
+    "norm1.bias": "layernorm_before.bias",
+    "norm2.weight": "layernorm_after.weight",
+    "norm2.bias": "layernorm_after.bias",
+    "attn.proj.weight": "attention.o_proj.weight",
+    "attn.proj.bias": "attention.o_proj.bias",
+    "mlp.fc1.weight": "mlp.fc1.weight",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight",
+    "mlp.fc2.bias": "mlp.fc2.bias",
+}
+_VIT_BLOCK_RENAMES = {
+    **_BLOCK_RENAMES,
+    "attn.q_bias": "attention.q_proj.bias",
+    "attn.v_bias": "attention.v_proj.bias",
+    "attn.relative_position_bias_table": "relative_position_bias.relative_position_bias_table",
+    "gamma_1": "lambda_1",
+    "gamma_2": "lambda_2",
+}
+_SWIN_BLOCK_RENAMES = {
+    **_BLOCK_RENAMES,
+    "attn.relative_position_bias_table": "attention.relative_position_bias.relative_position_bias_table",
+}
+
+
+def _map_block(block: str, rest: str, tensor: torch.Tensor, renames: dict[str, str], out: dict) -> bool:
+    """Adds the transformers tensors for the official block tensor `rest` under the transformers prefix `block`: a
+    rename from `renames`, or the fused `attn.qkv.weight` (3 * dim, dim) / `attn.qkv.bias` (3 * dim,) split into
+    q/k/v parts of (dim, dim) / (dim,) each; False if neither."""
+    if rest in renames:
+        out[block + renames[rest]] = tensor
+        return True
+    if rest in ("attn.qkv.weight", "attn.qkv.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        for part, chunk in zip("qkv", tensor.chunk(3, dim=0), strict=True):
+            out[f"{block}attention.{part}_proj.{kind}"] = chunk.clone()
+        return True
+    return False
+
+
 def _map_vit(name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> bool:
     """Adds the transformers tensors for one official ViT tensor (encoder-relative names); False if unknown."""
     simple = {
@@ -456,31 +498,7 @@ def _map_vit(name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> b
     if match is None:
         return False
     block, rest = f"layers.{match.group(1)}.", match.group(2)
-    renames = {
-        "norm1.weight": "layernorm_before.weight",
-        "norm1.bias": "layernorm_before.bias",
-        "norm2.weight": "layernorm_after.weight",
-        "norm2.bias": "layernorm_after.bias",
-        "attn.q_bias": "attention.q_proj.bias",
-        "attn.v_bias": "attention.v_proj.bias",
-        "attn.proj.weight": "attention.o_proj.weight",
-        "attn.proj.bias": "attention.o_proj.bias",
-        "attn.relative_position_bias_table": "relative_position_bias.relative_position_bias_table",
-        "gamma_1": "lambda_1",
-        "gamma_2": "lambda_2",
-        "mlp.fc1.weight": "mlp.fc1.weight",
-        "mlp.fc1.bias": "mlp.fc1.bias",
-        "mlp.fc2.weight": "mlp.fc2.weight",
-        "mlp.fc2.bias": "mlp.fc2.bias",
-    }
-    if rest in renames:
-        out[block + renames[rest]] = tensor
-        return True
-    if rest == "attn.qkv.weight":
-        for part, chunk in zip("qkv", tensor.chunk(3, dim=0), strict=True):
-            out[f"{block}attention.{part}_proj.weight"] = chunk.clone()
-        return True
-    if rest == "attn.qkv.bias":  # a full qkv bias: BEiT has no key bias, so it must be zero
+    if rest == "attn.qkv.bias":  # a full qkv bias: BEiT has no key bias, so it must be zero (Swin keeps all three)
         q, k, v = tensor.chunk(3, dim=0)
         if k.abs().max() > 0:
             raise OfficialCheckpointError(
@@ -488,10 +506,11 @@ def _map_vit(name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> b
             )
         out[f"{block}attention.q_proj.bias"], out[f"{block}attention.v_proj.bias"] = q.clone(), v.clone()
         return True
-    return False
+    return _map_block(block, rest, tensor, _VIT_BLOCK_RENAMES, out)
 
 
 def _map_swin(name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> bool:
+    """Adds the transformers tensors for one official Swin tensor (encoder-relative names); False if unknown."""
     simple = {
         "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
         "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
@@ -513,28 +532,7 @@ def _map_swin(name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> 
     if match is None:
         return False
     block, rest = f"encoder.layers.{match.group(1)}.blocks.{match.group(2)}.", match.group(3)
-    renames = {
-        "norm1.weight": "layernorm_before.weight",
-        "norm1.bias": "layernorm_before.bias",
-        "norm2.weight": "layernorm_after.weight",
-        "norm2.bias": "layernorm_after.bias",
-        "attn.proj.weight": "attention.o_proj.weight",
-        "attn.proj.bias": "attention.o_proj.bias",
-        "attn.relative_position_bias_table": "attention.relative_position_bias.relative_position_bias_table",
-        "mlp.fc1.weight": "mlp.fc1.weight",
-        "mlp.fc1.bias": "mlp.fc1.bias",
-        "mlp.fc2.weight": "mlp.fc2.weight",
-        "mlp.fc2.bias": "mlp.fc2.bias",
-    }
-    if rest in renames:
-        out[block + renames[rest]] = tensor
-        return True
-    if rest in ("attn.qkv.weight", "attn.qkv.bias"):
-        kind = rest.rsplit(".", 1)[1]
-        for part, chunk in zip("qkv", tensor.chunk(3, dim=0), strict=True):
-            out[f"{block}attention.{part}_proj.{kind}"] = chunk.clone()
-        return True
-    return False
+    return _map_block(block, rest, tensor, _SWIN_BLOCK_RENAMES, out)
 
 
 # Buffers of the official models that transformers recomputes.
@@ -680,6 +678,7 @@ def convert_official(
     with its image processor. Either way also `official_config.json`, the checkpoint's own config as data.
     """
     from simmim_hf.publish.convert import export_encoder, image_processor_for
+    from simmim_hf.publish.run_dir import RunDir
 
     state, config = _load(path_or_state_dict)
     family, kind = checkpoint_kind(state)
@@ -689,7 +688,7 @@ def convert_official(
         output_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(output_dir)
         image_processor_for(model.config).save_pretrained(output_dir)
-        export_encoder(model, output_dir / "encoder")
+        export_encoder(model, RunDir(output_dir).encoder)
     else:
         model = official_classifier(
             state if config is None else {"model": state, "config": config}, preset, **overrides

@@ -1,0 +1,159 @@
+"""The run folder: every name a pretraining run leaves in its `output_dir`, in one dataclass.
+
+    runs/demo/                      RunDir("runs/demo")
+      config.json, model.safetensors  .full_config, the full SimMIM checkpoint (`from_pretrained(run.path)`)
+      simmim_run.json                 .summary, the run summary (`read_summary()`)
+      encoder/                        .encoder, the stock transformers encoder + image processor (`export_encoder`)
+      reconstruction.png              .reconstruction, original / masked / reconstruction rows
+      README.md                       .card, the model card
+      checkpoint-N/                   Trainer checkpoints, each with `stream_state_file(checkpoint, rank)` and
+                                      `wall_time_file(checkpoint)` beside the Trainer's own files
+
+Pretraining writes these files, the model card, the Hub push, evaluation and the scripts read them, all through
+`RunDir`: renaming one here renames it everywhere. Reads JSON only (no torch/transformers import), so that the push
+script and the card work on a machine without the training stack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from simmim_hf.errors import NotARunDirError
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a JSON object from `path`, with the file name in the error when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def has_safetensors_weights(folder: Path) -> bool:
+    """Whether `folder` holds safetensors weights (one file or a sharded index)."""
+    return any((folder / name).is_file() for name in _WEIGHT_FILES)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The output folder of one pretraining run (see the module docstring for its layout)."""
+
+    path: Path
+
+    SUMMARY_NAME: ClassVar[str] = "simmim_run.json"
+    ENCODER_NAME: ClassVar[str] = "encoder"
+    RECONSTRUCTION_NAME: ClassVar[str] = "reconstruction.png"
+    CARD_NAME: ClassVar[str] = "README.md"
+    FULL_CONFIG_NAME: ClassVar[str] = "config.json"
+    # What a stock `AutoModel`/`AutoImageProcessor.from_pretrained(run.encoder)` needs besides the weights.
+    ENCODER_REQUIRED_FILES: ClassVar[tuple[str, ...]] = ("config.json", "preprocessor_config.json")
+    # On the Hub the encoder files sit at the repository root and the full SimMIM checkpoint under this folder.
+    HUB_FULL_CHECKPOINT_DIR: ClassVar[str] = "simmim"
+    # Written by the job into each checkpoint-N folder, next to the Trainer's files.
+    STREAM_STATE_NAME: ClassVar[str] = "stream_state_rank{rank}.json"
+    WALL_TIME_NAME: ClassVar[str] = "simmim_wall_time.json"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # a str or os.PathLike is welcome too
+
+    @property
+    def summary(self) -> Path:
+        return self.path / self.SUMMARY_NAME
+
+    @property
+    def encoder(self) -> Path:
+        return self.path / self.ENCODER_NAME
+
+    @property
+    def reconstruction(self) -> Path:
+        return self.path / self.RECONSTRUCTION_NAME
+
+    @property
+    def card(self) -> Path:
+        return self.path / self.CARD_NAME
+
+    @property
+    def full_config(self) -> Path:
+        return self.path / self.FULL_CONFIG_NAME
+
+    @classmethod
+    def stream_state_file(cls, checkpoint: str | os.PathLike, rank: int) -> Path:
+        """Where rank `rank` saves its position in the data stream inside a checkpoint folder."""
+        return Path(checkpoint) / cls.STREAM_STATE_NAME.format(rank=rank)
+
+    @classmethod
+    def wall_time_file(cls, checkpoint: str | os.PathLike) -> Path:
+        """Where the training wall time so far is saved inside a checkpoint folder."""
+        return Path(checkpoint) / cls.WALL_TIME_NAME
+
+    @classmethod
+    def containing(cls, model: str | os.PathLike) -> RunDir | None:
+        """The pretraining run behind `model` (the run folder itself or its `encoder/`), or None when it is neither."""
+        folder = Path(model)
+        for candidate in (cls(folder), cls(folder.parent)):
+            if candidate.summary.is_file() and candidate.encoder.is_dir():
+                return candidate
+        return None
+
+    def read_summary(self) -> dict[str, Any]:
+        """The run summary (`simmim_run.json`) as a dict."""
+        return read_json(self.summary)
+
+    def read_encoder_config(self) -> dict[str, Any]:
+        """The exported encoder's `config.json` as a dict."""
+        return read_json(self.encoder / "config.json")
+
+
+def validate_run_dir(run_dir: str | os.PathLike, include_full_checkpoint: bool = False) -> Path:
+    """Checks that `run_dir` is a pretraining output that can be published; returns it as a `Path`.
+
+    Needs `simmim_run.json` and `encoder/` (config.json, safetensors weights, preprocessor_config.json), plus the
+    full checkpoint (config.json with model_type "simmim" and safetensors weights) when `include_full_checkpoint`.
+    Raises `NotARunDirError` naming every missing piece.
+    """
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise NotARunDirError(f"{run.path} is not a folder; pass the output_dir of scripts/pretrain.py")
+    encoder = run.ENCODER_NAME
+    missing = [] if run.summary.is_file() else [run.SUMMARY_NAME]
+    missing += [f"{encoder}/{name}" for name in run.ENCODER_REQUIRED_FILES if not (run.encoder / name).is_file()]
+    if not has_safetensors_weights(run.encoder):
+        missing.append(f"{encoder}/model.safetensors")
+    if include_full_checkpoint:
+        missing += [] if run.full_config.is_file() else [run.FULL_CONFIG_NAME]
+        missing += [] if has_safetensors_weights(run.path) else ["model.safetensors"]
+    if missing:
+        raise NotARunDirError(
+            f"{run.path} is not a SimMIM pretraining output: missing {', '.join(missing)}. Pass the output_dir "
+            f"of scripts/pretrain.py (it writes {run.SUMMARY_NAME} and, through simmim_hf.export_encoder, "
+            f"{encoder}/)."
+        )
+    try:
+        run.read_summary()
+        encoder_config = run.read_encoder_config()
+        processor_config = read_json(run.encoder / "preprocessor_config.json")
+        full_config = read_json(run.full_config) if include_full_checkpoint else {}
+    except ValueError as error:
+        raise NotARunDirError(f"{run.path} is not a usable pretraining output: {error}") from error
+    if include_full_checkpoint and full_config.get("model_type") != "simmim":
+        raise NotARunDirError(
+            f"{run.full_config} has model_type {full_config.get('model_type')!r}, not 'simmim'; it is not a "
+            "full SimMIM checkpoint, so --include_full_checkpoint cannot publish it."
+        )
+    if encoder_config.get("num_channels", 3) == 3 and not processor_config.get("do_convert_rgb"):
+        # Stock processors then reject greyscale/RGBA images instead of converting them; still loadable: a warning.
+        logger.warning("%s/preprocessor_config.json lacks do_convert_rgb=true: greyscale inputs will fail", encoder)
+    return run.path
