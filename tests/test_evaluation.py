@@ -14,9 +14,10 @@ from tiny_configs import tiny_simmim_config, tiny_swin, tiny_vit
 from transformers import AutoModel, SwinModel, ViTForImageClassification, ViTImageProcessor, ViTModel
 
 from simmim_hf import SimMIMForMaskedImageModeling
+from simmim_hf.backbones import num_prefix_tokens
 from simmim_hf.data.fashion_mnist import CLASS_NAMES, MEAN, STD, load_fashion_mnist
 from simmim_hf.eval.data import EvalData, class_balanced_subset, detect_columns, load_eval_data
-from simmim_hf.eval.features import extract_features, load_encoder, num_prefix_tokens, resolve_encoder_path
+from simmim_hf.eval.features import extract_features, load_encoder, resolve_encoder_path
 from simmim_hf.eval.finetune import LayerDecayTrainer, finetune_classifier, processor_size, train_transform
 from simmim_hf.eval.run import (
     METRIC_PATH,
