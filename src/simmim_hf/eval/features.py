@@ -17,11 +17,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from simmim_hf.backbones import num_prefix_tokens
+from simmim_hf.eval.arguments import PIXELS
 from simmim_hf.eval.data import to_pil
+from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
+from simmim_hf.publish.convert import export_encoder
 
 logger = logging.getLogger(__name__)
-
-PIXELS = "pixels"
 
 
 @dataclass
@@ -48,8 +49,6 @@ def resolve_encoder_path(model_name_or_path: str, workdir: str | os.PathLike) ->
     exported = Path(model_name_or_path) / "encoder"
     if (exported / "config.json").is_file():
         return str(exported)
-    from simmim_hf import SimMIMForMaskedImageModeling, export_encoder
-
     model = SimMIMForMaskedImageModeling.from_pretrained(model_name_or_path)
     return str(export_encoder(model, Path(workdir) / "encoder"))
 
