@@ -1,10 +1,10 @@
 """Encoder families: the one description of each backbone that pretraining, fine-tuning and evaluation know.
 
-For every family: hierarchical or not (`is_hierarchical`), blocks (`encoder_structure`), output width
-(`output_width`), prefix tokens (`num_prefix_tokens`), the layer id of a parameter (`get_layer_id`), the parameters
-trained without weight decay (`no_weight_decay_names`) and the training FLOPs per image used for MFU
-(`flops_per_image`). The model, the pretraining optimizer, layer-wise LR decay, MFU and feature extraction
-all ask this module.
+For every family: hierarchical or not (`is_hierarchical`), blocks (`encoder_structure`), how the stock encoder is
+built with a mask token (`encoder_kwargs`), output width (`output_width`), prefix tokens (`num_prefix_tokens`), the
+layer id of a parameter (`get_layer_id`), the parameters trained without weight decay (`no_weight_decay_names`) and
+the training FLOPs per image used for MFU (`flops_per_image`). The model, the config, the pretraining optimizer,
+layer-wise LR decay, MFU and feature extraction all ask this module.
 
 Hub remote code: imports only torch and transformers, and travels beside `configuration_simmim.py` and
 `modeling_simmim.py` (which import it relatively), so a checkpoint loads without simmim_hf.
@@ -94,6 +94,15 @@ def encoder_structure(config: Any) -> EncoderStructure:
     if num_layers is None:
         raise ValueError(f"cannot find the number of blocks of a {model_type!r} encoder (no num_hidden_layers)")
     return EncoderStructure(model_type, int(num_layers), None)
+
+
+def encoder_kwargs(config: Any) -> dict[str, Any]:
+    """Constructor arguments of the stock encoder class inside SimMIM: no pooler, and a mask token (BEiT reads
+    `use_mask_token` from its config, which `SimMIMConfig` sets; the others take a constructor flag)."""
+    kwargs: dict[str, Any] = {"add_pooling_layer": False}
+    if encoder_config_of(config).model_type != "beit":
+        kwargs["use_mask_token"] = True
+    return kwargs
 
 
 def output_width(config: Any) -> int:

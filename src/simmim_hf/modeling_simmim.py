@@ -22,7 +22,14 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedImageModelingOutput
 
-from .backbones import encoder_structure, get_layer_id, no_weight_decay_names, num_prefix_tokens, output_width
+from .backbones import (
+    encoder_kwargs,
+    encoder_structure,
+    get_layer_id,
+    no_weight_decay_names,
+    num_prefix_tokens,
+    output_width,
+)
 from .configuration_simmim import SimMIMConfig
 
 logger = logging.getLogger(__name__)
@@ -31,11 +38,8 @@ logger = logging.getLogger(__name__)
 def build_encoder(config: SimMIMConfig) -> PreTrainedModel:
     """The stock encoder for `config.encoder_config`, with a mask token and without a pooler."""
     encoder_config = config.encoder_config
-    kwargs: dict[str, Any] = {"add_pooling_layer": False}
-    if encoder_config.model_type != "beit":  # BEiT reads `use_mask_token` from its config.
-        kwargs["use_mask_token"] = True
     model_class = AutoModel._model_mapping[type(encoder_config)]
-    return model_class(encoder_config, **kwargs)
+    return model_class(encoder_config, **encoder_kwargs(encoder_config))
 
 
 @torch.no_grad()
@@ -273,11 +277,12 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         if attn_implementation:
             encoder_config._attn_implementation = attn_implementation
         encoder_class = AutoModel._model_mapping[type(encoder_config)]
-        kwargs: dict[str, Any] = {"add_pooling_layer": False}
-        if encoder_config.model_type != "beit":  # BEiT reads `use_mask_token` from its config.
-            kwargs["use_mask_token"] = True
         source, info = encoder_class.from_pretrained(
-            name_or_path, config=encoder_config, output_loading_info=True, dtype=torch.float32, **kwargs
+            name_or_path,
+            config=encoder_config,
+            output_loading_info=True,
+            dtype=torch.float32,
+            **encoder_kwargs(encoder_config),
         )
         if info.get("mismatched_keys") or info.get("error_msgs"):
             raise ValueError(
