@@ -21,7 +21,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 from simmim_hf.cli import run_script  # noqa: E402
-from simmim_hf.eval.run import main, parse_args  # noqa: E402, F401  (parse_args: for tests and tools)
+from simmim_hf.eval.run import main  # noqa: E402
 
 if __name__ == "__main__":
     run_script(main)
