@@ -6,44 +6,22 @@
     python scripts/evaluate.py --model runs/demo/encoder --random_init         # random-weights baseline
     python scripts/evaluate.py eval_config.yaml                                # arguments from a file
 
-All arguments: `python scripts/evaluate.py --help` (dataclass `simmim_hf.evaluation.EvaluationArguments`).
+All arguments: `python scripts/evaluate.py --help` (dataclass `simmim_hf.eval.arguments.EvaluationArguments`).
+The work is `simmim_hf.eval.run.main`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 # This file is named like the `evaluate` library, and Python puts the script's folder first on sys.path, where
 # `import evaluate` (done by the metric code) would find this script instead of the library.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from transformers import HfArgumentParser  # noqa: E402
-
-from simmim_hf.cli import parse_arguments, run_script  # noqa: E402
-from simmim_hf.eval.run import EvaluationArguments, run_evaluation  # noqa: E402
-from simmim_hf.publish.run_dir import RunDir  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> EvaluationArguments:
-    argv = sys.argv[1:] if argv is None else argv
-    (args,) = parse_arguments(HfArgumentParser(EvaluationArguments), argv)
-    return args
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    payload = run_evaluation(args)
-    run_dir = None if (args.random_init or args.raw_pixels) else RunDir.containing(args.model)
-    if run_dir is not None and args.update_model_card:
-        # The run's local model card gets the results in its evaluation table and model-index.
-        from simmim_hf.publish.model_card import write_model_card
-
-        print(f"updated the model card {write_model_card(run_dir.path, eval_results=payload)}")
-    return payload
-
+from simmim_hf.cli import run_script  # noqa: E402
+from simmim_hf.eval.run import main  # noqa: E402
 
 if __name__ == "__main__":
     run_script(main)

@@ -14,7 +14,8 @@ for version in ${SIMMIM_COMPAT_VERSIONS:-$LOWEST 5.24.0}; do
     python -m pip install -q --target "$target" "transformers==$version"
   fi
   tests=(tests/test_config.py tests/test_masking.py tests/test_modeling.py tests/test_convert.py
-         tests/test_auto_and_remote.py tests/test_golden_loss.py tests/test_presets_export.py tests/test_official.py)
+         tests/test_auto_and_remote.py tests/test_golden_loss.py tests/test_presets_export.py tests/test_official.py
+         tests/test_backbones.py)
   if [ "$version" = "$LOWEST" ]; then
     tests+=(tests/test_faults.py tests/test_pretrain.py tests/test_stream_resume.py tests/test_from_encoder.py)
   fi

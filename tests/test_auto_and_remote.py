@@ -63,14 +63,24 @@ def test_remote_code_loads_without_simmim_hf(tmp_path):
     torch.save({"x": pixel_values, "m": mask}, tmp_path / "inputs.pt")
     with torch.no_grad():
         expected = model(pixel_values, bool_masked_pos=mask).loss.item()
+    # The encoder-family description travels with the checkpoint (a relative import of both core files).
+    assert {"configuration_simmim.py", "modeling_simmim.py", "backbones.py"} <= {p.name for p in tmp_path.iterdir()}
+    families = {
+        "exempt": sorted(model.no_weight_decay()),
+        "ids": [model.layer_id(n) for n, _ in model.named_parameters()],
+    }
     out = run_python(f"""
-        import torch
+        import json, torch
         from transformers import AutoModelForMaskedImageModeling
         model = AutoModelForMaskedImageModeling.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
         inputs = torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)
+        backbones = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".backbones"]
+        assert backbones.__file__.endswith("backbones.py") and type(model).layer_id.__globals__["get_layer_id"] is backbones.get_layer_id
+        print(json.dumps({{"exempt": sorted(model.no_weight_decay()), "ids": [model.layer_id(n) for n, _ in model.named_parameters()]}}))
         with torch.no_grad():
             print(model(inputs["x"], bool_masked_pos=inputs["m"]).loss.item())
         print("simmim_hf" in sys.modules)
         """)
-    loss, imported = out.split()[-2:]
+    remote, loss, imported = out.split("\n")[-4:-1]
     assert abs(float(loss) - expected) < 1e-6 and imported == "False"
+    assert json.loads(remote) == families

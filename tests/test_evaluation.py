@@ -14,18 +14,14 @@ from tiny_configs import tiny_simmim_config, tiny_swin, tiny_vit
 from transformers import AutoModel, SwinModel, ViTForImageClassification, ViTImageProcessor, ViTModel
 
 from simmim_hf import SimMIMForMaskedImageModeling
+from simmim_hf.backbones import num_prefix_tokens
 from simmim_hf.data.fashion_mnist import CLASS_NAMES, MEAN, STD, load_fashion_mnist
+from simmim_hf.eval.arguments import EvaluationArguments
 from simmim_hf.eval.data import EvalData, class_balanced_subset, detect_columns, load_eval_data
-from simmim_hf.eval.features import extract_features, load_encoder, num_prefix_tokens, resolve_encoder_path
+from simmim_hf.eval.features import extract_features, load_encoder, resolve_encoder_path
 from simmim_hf.eval.finetune import LayerDecayTrainer, finetune_classifier, processor_size, train_transform
-from simmim_hf.eval.run import (
-    METRIC_PATH,
-    EvaluationArguments,
-    accuracy_results,
-    format_results_table,
-    knn_scores,
-    linear_probe,
-)
+from simmim_hf.eval.probes import METRIC_PATH, accuracy_results, knn_scores, linear_probe
+from simmim_hf.eval.run import format_results_table, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_EVAL = 500, 300
@@ -384,7 +380,7 @@ def test_script_writes_results_json(vit_dir, tmp_path, capsys):
 def test_script_reads_yaml_config(tmp_path):
     config = tmp_path / "eval.yaml"
     config.write_text("model: pixels\nprotocols: knn\ntrain_samples: 10\nfeature_layer: -2\n")
-    args = _script().parse_args([str(config)])
+    args = parse_args([str(config)])
     assert (args.model, args.protocol_list, args.train_samples, args.feature_layer) == ("pixels", ["knn"], 10, -2)
     with pytest.raises(ValueError, match="nothing to fine-tune"):
         EvaluationArguments(model="x", raw_pixels=True, protocols="knn,finetune")
@@ -392,7 +388,7 @@ def test_script_reads_yaml_config(tmp_path):
 
 def test_script_help_renders(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _script().parse_args(["--help"])
+        parse_args(["--help"])
     assert exit_info.value.code == 0 and "--feature_layer" in capsys.readouterr().out
 
 

@@ -15,7 +15,8 @@ from transformers import (
 )
 
 from simmim_hf import SimMIMForMaskedImageModeling
-from simmim_hf.eval.layer_decay import default_layer_decay, get_layer_id, param_groups_layer_decay
+from simmim_hf.backbones import get_layer_id
+from simmim_hf.eval.layer_decay import default_layer_decay, param_groups_layer_decay
 
 SWIN_DEPTHS = [1, 2]  # tiny_swin
 

@@ -1,6 +1,6 @@
 """SimMIM configuration: a stock transformers encoder config plus the masking and reconstruction settings.
 
-Self-contained (imports only transformers) so that it also works as Hub remote code.
+Self-contained (imports only transformers and `backbones`) so that it also works as Hub remote code.
 """
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ from typing import Any
 
 from transformers import AutoConfig, AutoImageProcessor, BeitConfig, PretrainedConfig, SwinConfig, ViTConfig
 
-# Encoders whose patch grid is flat (one token per model patch, plus CLS/distillation tokens).
-PLAIN_ENCODERS = ("vit", "deit", "beit")
-# Hierarchical encoders: the output grid is the patch grid downsampled by 2 per stage after the first.
-HIERARCHICAL_ENCODERS = ("swin", "swinv2")
-SUPPORTED_ENCODERS = PLAIN_ENCODERS + HIERARCHICAL_ENCODERS
-# Encoder families the official microsoft/SimMIM code implements (BEiT-style ViT, Swin): their models default to the
-# official initialisation and weight-decay exemptions; the others keep the stock ones.
-OFFICIAL_ENCODERS = ("beit", "swin")
+from .backbones import (
+    HIERARCHICAL_ENCODERS,
+    OFFICIAL_ENCODERS,
+    SUPPORTED_ENCODERS,
+    WEIGHT_DECAY_EXEMPTIONS,
+    default_weight_decay_exemptions,
+)
+
 INITIALIZERS = ("official", "stock")
-WEIGHT_DECAY_EXEMPTIONS = ("official", "all-tokens")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -306,7 +305,9 @@ class SimMIMConfig(PretrainedConfig):
         self.preset = preset
         official = encoder_config.model_type in OFFICIAL_ENCODERS
         self.initializer = initializer or ("official" if official else "stock")
-        self.weight_decay_exemptions = weight_decay_exemptions or ("official" if official else "all-tokens")
+        self.weight_decay_exemptions = weight_decay_exemptions or default_weight_decay_exemptions(
+            encoder_config.model_type
+        )
         super().__init__(**kwargs)
         self._validate()
 

@@ -6,7 +6,8 @@ attention kernel is whatever `attn_implementation` selects (eager, sdpa, flash, 
 The head is the paper's: a 1x1 convolution to `stride**2 * C` channels and a PixelShuffle back to pixels; the loss
 is L1 over masked pixels only.
 
-Self-contained (imports only torch, transformers and the config module) so it also works as Hub remote code.
+Self-contained (imports only torch, transformers, the config module and `backbones`) so it also works as Hub remote
+code.
 """
 
 from __future__ import annotations
@@ -21,110 +22,24 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedImageModelingOutput
 
-from .configuration_simmim import PLAIN_ENCODERS, SimMIMConfig
+from .backbones import (
+    encoder_kwargs,
+    encoder_structure,
+    get_layer_id,
+    no_weight_decay_names,
+    num_prefix_tokens,
+    output_width,
+)
+from .configuration_simmim import SimMIMConfig
 
 logger = logging.getLogger(__name__)
-
-# `weight_decay_exemptions="all-tokens"`: parameter-name fragments that are not weight-decayed (besides every bias
-# and every 1-D tensor): every token, position embedding, relative position table and scale.
-NO_WEIGHT_DECAY_KEYWORDS = (
-    "mask_token",
-    "cls_token",
-    "distillation_token",
-    "position_embeddings",
-    "relative_position_bias_table",
-    "logit_scale",
-    "lambda_1",
-    "lambda_2",
-)
-
-# `weight_decay_exemptions="official"`: microsoft/SimMIM's optimizer.py exempts biases, 1-D tensors and the names
-# each backbone lists. Plain ViT (`no_weight_decay()` = pos_embed, cls_token; DeiT's distillation token counts as a
-# CLS token): the mask token and the relative position tables ARE decayed. Swin (`no_weight_decay()` =
-# absolute_pos_embed, mask_token; `no_weight_decay_keywords()` = relative_position_bias_table; Swin V2 adds
-# logit_scale).
-OFFICIAL_NO_WEIGHT_DECAY_KEYWORDS = {
-    "plain": ("cls_token", "distillation_token", "position_embeddings", "pos_embed"),
-    "hierarchical": (
-        "mask_token",
-        "position_embeddings",
-        "absolute_pos_embed",
-        "relative_position_bias_table",
-        "logit_scale",
-    ),
-}
-
-
-def no_weight_decay_keywords(model_type: str, exemptions: str = "official") -> tuple[str, ...]:
-    """Name fragments exempt from weight decay (besides biases and 1-D tensors) for an encoder type.
-
-    exemptions: "official" (microsoft/SimMIM's per-backbone lists) or "all-tokens" (`NO_WEIGHT_DECAY_KEYWORDS`).
-    """
-    if exemptions == "all-tokens":
-        return NO_WEIGHT_DECAY_KEYWORDS
-    if exemptions != "official":
-        raise ValueError(f"weight_decay_exemptions must be 'official' or 'all-tokens', got {exemptions!r}")
-    hierarchical = model_type in ("swin", "swinv2", "donut-swin", "maskformer-swin")
-    return OFFICIAL_NO_WEIGHT_DECAY_KEYWORDS["hierarchical" if hierarchical else "plain"]
-
-
-def is_weight_decay_exempt(name: str, param: torch.Tensor, keywords: tuple[str, ...]) -> bool:
-    """The official rule: 1-D tensors, biases, and names containing one of `keywords`."""
-    return param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in keywords)
-
-
-_BLOCK = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
-_SWIN_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)\.")
-_SWIN_DOWNSAMPLE = re.compile(r"(?:^|\.)layers\.(\d+)\.downsample\.")
-_TIMM_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-_TIMM_EMBEDDING = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed)(?:\.|$)")
-_TOKENS = ("embeddings", "cls_token", "mask_token", "distillation_token", "register_tokens")
-
-
-def layer_id_for_parameter(name: str, encoder_config: Any) -> int:
-    """Layer id for layer-wise LR decay, for any prefix and both transformers naming schemes (`layers.3.` in
-    memory since 5.2x, `encoder.layer.3.` on disk; also timm's `blocks.3.`, `patch_embed`, `pos_embed`).
-
-    0 = embeddings, tokens, mask token; i + 1 = block i (configs with `depths`, i.e. Swin: counted across stages, a
-    stage's downsampling goes with its last block); num_blocks + 1 = everything else: final norm, pooler, heads and
-    BEiT's relative position bias shared by all blocks (as in the official BEiT and SimMIM fine-tuning recipes).
-    Raises ValueError for a block or stage that `encoder_config` does not have.
-    """
-    if any(key in name for key in _TOKENS) or _TIMM_EMBEDDING.search(name):
-        return 0
-    depths = getattr(encoder_config, "depths", None)
-    if depths is None:  # plain ViT / DeiT / BEiT
-        num_blocks = encoder_config.num_hidden_layers
-        match = _BLOCK.search(name) or _TIMM_BLOCK.search(name)
-        if match is None:
-            return num_blocks + 1
-        block = int(match.group(1))
-        if block >= num_blocks:
-            raise ValueError(f"{name!r} is block {block}, but the encoder has num_layers={num_blocks} blocks")
-        return block + 1
-    depths = list(depths)
-    match = _SWIN_BLOCK.search(name) or _SWIN_DOWNSAMPLE.search(name)
-    if match is None:
-        return sum(depths) + 1
-    stage = int(match.group(1))
-    if stage >= len(depths):
-        raise ValueError(f"{name!r} is in stage {stage}, but depths={depths} has {len(depths)} stages")
-    if match.lastindex == 1:  # patch merging at the end of the stage
-        return sum(depths[: stage + 1])
-    block = int(match.group(2))
-    if block >= depths[stage]:
-        raise ValueError(f"{name!r}: block {block} does not exist in stage {stage} (depth {depths[stage]})")
-    return sum(depths[:stage]) + block + 1
 
 
 def build_encoder(config: SimMIMConfig) -> PreTrainedModel:
     """The stock encoder for `config.encoder_config`, with a mask token and without a pooler."""
     encoder_config = config.encoder_config
-    kwargs: dict[str, Any] = {"add_pooling_layer": False}
-    if encoder_config.model_type != "beit":  # BEiT reads `use_mask_token` from its config.
-        kwargs["use_mask_token"] = True
     model_class = AutoModel._model_mapping[type(encoder_config)]
-    return model_class(encoder_config, **kwargs)
+    return model_class(encoder_config, **encoder_kwargs(encoder_config))
 
 
 @torch.no_grad()
@@ -247,25 +162,23 @@ class SimMIMPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
 
     def no_weight_decay(self) -> set[str]:
-        """Names of parameters trained without weight decay: every bias and 1-D tensor (norms, layer scale), plus
-        the names `config.weight_decay_exemptions` lists: "official" follows microsoft/SimMIM per backbone (plain
-        ViT: CLS token, absolute positions; Swin: mask token, absolute positions, relative position tables),
-        "all-tokens" exempts every token, position embedding and relative position table."""
-        exemptions = getattr(self.config, "weight_decay_exemptions", None) or "all-tokens"
-        keywords = no_weight_decay_keywords(self.config.encoder_config.model_type, exemptions)
-        return {name for name, param in self.named_parameters() if is_weight_decay_exempt(name, param, keywords)}
+        """Names of parameters trained without weight decay (timm style), as `backbones.no_weight_decay_names` says
+        for `config.weight_decay_exemptions`: every bias and 1-D tensor (norms, layer scale), plus "official":
+        microsoft/SimMIM per backbone (plain ViT: CLS token, absolute positions; Swin: mask token, absolute
+        positions, relative position tables) or "all-tokens": every token, position embedding, relative position
+        table and scale. Fine-tuning (`eval.layer_decay.param_groups_layer_decay`) exempts the same names."""
+        return no_weight_decay_names(self)
 
     def num_layers(self) -> int:
         """Number of transformer blocks, for layer-wise LR decay (Swin: summed over stages)."""
-        encoder_config = self.config.encoder_config
-        if encoder_config.model_type in PLAIN_ENCODERS:
-            return encoder_config.num_hidden_layers
-        return sum(encoder_config.depths)
+        return encoder_structure(self.config).num_layers
 
     def layer_id(self, name: str) -> int:
-        """Layer id of a parameter for layer-wise LR decay: 0 for embeddings (and the mask token), i + 1 for block
-        i (counted across Swin stages), `num_layers() + 1` for the final norm and the head."""
-        return layer_id_for_parameter(name, self.config.encoder_config)
+        """Layer id of a parameter for layer-wise LR decay (`backbones.get_layer_id`, which fine-tuning's
+        `param_groups_layer_decay` uses too): 0 for embeddings (and the mask token), i + 1 for block i (counted
+        across Swin stages), `num_layers() + 1` for the final norm and the head."""
+        model_type, num_layers, depths = encoder_structure(self.config)
+        return get_layer_id(name, num_layers, model_type, depths)
 
 
 class SimMIMModel(SimMIMPreTrainedModel):
@@ -325,11 +238,13 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         self.simmim = SimMIMModel(config)
         self._no_split_modules = self.simmim._no_split_modules
         stride = config.encoder_stride
-        hidden_size = _output_width(config)
+        hidden_size = output_width(config)
         self.decoder = nn.Sequential(
             nn.Conv2d(hidden_size, stride**2 * config.num_channels, kernel_size=1),
             nn.PixelShuffle(stride),
         )
+        # Tokens before the patch tokens in the encoder's output (CLS, distillation), dropped before the head.
+        self._prefix_tokens = num_prefix_tokens(self.simmim.encoder)
         self.post_init()
         # transformers re-runs the stock encoder's own init (which zeroes its mask token) inside post_init.
         _init_after_post_init(config, self.simmim.encoder, self.decoder)
@@ -362,11 +277,12 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         if attn_implementation:
             encoder_config._attn_implementation = attn_implementation
         encoder_class = AutoModel._model_mapping[type(encoder_config)]
-        kwargs: dict[str, Any] = {"add_pooling_layer": False}
-        if encoder_config.model_type != "beit":  # BEiT reads `use_mask_token` from its config.
-            kwargs["use_mask_token"] = True
         source, info = encoder_class.from_pretrained(
-            name_or_path, config=encoder_config, output_loading_info=True, dtype=torch.float32, **kwargs
+            name_or_path,
+            config=encoder_config,
+            output_loading_info=True,
+            dtype=torch.float32,
+            **encoder_kwargs(encoder_config),
         )
         if info.get("mismatched_keys") or info.get("error_msgs"):
             raise ValueError(
@@ -426,8 +342,7 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         )
         stride = self.config.encoder_stride
         grid = (height // stride, width // stride)
-        tokens = outputs.last_hidden_state
-        tokens = tokens[:, tokens.shape[1] - grid[0] * grid[1] :]  # drop CLS / distillation tokens
+        tokens = outputs.last_hidden_state[:, self._prefix_tokens :]  # (N, grid_h * grid_w, D)
         feature_map = tokens.transpose(1, 2).reshape(batch_size, -1, grid[0], grid[1])
         reconstruction = self.decoder(feature_map)
 
@@ -444,14 +359,6 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
             attentions=outputs.attentions,
         )
         return output if return_dict is not False else output.to_tuple()
-
-
-def _output_width(config: SimMIMConfig) -> int:
-    """Channels of the encoder's last hidden state."""
-    encoder_config = config.encoder_config
-    if encoder_config.model_type in PLAIN_ENCODERS:
-        return encoder_config.hidden_size
-    return int(encoder_config.embed_dim * 2 ** (len(encoder_config.depths) - 1))
 
 
 __all__ = ["SimMIMPreTrainedModel", "SimMIMModel", "SimMIMForMaskedImageModeling"]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from simmim_hf.eval.run import EvaluationArguments
+    from simmim_hf.eval.arguments import EvaluationArguments
 
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist")
 _LABEL_NAMES = ("label", "labels", "cls", "class", "target", "fine_label")

@@ -15,14 +15,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from simmim_hf.backbones import num_prefix_tokens
+from simmim_hf.eval.arguments import PIXELS
 from simmim_hf.eval.data import to_pil
+from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
+from simmim_hf.publish.convert import export_encoder
 from simmim_hf.publish.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
-
-PIXELS = "pixels"
-# Token parameters that are prepended to the patch sequence (and left out of mean pooling), each `(1, n, dim)`.
-_PREFIX_TOKENS = ("cls_token", "distillation_token", "register_tokens")
 
 
 @dataclass
@@ -49,8 +49,6 @@ def resolve_encoder_path(model_name_or_path: str, workdir: str | os.PathLike) ->
     exported = RunDir(model_name_or_path).encoder
     if (exported / "config.json").is_file():
         return str(exported)
-    from simmim_hf import SimMIMForMaskedImageModeling, export_encoder
-
     model = SimMIMForMaskedImageModeling.from_pretrained(model_name_or_path)
     return str(export_encoder(model, RunDir(workdir).encoder))
 
@@ -147,11 +145,6 @@ def load_reporting_surprises(
     if surprises:
         logger.warning("Loading %s as %s: %s", source, type(model).__name__, surprises)
     return model
-
-
-def num_prefix_tokens(model: nn.Module) -> int:
-    """Tokens prepended before the patch tokens (CLS, distillation, registers), found from the model's parameters."""
-    return sum(p.shape[-2] for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in _PREFIX_TOKENS)
 
 
 def pool_tokens(hidden: torch.Tensor, prefix_tokens: int) -> torch.Tensor:

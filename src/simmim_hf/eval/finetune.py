@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from simmim_hf.eval.arguments import EvaluationArguments
 from simmim_hf.eval.data import EvalData, to_pil
 from simmim_hf.eval.features import load_reporting_surprises, resolve_encoder_path
 from simmim_hf.eval.layer_decay import param_groups_layer_decay
-from simmim_hf.eval.run import EvaluationArguments
+from simmim_hf.publish.convert import export_finetuning_layout
 
 
 class LayerDecayTrainer(Trainer):
@@ -228,8 +229,6 @@ def finetuning_encoder_path(model: str, workdir: str | os.PathLike, layout: str 
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "beit" or (config.use_mean_pooling and not config.use_shared_relative_position_bias):
         return path
-    from simmim_hf.publish.convert import export_finetuning_layout
-
     return str(export_finetuning_layout(path, os.path.join(workdir, "encoder-finetuning-layout")))
 
 

@@ -1,6 +1,6 @@
 """Layer-wise learning-rate decay for fine-tuning transformer encoders (BEiT / SimMIM / MAE recipe).
 
-Every parameter gets a *layer id* (computed by `modeling_simmim.layer_id_for_parameter`, the one implementation):
+Every parameter gets a *layer id* (`backbones.get_layer_id`, the one implementation, also `model.layer_id(name)`):
 0 for the patch/position embeddings and special tokens, `i + 1` for transformer block `i`, and `num_layers + 1` for
 everything else (final norm, pooler, classifier head, decoder, and BEiT's relative position bias shared by all
 blocks, as in BEiT's own recipe).
@@ -18,79 +18,26 @@ holding the stock encoder under some attribute) all resolve to the same id.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 from torch import nn
 
-from simmim_hf.modeling_simmim import is_weight_decay_exempt, layer_id_for_parameter, no_weight_decay_keywords
-
-# Model types whose blocks are grouped in stages (`layers.<stage>.blocks.<block>`).
-SWIN_LIKE = frozenset({"swin", "swinv2", "donut-swin", "maskformer-swin"})
-
-# `weight_decay_exemptions="all-tokens"`: substrings of parameter names that are not weight-decayed (besides every
-# 1-D parameter: biases, norms, scales). The default, "official", follows microsoft/SimMIM's fine-tuning optimizer:
-# plain ViT/BEiT exempt the CLS token and absolute positions (per-block relative tables ARE decayed), Swin the
-# absolute positions and relative position tables (`modeling_simmim.no_weight_decay_keywords`).
-DEFAULT_NO_WEIGHT_DECAY = (
-    "cls_token",
-    "mask_token",
-    "distillation_token",
-    "register_tokens",
-    "position_embeddings",
-    "pos_embed",
-    "relative_position_bias_table",
+from simmim_hf.backbones import (
+    encoder_structure,
+    get_layer_id,
+    is_hierarchical,
+    is_weight_decay_exempt,
+    no_weight_decay_keywords,
+    resolve_weight_decay_exemptions,
 )
 
 # Default decay per backbone family, from the SimMIM paper's fine-tuning settings.
 DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9}
 
 
-def is_swin_like(model_type: str) -> bool:
-    return model_type in SWIN_LIKE
-
-
 def default_layer_decay(model_type: str) -> float:
     """0.9 for Swin-like encoders, 0.65 for ViT/BEiT-like ones (SimMIM paper)."""
-    return DEFAULT_LAYER_DECAY["swin" if is_swin_like(model_type) else "vit"]
-
-
-def get_layer_id(param_name: str, num_layers: int, model_type: str, depths: Sequence[int] | None = None) -> int:
-    """Returns the layer id of `param_name` in `[0, num_layers + 1]` (see the module docstring).
-
-    Args:
-        param_name: a name from `named_parameters()` or a state dict, with any prefix.
-        num_layers: number of transformer blocks (for Swin: `sum(depths)`).
-        model_type: the encoder's `config.model_type` ("vit", "beit", "swin", ...).
-        depths: blocks per stage, required for Swin-like encoders.
-    """
-    if is_swin_like(model_type):
-        if depths is None:
-            raise ValueError(f"depths (blocks per stage) is required for model_type={model_type!r}")
-        if sum(depths) != num_layers:
-            raise ValueError(f"num_layers={num_layers} must equal sum(depths)={sum(depths)} for Swin")
-        config = SimpleNamespace(model_type=model_type, depths=list(depths))
-    else:
-        config = SimpleNamespace(model_type=model_type, num_hidden_layers=num_layers)
-    # One implementation for the library and the Hub remote code (`SimMIMPreTrainedModel.layer_id`).
-    return layer_id_for_parameter(param_name, config)
-
-
-def encoder_structure(config: Any) -> tuple[str, int, list[int] | None]:
-    """`(model_type, num_layers, depths)` of the encoder described by `config`.
-
-    A SimMIM config (`model_type == "simmim"`) is unwrapped to its `encoder_config`.
-    """
-    if getattr(config, "model_type", None) == "simmim":
-        config = config.encoder_config
-    model_type = config.model_type
-    if is_swin_like(model_type):
-        depths = [int(d) for d in config.depths]
-        return model_type, sum(depths), depths
-    num_layers = getattr(config, "num_hidden_layers", None)
-    if num_layers is None:
-        raise ValueError(f"cannot find the number of blocks of a {model_type!r} encoder (no num_hidden_layers)")
-    return model_type, int(num_layers), None
+    return DEFAULT_LAYER_DECAY["swin" if is_hierarchical(model_type) else "vit"]
 
 
 def param_groups_layer_decay(
@@ -100,7 +47,7 @@ def param_groups_layer_decay(
     layer_decay: float | None = None,
     no_weight_decay: Sequence[str] | None = None,
     named_parameters: Iterable[tuple[str, nn.Parameter]] | None = None,
-    weight_decay_exemptions: str = "official",
+    weight_decay_exemptions: str | None = None,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups with layer-wise LR decay and no weight decay on 1-D params, biases and the
     backbone's exempt names (CLS token and positions; Swin: relative position tables).
@@ -113,8 +60,10 @@ def param_groups_layer_decay(
         no_weight_decay: substrings of parameter names excluded from weight decay (1-D params and biases always
             are); `None` takes them from `weight_decay_exemptions`.
         named_parameters: overrides `model.named_parameters()` (e.g. to pass a subset).
-        weight_decay_exemptions: "official" (microsoft/SimMIM's per-backbone lists) or "all-tokens"
-            (`DEFAULT_NO_WEIGHT_DECAY`: every token, position embedding and relative position table).
+        weight_decay_exemptions: "official" (microsoft/SimMIM's per-backbone lists) or "all-tokens" (every token,
+            position embedding, relative position table and scale); `None`: a SimMIM config's own setting, else the
+            family's default ("official" for BEiT and Swin, "all-tokens" otherwise). The same rule as pretraining's
+            `model.no_weight_decay()` (`backbones.no_weight_decay_names`).
 
     Returns: a list of dicts with `params`, `lr` (= base_lr * lr_scale), `lr_scale`, `weight_decay`, `layer_id` and
     `names`; frozen parameters (`requires_grad=False`) are left out.
@@ -125,10 +74,8 @@ def param_groups_layer_decay(
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     if no_weight_decay is None:
-        if weight_decay_exemptions == "all-tokens":
-            no_weight_decay = DEFAULT_NO_WEIGHT_DECAY
-        else:
-            no_weight_decay = no_weight_decay_keywords(model_type, weight_decay_exemptions)
+        exemptions = resolve_weight_decay_exemptions(model.config, weight_decay_exemptions)
+        no_weight_decay = no_weight_decay_keywords(model_type, exemptions)
     keywords = tuple(no_weight_decay)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in named_parameters if named_parameters is not None else model.named_parameters():

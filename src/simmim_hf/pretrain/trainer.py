@@ -18,6 +18,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from simmim_hf.backbones import flops_per_image, no_weight_decay_names
 from simmim_hf.configuration_simmim import to_pair
 from simmim_hf.errors import TrainingDiverged, UsageError
 from simmim_hf.pretrain.checkpoints import (
@@ -203,16 +204,9 @@ def parse_milestones(text: str) -> list[int]:
     return milestones
 
 
-def no_weight_decay_names(model: nn.Module) -> set[str]:
-    """Parameters trained without weight decay: the model's own `no_weight_decay()` set when it has one, else
-    every 1-D parameter (biases, norms)."""
-    if hasattr(model, "no_weight_decay"):
-        return set(model.no_weight_decay())
-    return {name for name, param in model.named_parameters() if param.ndim <= 1}
-
-
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed weights, and the no-weight-decay set (weight_decay 0)."""
+    """Two AdamW groups: decayed weights, and the no-weight-decay set (weight_decay 0; `backbones.no_weight_decay_names`,
+    the rule fine-tuning's layer-decay groups use too)."""
     skip = no_weight_decay_names(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -503,17 +497,13 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def training_flops_per_image(model: nn.Module) -> float:
-    """Approximate training FLOPs per image: 6 x (matmul parameters) x tokens for the dense layers, plus
-    attention's 12 x layers x tokens^2 x width (plain encoders; Swin's windowed attention is cheaper and ignored)."""
+    """Approximate training FLOPs per image of a SimMIM model, by its backbone's rule
+    (`backbones.flops_per_image`) over its matmul parameters and patches per image."""
     config = model.config
-    encoder_config = config.encoder_config
     height, width = to_pair(config.image_size)
     tokens = (height // config.model_patch_size) * (width // config.model_patch_size)
     matmul_params = sum(p.numel() for p in model.parameters() if p.ndim >= 2)
-    if encoder_config.model_type in ("swin", "swinv2"):
-        return 6.0 * matmul_params * tokens / 16  # tokens shrink 4x per stage; most weights sit in stage 3
-    attention = 12.0 * encoder_config.num_hidden_layers * tokens**2 * encoder_config.hidden_size
-    return 6.0 * matmul_params * tokens + attention
+    return flops_per_image(config, matmul_params, tokens)
 
 
 class ThroughputTrainer(SimMIMTrainer):

@@ -1,0 +1,107 @@
+"""Arguments of downstream evaluation (`scripts/evaluate.py`): the protocols and every setting, as one dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROTOCOLS = ("knn", "linear", "finetune")
+# `--model pixels`: score the preprocessed pixels themselves (a baseline).
+PIXELS = "pixels"
+
+
+@dataclass
+class EvaluationArguments:
+    """Command-line arguments of `scripts/evaluate.py` (also loadable from a JSON/YAML file)."""
+
+    model: str = field(metadata={"help": "AutoModel folder or Hub id, a full SimMIM checkpoint, or 'pixels'."})
+    dataset_name: str = field(
+        default="fashion-mnist",
+        metadata={"help": "'fashion-mnist' (embedded), a Hub id or a builder (imagefolder, parquet, webdataset)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    data_files: str | None = field(
+        default=None, metadata={"help": "For builders: 'train=a/*.parquet,test=b/*.parquet' or one path/glob."}
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "For builders such as imagefolder: the data folder."})
+    train_split: str = field(default="train", metadata={"help": "Split the probes/fine-tuning train on."})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Split scored (default: validation, else test, else a seeded tenth of train)."}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Image column (detected when unambiguous)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (detected when unambiguous)."})
+    protocols: str = field(default="knn,linear", metadata={"help": "Comma-separated subset of knn,linear,finetune."})
+    output: str | None = field(default=None, metadata={"help": "Where to write the results JSON."})
+    random_init: bool = field(default=False, metadata={"help": "Same architecture with fresh weights (baseline)."})
+    update_model_card: bool = field(
+        default=True,
+        metadata={
+            "help": "When --model is a pretraining run (or its encoder/), write the results into its README.md."
+        },
+    )
+    raw_pixels: bool = field(
+        default=False, metadata={"help": "Score raw pixels as features (same as --model pixels)."}
+    )
+    image_processor: str | None = field(
+        default=None, metadata={"help": "AutoImageProcessor to use instead of the model's."}
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Raw pixels only, without --image_processor: resize side (default: native)."}
+    )
+    feature_layer: int | None = field(
+        default=None,
+        metadata={"help": "Hidden state to probe (index into hidden_states, e.g. -2); default: last_hidden_state."},
+    )
+    train_samples: int | None = field(default=None, metadata={"help": "Seeded class-balanced training subset size."})
+    eval_samples: int | None = field(default=None, metadata={"help": "Seeded class-balanced evaluation subset size."})
+    seed: int = field(default=0, metadata={"help": "Seed for subsets, probe and fine-tuning."})
+    batch_size: int = field(default=64, metadata={"help": "Fine-tuning batch size."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Batch size of feature extraction and inference."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps."})
+    knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN classifier."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(similarity / T)."})
+    linear_epochs: int = field(default=100, metadata={"help": "Linear-probe epochs (on cached features)."})
+    linear_learning_rate: float = field(default=0.1, metadata={"help": "Linear-probe peak learning rate."})
+    linear_optimizer: str = field(default="sgd", metadata={"help": "sgd (momentum 0.9) or adamw."})
+    linear_batch_size: int = field(default=256, metadata={"help": "Linear-probe batch size."})
+    linear_weight_decay: float = field(default=0.0, metadata={"help": "Linear-probe weight decay."})
+    epochs: int = field(default=10, metadata={"help": "Fine-tuning epochs."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Fine-tuning peak learning rate (of the head)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "Fine-tuning AdamW weight decay."})
+    layer_decay: float | None = field(
+        default=None, metadata={"help": "Layer-wise LR decay (default 0.65 ViT/BEiT, 0.9 Swin)."}
+    )
+    label_smoothing: float = field(default=0.1, metadata={"help": "Fine-tuning label smoothing."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fine-tuning warmup, fraction of steps."})
+    crop_min_scale: float = field(default=0.67, metadata={"help": "RandomResizedCrop minimum area fraction."})
+    drop_path_rate: float | None = field(
+        default=0.1, metadata={"help": "Stochastic depth where the model supports it."}
+    )
+    finetune_output_dir: str | None = field(default=None, metadata={"help": "Keep the fine-tuned classifier here."})
+    finetune_layout: str = field(
+        default="official",
+        metadata={
+            "help": "official: fine-tune a BEiT encoder in microsoft/SimMIM's fine-tuning layout (mean pooling, one "
+            "relative position table per block copied from the shared one); as-is: the encoder as exported."
+        },
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets/transformers cache folder."})
+
+    def __post_init__(self) -> None:
+        if self.raw_pixels:
+            self.model = PIXELS
+        unknown = [p for p in self.protocol_list if p not in PROTOCOLS]
+        if unknown or not self.protocol_list:
+            raise ValueError(f"protocols must be a comma-separated subset of {PROTOCOLS}, got {self.protocols!r}")
+        if self.model == PIXELS and "finetune" in self.protocol_list:
+            raise ValueError("raw pixels have nothing to fine-tune; use --protocols knn,linear")
+        if self.model == PIXELS and self.random_init:
+            raise ValueError("--random_init needs a model, not raw pixels")
+        if self.finetune_layout not in ("official", "as-is"):
+            raise ValueError(f"finetune_layout must be 'official' or 'as-is', got {self.finetune_layout!r}")
+        if self.linear_optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"linear_optimizer must be 'sgd' or 'adamw', got {self.linear_optimizer!r}")
+
+    @property
+    def protocol_list(self) -> list[str]:
+        return [p.strip() for p in self.protocols.split(",") if p.strip()]

@@ -1,0 +1,124 @@
+"""One description per encoder family (`simmim_hf.backbones`): pretraining and fine-tuning exempt the same parameters
+from weight decay and give them the same layer ids; prefix tokens and output width match the stock models."""
+
+import copy
+
+import pytest
+import torch
+from tiny_configs import ENCODERS, PLAIN_TINY
+from transformers import AutoModel, AutoModelForImageClassification, DeiTConfig, Swinv2Config
+
+from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMModel
+from simmim_hf.backbones import (
+    ALL_TOKENS_NO_WEIGHT_DECAY,
+    SUPPORTED_ENCODERS,
+    encoder_structure,
+    get_layer_id,
+    is_hierarchical,
+    num_prefix_tokens,
+    output_width,
+)
+from simmim_hf.eval.layer_decay import param_groups_layer_decay
+from simmim_hf.pretrain.trainer import optimizer_groups
+
+TINY = {
+    **ENCODERS,
+    "deit": lambda: DeiTConfig(**PLAIN_TINY, encoder_stride=4),
+    "swinv2": lambda: Swinv2Config(
+        image_size=32, patch_size=2, num_channels=3, embed_dim=16, depths=[1, 2], num_heads=[2, 2], window_size=4
+    ),
+}
+
+
+def _config(family: str, exemptions: str | None = None) -> SimMIMConfig:
+    return SimMIMConfig(encoder_config=TINY[family](), mask_patch_size=8, weight_decay_exemptions=exemptions)
+
+
+def _pretraining_exempt(model) -> set[str]:
+    names = {id(param): name for name, param in model.named_parameters()}
+    return {
+        names[id(p)] for group in optimizer_groups(model, 0.05) if group["weight_decay"] == 0 for p in group["params"]
+    }
+
+
+def _finetuning_groups(model, **kwargs) -> dict[str, tuple[int, bool]]:
+    """name -> (layer id, exempt from weight decay) in fine-tuning's layer-decay groups."""
+    groups = param_groups_layer_decay(model, base_lr=1.0, weight_decay=0.05, **kwargs)
+    return {name: (group["layer_id"], group["weight_decay"] == 0) for group in groups for name in group["names"]}
+
+
+def test_every_supported_family_is_covered():
+    assert set(TINY) == set(SUPPORTED_ENCODERS)
+
+
+@pytest.mark.parametrize("exemptions", [None, "official", "all-tokens"])
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_pretraining_and_finetuning_exempt_the_same_parameters(family, exemptions):
+    model = SimMIMForMaskedImageModeling(_config(family, exemptions))
+    finetuning = _finetuning_groups(model, weight_decay_exemptions=exemptions)
+    assert (
+        _pretraining_exempt(model) == model.no_weight_decay() == {n for n, (_, exempt) in finetuning.items() if exempt}
+    )
+
+
+def test_swinv2_logit_scale_is_exempt_in_both():
+    # The two lists disagreed: pretraining's "all-tokens" had `logit_scale`, fine-tuning's did not (a 3-D tensor).
+    model = SimMIMForMaskedImageModeling(_config("swinv2", "all-tokens"))
+    scales = {name for name, param in model.named_parameters() if name.endswith("logit_scale")}
+    assert scales and all(param.ndim == 3 for name, param in model.named_parameters() if name in scales)
+    assert scales <= model.no_weight_decay()
+    assert all(_finetuning_groups(model, weight_decay_exemptions="all-tokens")[name][1] for name in scales)
+    assert {"logit_scale", "pos_embed", "register_tokens"} <= set(ALL_TOKENS_NO_WEIGHT_DECAY)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_a_stock_classifier_fine_tunes_with_the_pretraining_rule(family):
+    """Fine-tuning the exported encoder as a stock classifier (the family's default exemptions, no SimMIM config)
+    exempts and layer-ids each encoder parameter as pretraining did."""
+    config = _config(family)
+    model = SimMIMForMaskedImageModeling(config)
+    encoder_config = copy.deepcopy(config.encoder_config)
+    encoder_config.architectures = []  # DeiT has two classifier classes: the first one (no teacher)
+    classifier = AutoModelForImageClassification.from_config(encoder_config)
+    prefix = classifier.base_model_prefix + "."
+    pretraining = {name.removeprefix("simmim.encoder."): name for name, _ in model.named_parameters()}
+    exempt = model.no_weight_decay()
+    finetuning = _finetuning_groups(classifier)
+    common = [name for name in finetuning if name.startswith(prefix) and name[len(prefix) :] in pretraining]
+    assert len(common) > 10
+    for name in common:
+        ours = pretraining[name[len(prefix) :]]
+        assert finetuning[name] == (model.layer_id(ours), ours in exempt), name
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_layer_ids_agree_between_the_model_and_layer_decay(family):
+    model = SimMIMForMaskedImageModeling(_config(family))
+    structure = encoder_structure(model.config)
+    assert structure == encoder_structure(model.config.encoder_config)
+    assert model.num_layers() == structure.num_layers
+    assert (structure.depths is not None) == is_hierarchical(family)
+    finetuning = _finetuning_groups(model)
+    assert {name: layer_id for name, (layer_id, _) in finetuning.items()} == {
+        name: model.layer_id(name) for name, _ in model.named_parameters()
+    }
+    assert all(
+        model.layer_id(name) == get_layer_id(name, structure.num_layers, family, structure.depths)
+        for name, _ in model.named_parameters()
+    )
+    assert set(model.layer_id(name) for name, _ in model.named_parameters()) == set(range(structure.num_layers + 2))
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_prefix_tokens_and_output_width_match_the_stock_model(family):
+    config = _config(family)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    grid = (32 // config.encoder_stride) ** 2
+    stock = AutoModel.from_config(config.encoder_config).eval()
+    ours = SimMIMModel(config).eval()
+    with torch.no_grad():
+        for model, encoder in ((stock, stock), (ours, ours.encoder)):
+            hidden = model(pixel_values).last_hidden_state
+            assert hidden.shape == (2, num_prefix_tokens(encoder) + grid, output_width(config)), type(model)
+    assert num_prefix_tokens(stock) == {"vit": 1, "beit": 1, "deit": 2, "swin": 0, "swinv2": 0}[family]
+    assert output_width(config) == output_width(config.encoder_config)
