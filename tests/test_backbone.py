@@ -8,7 +8,7 @@ from tiny_configs import tiny_simmim_config
 from transformers import AutoModel, UperNetConfig, UperNetForSemanticSegmentation
 
 from simmim_hf import SimMIMForMaskedImageModeling, export_encoder
-from simmim_hf.eval.backbone import load_backbone
+from simmim_hf.eval.dense import load_backbone
 
 # Tiny encoders with four scales: Swin with 4 stages (strides 2, 4, 8, 16 for 2 px patches), BEiT with 4 blocks
 # resampled by its FPN to 4x, 2x, 1x and 1/2x the 8x8 patch grid.
