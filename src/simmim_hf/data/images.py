@@ -300,8 +300,8 @@ def _cell_parts(cell: Any) -> tuple[bytes | None, str | None]:
         return cell.get("bytes"), cell.get("path")
     if isinstance(cell, (bytes, bytearray)):
         return bytes(cell), None
-    if isinstance(cell, str):
-        return None, cell
+    if isinstance(cell, (str, Path)):
+        return None, str(cell)
     raise TypeError(f"cannot decode an image from {type(cell).__name__}")
 
 
@@ -342,7 +342,7 @@ def is_image(data: bytes) -> bool:
 def decode_image(cell: Any, max_pixels: int | None = None, *, num_channels: int | None = None) -> PIL.Image.Image:
     """The one image decoder (pretraining, sharding, evaluation, statistics and visualisation all use it).
 
-    `cell`: a PIL image, raw bytes, a path, a `{"bytes": ..., "path": ...}` dict, or an array (`(H, W)` or
+    `cell`: a PIL image, raw bytes, a path (str or Path), a `{"bytes": ..., "path": ...}` dict, or an array (`(H, W)` or
     `(H, W, C)`, as `datasets` gives for an `Array` column). Fully loads the pixels (so truncated files fail here, not
     later in the transform), applies the EXIF orientation and rescales 16/32-bit and float greyscale images to 8-bit
     "L" by their own range (a plain PIL `convert` would clip them). With `num_channels`, returns mode "RGB" (3:
@@ -351,7 +351,7 @@ def decode_image(cell: Any, max_pixels: int | None = None, *, num_channels: int 
     """
     if isinstance(cell, PIL.Image.Image):
         image = cell
-    elif isinstance(cell, (dict, bytes, bytearray, str)):
+    elif isinstance(cell, (dict, bytes, bytearray, str, Path)):
         data, path = _cell_parts(cell)
         if data is None and not path:
             raise ValueError("image cell has neither bytes nor path")

@@ -49,6 +49,11 @@ LABEL_COLUMN_NAMES = ("label", "labels", "cls", "class", "target", "fine_label")
 # evenly over 1, 2, 3, 4, 6, 8, 12, 16, 24 and 48 readers.
 STREAM_SHARDS = 48
 _GLOB_CHARACTERS = ("*", "?", "[")
+DATA_FILES_HELP = (
+    "Data files for a local builder (webdataset, parquet, imagefolder, ...): one or more paths or globs, e.g. "
+    "`shards/train-*.tar`, of the split read; or `SPLIT=PATTERN` entries, comma-separated, e.g. "
+    "`train=a/*.parquet,test=b/*.parquet`. The same syntax in every script."
+)
 
 
 def is_fashion_mnist(name: str | None, include_hub: bool = False) -> bool:

@@ -70,6 +70,7 @@ from simmim_hf.data.faults import (
 )
 from simmim_hf.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, SimMIMAugmentation, build_pretrain_transform
 from simmim_hf.data.sources import (
+    DATA_FILES_HELP,
     FASHION_MNIST,
     IMAGE_COLUMN_NAMES,
     dataset_features,
@@ -96,9 +97,7 @@ class DataArguments:
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    data_files: list[str] | None = field(
-        default=None, metadata={"help": "Data files or globs for a local builder, e.g. `shards/train-*.tar`."}
-    )
+    data_files: list[str] | None = field(default=None, metadata={"help": DATA_FILES_HELP})
     data_dir: str | None = field(default=None, metadata={"help": "Data folder for a local builder or a Hub dataset."})
     train_split: str = field(default="train", metadata={"help": "The split to pretrain on."})
     streaming: bool = field(

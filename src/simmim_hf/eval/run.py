@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from simmim_hf.data.sources import DATA_FILES_HELP
 from simmim_hf.eval.data import EvalData, load_eval_data
 from simmim_hf.eval.features import PIXELS, Encoder, extract_features, load_encoder
 
@@ -40,9 +41,7 @@ class EvaluationArguments:
         metadata={"help": "'fashion-mnist' (embedded), a Hub id or a builder (imagefolder, parquet, webdataset)."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    data_files: str | None = field(
-        default=None, metadata={"help": "For builders: 'train=a/*.parquet,test=b/*.parquet' or one path/glob."}
-    )
+    data_files: list[str] | None = field(default=None, metadata={"help": DATA_FILES_HELP})
     data_dir: str | None = field(default=None, metadata={"help": "For builders such as imagefolder: the data folder."})
     train_split: str = field(default="train", metadata={"help": "Split the probes/fine-tuning train on."})
     eval_split: str | None = field(
