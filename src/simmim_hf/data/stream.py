@@ -39,7 +39,7 @@ nothing twice in the pass.
 A resume position at the end of a pass (e.g. every shard read, only the buffer left) is not an error: the restored
 pass yields what is left, possibly nothing, and the loader moves on to the next pass. A pass that starts from its
 beginning and yields no batch is an error. So is a pass in which more than `max_bad_fraction` of the examples read
-were faults (`simmim_hf.faults.DataFaultError`, naming the counts per reason). `fault_counts()` totals the faults of
+were faults (`simmim_hf.data.faults.DataFaultError`, naming the counts per reason). `fault_counts()` totals the faults of
 the whole run (all workers, all passes, earlier sessions included: the totals are part of the saved state).
 """
 

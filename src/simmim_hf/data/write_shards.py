@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import shutil
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -334,3 +335,29 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
 def _chain(first: _Record, rest: Iterator[_Record]) -> Iterator[_Record]:
     yield first
     yield from rest
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`scripts/prepare_data.py`: parses the arguments (flags, or a YAML/JSON file), writes the shards and prints a
+    summary; returns the summary."""
+    from transformers import HfArgumentParser
+
+    from simmim_hf.cli import parse_arguments
+
+    (args,) = parse_arguments(HfArgumentParser(PrepareDataArguments), sys.argv[1:] if argv is None else argv)
+    summary = prepare_data(args)
+    print(
+        f"Wrote {summary['num_written']} images into {len(summary['shards'])} {args.format} shards "
+        f"({min(summary['shard_counts'])}-{max(summary['shard_counts'])} per shard) in {args.output}; "
+        f"skipped {summary['num_skipped']} unreadable."
+    )
+    if summary["num_skipped"]:
+        print("First skipped:", json.dumps(summary["skipped"][:5], indent=2))
+    if STATS_KEY in summary:
+        stats = summary[STATS_KEY]
+        print(
+            f"Image statistics of the first {stats['num_images']} images ({stats['num_colour_images']} in colour): "
+            f"mean {stats['mean']}, std {stats['std']} (pretrain with --image_stats dataset to use them)"
+        )
+    print(f"Read back with data_files={summary['data_files']!r}")
+    return summary
