@@ -20,6 +20,7 @@ from simmim_hf.data.sources import (
     is_fashion_mnist,
     load_source_dataset,
     parse_data_files,
+    resolve_split_files,
     split_data_files,
 )
 from simmim_hf.data.stream import DataArguments, load_pretrain_dataset
@@ -118,6 +119,17 @@ def test_pretraining_and_evaluation_accept_the_same_data_files(tmp_path):
     assert (len(data.train), len(data.eval), data.eval_split) == (8, 2, "test")
     args = DataArguments(dataset_name="parquet", data_files=[spec], shuffle_buffer_size=1)
     assert len(list(load_pretrain_dataset(args, transform=_pixels))) == 8  # the train split only
+
+
+def test_local_data_files_are_checked_the_same_way_and_hub_ones_pass_through(tmp_path):
+    missing = str(tmp_path / "missing-*.parquet")
+    assert resolve_split_files("owner/data", "train=data/*.parquet") == {"train": ["data/*.parquet"]}
+    with pytest.raises(UsageError, match="--data_files: .* matches no file"):
+        resolve_split_files("parquet", f"train={missing}")
+    with pytest.raises(UsageError, match="--data_files: .* matches no file"):  # evaluation
+        load_eval_data(EvaluationArguments(model="pixels", dataset_name="parquet", data_files=[missing]))
+    with pytest.raises(UsageError, match="--data_files: .* matches no file"):  # pretraining
+        load_pretrain_dataset(DataArguments(dataset_name="parquet", data_files=[missing]), transform=_pixels)
 
 
 # --- one decoder: the same tensor through shards as directly ---------------------------------------------------------

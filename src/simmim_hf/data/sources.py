@@ -100,6 +100,21 @@ def parse_data_files(
     return parsed
 
 
+def resolve_split_files(
+    name: str, data_files: str | Sequence[str] | None, default_split: str = "train"
+) -> dict[str, list[str]] | None:
+    """`parse_data_files`, with the local files of a local builder (`LOCAL_BUILDERS`) expanded and checked by
+    `resolve_data_files` (a `UsageError` naming --data_files for a missing file); a Hub dataset's data files are
+    paths inside its repository and URLs are remote, so both pass through unchanged."""
+    parsed = parse_data_files(data_files, default_split)
+    if parsed is None or name.lower() not in LOCAL_BUILDERS:
+        return parsed
+    return {
+        split: patterns if any(is_remote(p) for p in patterns) else resolve_data_files(patterns)
+        for split, patterns in parsed.items()
+    }
+
+
 def split_data_files(data_files: str | Sequence[str] | None, split: str) -> list[str] | None:
     """The file patterns of `split` in `--data_files` (`parse_data_files`); UsageError when it names other splits only."""
     parsed = parse_data_files(data_files, default_split=split)
@@ -264,9 +279,7 @@ def load_source_dataset(
         dataset = shard_stream(name, files, column)
         dataset.simmim_shard_reader = True  # examples are already `pixel_values` + fault markers
         return dataset
-    if data_files and not any(is_remote(f) for f in data_files):
-        data_files = resolve_data_files(data_files)
-    files = {split: data_files} if data_files else None
+    files = resolve_split_files(name, data_files, split)
     return datasets.load_dataset(
         name, config_name, data_dir=data_dir, data_files=files, split=split, streaming=streaming
     )

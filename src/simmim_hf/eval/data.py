@@ -16,7 +16,7 @@ from simmim_hf.data.sources import (
     detect_image_column,
     detect_label_column,
     is_fashion_mnist,
-    parse_data_files,
+    resolve_split_files,
 )
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def _load_splits(args: EvaluationArguments) -> tuple[Any, Any, str]:
     splits = datasets.load_dataset(
         args.dataset_name,
         args.dataset_config_name,
-        data_files=parse_data_files(args.data_files, default_split=args.train_split),
+        data_files=resolve_split_files(args.dataset_name, args.data_files, args.train_split),
         data_dir=args.data_dir,
         cache_dir=args.cache_dir,
     )
