@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from simmim_hf.data.sources import DATA_FILES_HELP
+from simmim_hf.data.sources import DATA_FILES_HELP, FASHION_MNIST
 from simmim_hf.eval.data import EvalData, load_eval_data
 from simmim_hf.eval.features import PIXELS, Encoder, extract_features, load_encoder
 
@@ -37,8 +37,11 @@ class EvaluationArguments:
 
     model: str = field(metadata={"help": "AutoModel folder or Hub id, a full SimMIM checkpoint, or 'pixels'."})
     dataset_name: str = field(
-        default="fashion-mnist",
-        metadata={"help": "'fashion-mnist' (embedded), a Hub id or a builder (imagefolder, parquet, webdataset)."},
+        default=FASHION_MNIST,
+        metadata={
+            "help": "'fashion-mnist' (embedded; also `fashion_mnist`), a Hub id or a builder (imagefolder, parquet, "
+            "webdataset)."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     data_files: list[str] | None = field(default=None, metadata={"help": DATA_FILES_HELP})
