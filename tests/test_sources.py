@@ -177,3 +177,33 @@ def test_a_16_bit_png_reencoded_to_jpeg_is_rescaled_not_clipped(tmp_path):
     got = np.asarray(decode_image(reencoded), dtype=np.int16)
     expected = np.asarray(decode_image(paths[0]), dtype=np.int16)
     assert np.abs(got - expected).max() <= 8  # JPEG is lossy; clipping would have made it flat 255
+
+
+def test_visualisation_and_fine_tuning_use_the_one_decoder_and_augmentation(tmp_path):
+    import importlib.util
+
+    from PIL import Image
+    from tiny_configs import tiny_simmim_config
+
+    from simmim_hf.data.images import SimMIMAugmentation
+    from simmim_hf.eval.finetune import train_transform
+    from simmim_hf.publish.convert import image_processor_for
+
+    path = _high_depth_images(tmp_path / "images")[0]  # 16-bit greyscale PNG
+    spec = importlib.util.spec_from_file_location("visualize", Path(__file__).parents[1] / "scripts" / "visualize.py")
+    visualize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(visualize)
+    config = tiny_simmim_config("vit")
+    pixels = visualize.load_pixels([str(path)], config)
+    expected = image_processor_for(config)(
+        images=[decode_image(path, num_channels=config.num_channels)], return_tensors="pt"
+    )
+    torch.testing.assert_close(pixels, expected["pixel_values"])
+    assert pixels.std() > 0.1  # rescaled from 16 bits; PIL's plain convert would have made it a flat white image
+    rgb = decode_image(path, num_channels=3)
+    assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb)[..., 0], np.asarray(decode_image(path)))
+
+    processor = image_processor_for(config)
+    augmentation = train_transform(processor, crop_min_scale=0.5)
+    assert isinstance(augmentation, SimMIMAugmentation) and augmentation.scale == (0.5, 1.0)
+    assert augmentation(Image.new("RGB", (40, 40))).shape == (config.num_channels, *augmentation.size)
