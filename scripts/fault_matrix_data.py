@@ -23,9 +23,9 @@ from typing import Any
 
 import PIL.Image
 
-from simmim_hf.data.collate import SimMIMCollator, StreamLoader
+from simmim_hf.data.collate import SimMIMCollator
 from simmim_hf.data.faults import DataFaultError, format_counts
-from simmim_hf.data.stream import DataArguments, load_pretrain_dataset
+from simmim_hf.data.stream import DataArguments, StreamLoader, load_pretrain_dataset
 from simmim_hf.errors import UsageError
 from simmim_hf.masking import SimMIMMaskGenerator
 

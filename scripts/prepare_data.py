@@ -8,33 +8,8 @@
 Then pretrain with `--dataset_name webdataset --data_files 'data/fmnist/train-*.tar'` (or `parquet`, `*.parquet`).
 """
 
-import json
-import sys
-
-from transformers import HfArgumentParser
-
-from simmim_hf.cli import parse_arguments, run_script
-from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
-
-
-def main() -> None:
-    (args,) = parse_arguments(HfArgumentParser(PrepareDataArguments), sys.argv[1:])
-    summary = prepare_data(args)
-    print(
-        f"Wrote {summary['num_written']} images into {len(summary['shards'])} {args.format} shards "
-        f"({min(summary['shard_counts'])}-{max(summary['shard_counts'])} per shard) in {args.output}; "
-        f"skipped {summary['num_skipped']} unreadable."
-    )
-    if summary["num_skipped"]:
-        print("First skipped:", json.dumps(summary["skipped"][:5], indent=2))
-    if "image_stats" in summary:
-        stats = summary["image_stats"]
-        print(
-            f"Image statistics of the first {stats['num_images']} images ({stats['num_colour_images']} in colour): "
-            f"mean {stats['mean']}, std {stats['std']} (pretrain with --image_stats dataset to use them)"
-        )
-    print(f"Read back with data_files={summary['data_files']!r}")
-
+from simmim_hf.cli import run_script
+from simmim_hf.data.write_shards import main
 
 if __name__ == "__main__":
     run_script(main)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from PIL import Image
 
 from simmim_hf import SimMIMForMaskedImageModeling, SimMIMMaskGenerator
-from simmim_hf.configuration_simmim import to_pair
+from simmim_hf.data.images import decode_image
+from simmim_hf.publish.convert import image_processor_for
 from simmim_hf.publish.run_dir import RunDir
 from simmim_hf.visualization import save_reconstruction_grid
 
@@ -28,26 +28,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_pixels(paths: list[str], config) -> torch.Tensor:
-    """Resize to the model's input, scale to [0, 1], normalise with the pretraining statistics: (N, C, H, W)."""
-    from torchvision.transforms import v2
-
-    size = to_pair(config.image_size)
-    transform = v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(size, antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(config.image_mean, config.image_std),
-        ]
-    )
-    mode = "RGB" if config.num_channels == 3 else "L"
+    """The images decoded as in pretraining and preprocessed as the exported encoder is: (N, C, H, W)."""
     images = []
     for path in paths:
         try:
-            images.append(transform(Image.open(path).convert(mode)))
+            images.append(decode_image(path, num_channels=config.num_channels))
         except OSError as error:
             raise SystemExit(f"error: cannot read image {path}: {error}") from error
-    return torch.stack(images)
+    return image_processor_for(config)(images=images, return_tensors="pt")["pixel_values"]
 
 
 def main() -> None:

@@ -14,9 +14,10 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from simmim_hf.data.collate import SimMIMCollator, StreamLoader
+from simmim_hf.data.collate import SimMIMCollator
 from simmim_hf.data.images import build_pretrain_transform
-from simmim_hf.data.stream import DataArguments, detect_image_column, interleaved_shards, load_pretrain_dataset
+from simmim_hf.data.sources import detect_image_column
+from simmim_hf.data.stream import DataArguments, StreamLoader, interleaved_shards, load_pretrain_dataset
 from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
 from simmim_hf.masking import SimMIMMaskGenerator
 
@@ -360,7 +361,7 @@ def test_stream_loader_resume_continues_with_unseen_samples(shards, num_workers)
 def test_stream_loader_state_with_other_worker_count_starts_next_pass(shards, caplog):
     dataset = load_pretrain_dataset(shard_args(shards), transform=IDENTITY)
     loader = StreamLoader(dataset, DigestCollator(), batch_size=4)
-    with caplog.at_level(logging.WARNING, logger="simmim_hf.data.collate"):
+    with caplog.at_level(logging.WARNING, logger="simmim_hf.data.stream"):
         loader.load_state_dict({"version": 1, "epoch": 2, "num_workers": 3, "worker_states": {}})
     assert loader.epoch == 3 and "num_workers=3" in caplog.text
     with pytest.raises(ValueError, match="num_workers"):

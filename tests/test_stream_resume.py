@@ -13,8 +13,8 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from simmim_hf.data.collate import SimMIMCollator, StreamLoader
-from simmim_hf.data.stream import DataArguments, load_pretrain_dataset
+from simmim_hf.data.collate import SimMIMCollator
+from simmim_hf.data.stream import DataArguments, StreamLoader, load_pretrain_dataset
 from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
 from simmim_hf.masking import SimMIMMaskGenerator
 
@@ -112,7 +112,7 @@ def test_resume_with_a_buffer_reads_nothing_twice_and_logs_what_it_skips(shards,
     del batches
 
     resumed_loader = digest_loader(shards, num_workers, buffer)
-    with caplog.at_level(logging.WARNING, logger="simmim_hf.data.collate"):
+    with caplog.at_level(logging.WARNING, logger="simmim_hf.data.stream"):
         resumed_loader.load_state_dict(state)
     resumed = []
     for batch in resumed_loader:
@@ -136,7 +136,7 @@ def test_resume_at_the_end_of_the_shards_moves_on_to_the_next_pass(shards, caplo
     take(interrupted, 2)
     state = interrupted.state_dict()
     resumed = digest_loader(shards, 0, buffer=100, world_size=2)
-    with caplog.at_level(logging.INFO, logger="simmim_hf.data.collate"):
+    with caplog.at_level(logging.INFO, logger="simmim_hf.data.stream"):
         resumed.load_state_dict(state)
         first = take(resumed, 1)[0]
     assert resumed.epoch == 1

@@ -11,7 +11,7 @@ A data fault costs the examples it touches, never the run. Reasons (`FAULT_REASO
 
 The counters live in the process that reads the stream (a DataLoader worker, or the main process), keyed by the
 stream's key (`ImageDecoder.key`), because `datasets` copies the functions of a pipeline into every worker and on every
-iteration. `simmim_hf.collate.StreamLoader` snapshots them per batch, like the stream position, and totals them for
+iteration. `simmim_hf.data.stream.StreamLoader` snapshots them per batch, like the stream position, and totals them for
 the whole run (all workers, all passes, across resumes); the Trainer sums them over ranks.
 """
 

@@ -55,22 +55,14 @@ _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
-def _check_config(config: Any) -> tuple[tuple[int, int], int, list[float], list[float]]:
+def _config_values(config: Any) -> tuple[tuple[int, int], int, list[float], list[float]]:
+    """`(size (height, width), num_channels, mean, std)` of a SimMIMConfig-like object (checked by the consumer)."""
     for name in ("image_size", "num_channels", "image_mean", "image_std"):
         if not hasattr(config, name):
             raise ValueError(f"config has no `{name}` attribute; expected a SimMIMConfig-like object")
-    size, channels = config.image_size, int(config.num_channels)
+    size = config.image_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)  # (height, width)
-    if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
-        raise ValueError(f"config.image_size must be a positive int or [height, width], got {config.image_size!r}")
-    if channels not in (1, 3):
-        raise ValueError(f"config.num_channels must be 1 or 3, got {channels}")
-    mean, std = [float(m) for m in config.image_mean], [float(s) for s in config.image_std]
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"image_mean/image_std need {channels} values each, got {mean} / {std}")
-    if any(s <= 0 for s in std):
-        raise ValueError(f"image_std must be positive, got {std}")
-    return size, channels, mean, std
+    return size, int(config.num_channels), [float(m) for m in config.image_mean], [float(s) for s in config.image_std]
 
 
 def normalize_pixel_values(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -124,8 +116,9 @@ def _exif_rotated(image: PIL.Image.Image) -> bool:
 
 
 class SimMIMAugmentation:
-    """SimMIM's pretraining augmentation: channel conversion, `RandomResizedCrop(size, CROP_SCALE, CROP_RATIO)`
-    (bilinear, antialiased), horizontal flip with probability 1/2.
+    """SimMIM's pretraining augmentation: channel conversion, `RandomResizedCrop(size, scale, CROP_RATIO)`
+    (bilinear, antialiased; `scale` defaults to the paper's `CROP_SCALE`), horizontal flip with probability 1/2.
+    Fine-tuning uses it too (`simmim_hf.eval.finetune.train_transform`, with its own minimum crop scale).
 
     Call it on a PIL image (`augmentation(image, rng)`), or on encoded bytes (`decode_and_augment`), which decodes a
     JPEG at a reduced scale when the crop allows it. Returns `pixel_values: (channels, height, width)`: float32
@@ -143,20 +136,35 @@ class SimMIMAugmentation:
         *,
         uint8: bool = False,
         draft: bool = True,
+        scale: Sequence[float] = CROP_SCALE,
     ) -> None:
+        # The raw-argument entry (fine-tuning builds it from an image processor, not a SimMIMConfig): checked here.
+        if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
+            raise ValueError(f"config.image_size must be a positive int or [height, width], got {list(size)!r}")
+        if int(channels) not in (1, 3):
+            raise ValueError(f"config.num_channels must be 1 or 3, got {channels}")
+        if len(mean) != int(channels) or len(std) != int(channels):
+            raise ValueError(f"image_mean/image_std need {channels} values each, got {list(mean)} / {list(std)}")
+        if any(float(s) <= 0 for s in std):
+            raise ValueError(f"image_std must be positive, got {list(std)}")
+        if not 0.0 < float(scale[0]) <= float(scale[1]) <= 1.0:
+            raise ValueError(f"the crop scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
         self.size = (int(size[0]), int(size[1]))  # (height, width)
         self.channels = int(channels)
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.uint8 = uint8
         self.draft = draft
+        self.scale = (float(scale[0]), float(scale[1]))
 
     def with_uint8(self, uint8: bool = True) -> SimMIMAugmentation:
         """A copy that returns uint8 pixels (or normalised floats with `uint8=False`)."""
-        return type(self)(self.size, self.channels, self.mean, self.std, uint8=uint8, draft=self.draft)
+        return type(self)(
+            self.size, self.channels, self.mean, self.std, uint8=uint8, draft=self.draft, scale=self.scale
+        )
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(size={self.size}, channels={self.channels}, scale={CROP_SCALE}, "
+            f"{type(self).__name__}(size={self.size}, channels={self.channels}, scale={self.scale}, "
             f"ratio={CROP_RATIO}, flip=0.5, uint8={self.uint8}, draft={self.draft})"
         )
 
@@ -184,7 +192,7 @@ class SimMIMAugmentation:
         """`image`: a decoded PIL image of any mode. Returns `pixel_values: (C, H, W)` (class docstring)."""
         rng = rng if rng is not None else self._global_rng()
         image = self._convert(image)
-        top, left, height, width = random_resized_crop_box(image.width, image.height, rng)
+        top, left, height, width = random_resized_crop_box(image.width, image.height, rng, self.scale)
         flip = rng.random() < 0.5
         # Crop, then resize: what torchvision's resized_crop does on a PIL image.
         image = image.crop((left, top, left + width, top + height))
@@ -207,7 +215,7 @@ class SimMIMAugmentation:
             return self(decode_image(image), rng)
         rng = rng if rng is not None else self._global_rng()
         full_width, full_height = image.size
-        top, left, height, width = random_resized_crop_box(full_width, full_height, rng)
+        top, left, height, width = random_resized_crop_box(full_width, full_height, rng, self.scale)
         flip = rng.random() < 0.5
         out_height, out_width = self.size
         request = (math.ceil(full_width * out_width / width), math.ceil(full_height * out_height / height))
@@ -233,13 +241,12 @@ def build_pretrain_transform(config: Any, uint8: bool = False) -> SimMIMAugmenta
     (L, RGB, RGBA, P, ...) to `pixel_values: (num_channels, height, width)` float32, normalised with the config's
     mean/std; with `uint8=True`, to the same pixels as uint8 (normalise them with `normalize_pixel_values`).
     """
-    size, channels, mean, std = _check_config(config)
-    return SimMIMAugmentation(size, channels, mean, std, uint8=uint8)
+    return SimMIMAugmentation(*_config_values(config), uint8=uint8)
 
 
 def build_torchvision_transform(config: Any) -> Callable[[PIL.Image.Image], torch.Tensor]:
     """The same augmentation as a torchvision v2 pipeline (the reference `SimMIMAugmentation` is tested against)."""
-    size, channels, mean, std = _check_config(config)
+    size, channels, mean, std = _config_values(config)
     to_channels = v2.RGB() if channels == 3 else v2.Grayscale(num_output_channels=1)
     return v2.Compose(
         [
@@ -251,6 +258,31 @@ def build_torchvision_transform(config: Any) -> Callable[[PIL.Image.Image], torc
             v2.Normalize(mean=mean, std=std),
             v2.ToPureTensor(),
         ]
+    )
+
+
+def build_image_processor(
+    image_size: int | Sequence[int], image_mean: Sequence[float], image_std: Sequence[float], resample: int = 3
+) -> Any:
+    """The inference preprocessing, as the stock `ViTImageProcessor`: resize to `image_size` (int or [height,
+    width]; `resample` a PIL code, 3 = bicubic), rescale to [0, 1], normalise with `image_mean`/`image_std` (one
+    value per channel); for 3 channels greyscale/RGBA/palette inputs become RGB. Exported with every encoder
+    (`simmim_hf.publish.convert.image_processor_for`), and used by evaluation and `scripts/visualize.py`.
+    Maps images to `pixel_values: (B, C, H, W)`.
+    """
+    from transformers import ViTImageProcessor
+
+    height, width = (image_size, image_size) if isinstance(image_size, int) else (image_size[0], image_size[1])
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": int(height), "width": int(width)},
+        resample=resample,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[float(m) for m in image_mean],
+        image_std=[float(s) for s in image_std],
+        do_convert_rgb=len(image_mean) == 3,
     )
 
 
@@ -268,8 +300,8 @@ def _cell_parts(cell: Any) -> tuple[bytes | None, str | None]:
         return cell.get("bytes"), cell.get("path")
     if isinstance(cell, (bytes, bytearray)):
         return bytes(cell), None
-    if isinstance(cell, str):
-        return None, cell
+    if isinstance(cell, (str, Path)):
+        return None, str(cell)
     raise TypeError(f"cannot decode an image from {type(cell).__name__}")
 
 
@@ -307,25 +339,33 @@ def is_image(data: bytes) -> bool:
     return True
 
 
-def decode_image(cell: Any, max_pixels: int | None = None) -> PIL.Image.Image:
-    """Decodes one image cell: a PIL image, raw bytes, a path, or a `{"bytes": ..., "path": ...}` dict.
+def decode_image(cell: Any, max_pixels: int | None = None, *, num_channels: int | None = None) -> PIL.Image.Image:
+    """The one image decoder (pretraining, sharding, evaluation, statistics and visualisation all use it).
 
-    Fully loads the pixels (so truncated files fail here, not later in the transform) and applies the EXIF orientation.
-    Raises `ImageTooLargeError` before decoding an image above `max_pixels` pixels, and whatever PIL raises on anything
-    it cannot read.
+    `cell`: a PIL image, raw bytes, a path (str or Path), a `{"bytes": ..., "path": ...}` dict, or an array (`(H, W)` or
+    `(H, W, C)`, as `datasets` gives for an `Array` column). Fully loads the pixels (so truncated files fail here, not
+    later in the transform), applies the EXIF orientation and rescales 16/32-bit and float greyscale images to 8-bit
+    "L" by their own range (a plain PIL `convert` would clip them). With `num_channels`, returns mode "RGB" (3:
+    greyscale replicated) or "L" (1: colour averaged); without, keeps the mode. Raises `ImageTooLargeError` before
+    decoding an image above `max_pixels` pixels, and whatever PIL raises on anything it cannot read.
     """
     if isinstance(cell, PIL.Image.Image):
         image = cell
-    else:
+    elif isinstance(cell, (dict, bytes, bytearray, str, Path)):
         data, path = _cell_parts(cell)
         if data is None and not path:
             raise ValueError("image cell has neither bytes nor path")
         image = open_image(data, path, max_pixels)
+    else:
+        image = PIL.Image.fromarray(np.asarray(cell))
     image.load()
     image = PIL.ImageOps.exif_transpose(image)
     if image.mode in _HIGH_DEPTH_MODES:
         image = _to_8bit(image)
-    return image
+    if num_channels is None:
+        return image
+    mode = "RGB" if num_channels == 3 else "L"
+    return image if image.mode == mode else image.convert(mode)
 
 
 def augmentation_seed(seed: int, epoch: int, data: bytes) -> int:

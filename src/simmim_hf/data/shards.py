@@ -1,7 +1,7 @@
 """Fault-tolerant streaming of local WebDataset tar shards and parquet files.
 
-`shard_stream(kind, files)` is what `--dataset_name webdataset|parquet --data_files ...` reads when every data file is
-local: a `datasets.IterableDataset.from_generator` over the list of files, so `datasets` still deals the files out
+`shard_stream(kind, files)` is what `simmim_hf.data.sources` opens for `--dataset_name webdataset|parquet
+--data_files ...` when every data file is local: a `datasets.IterableDataset.from_generator` over the list of files, so `datasets` still deals the files out
 across ranks (`split_dataset_by_node`) and DataLoader workers, shuffles their order each pass, and saves/restores the
 stream position (`state_dict`) exactly as for its own builders. Unlike the stock builders, a broken file never
 crashes the run or drops data silently:
@@ -21,7 +21,6 @@ position (the generator has no side effects).
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import tarfile
@@ -32,7 +31,6 @@ from typing import Any
 import datasets
 
 from simmim_hf.data.images import is_image
-from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -40,41 +38,6 @@ KINDS = ("webdataset", "parquet")
 # Extensions tried first when a sample has several members PIL recognises (e.g. an image and a segmentation mask).
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _PARQUET_BATCH_ROWS = 256
-_GLOB_CHARACTERS = ("*", "?", "[")
-
-
-def is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
-def resolve_data_files(patterns: str | Sequence[str] | None, field: str = "--data_files") -> list[str]:
-    """Expands local data files and globs into a sorted list of readable files.
-
-    Raises `UsageError` naming `field` for an empty list, a glob that matches nothing, a missing file, a folder, or a
-    file this process may not read.
-    """
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    if not patterns:
-        raise UsageError(f"{field}: no data file given")
-    files: list[str] = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(str(pattern))
-        if any(character in pattern for character in _GLOB_CHARACTERS):
-            matches = sorted(path for path in glob.glob(pattern, recursive=True) if os.path.isfile(path))
-            if not matches:
-                raise UsageError(f"{field}: {pattern!r} matches no file")
-            files.extend(matches)
-        elif os.path.isdir(pattern):
-            raise UsageError(f"{field}: {pattern!r} is a folder; give the shard files or a glob such as '{pattern}/*'")
-        elif not os.path.isfile(pattern):
-            raise UsageError(f"{field}: {pattern!r} does not exist")
-        else:
-            files.append(pattern)
-    for path in files:
-        if not os.access(path, os.R_OK):
-            raise UsageError(f"{field}: {path!r} is not readable (permissions)")
-    return list(dict.fromkeys(files))
 
 
 def _example(cell: dict[str, Any] | None, fault: str = "", detail: str = "") -> dict[str, Any]:
@@ -178,34 +141,13 @@ def generate_shard_examples(files: list[str], kind: str, column: str | None = No
             yield from iter_parquet(path, column or "image")
 
 
-def parquet_image_column(files: Sequence[str], image_column: str | None = None) -> str:
-    """The image column of parquet shards, from the schema of the first file that opens."""
-    import pyarrow.parquet as pq
+def shard_stream(kind: str, files: Sequence[str], column: str | None = None) -> datasets.IterableDataset:
+    """A streaming dataset over local shard files (one `datasets` shard per file); examples as in the module doc.
 
-    from simmim_hf.data.stream import detect_image_column
-
-    for path in files:
-        try:
-            schema = pq.read_schema(path)
-        except Exception:  # noqa: BLE001 - a broken file is reported when it is read
-            continue
-        try:
-            features = datasets.Features.from_arrow_schema(schema)
-        except Exception:  # noqa: BLE001 - no `huggingface` metadata: fall back to the column names
-            features = list(schema.names)
-        try:
-            return detect_image_column(features, image_column)
-        except ValueError as error:
-            raise UsageError(f"--image_column: {error} (in {path})") from None
-    logger.warning("No parquet file could be opened to find the image column; assuming %r", image_column or "image")
-    return image_column or "image"
-
-
-def shard_stream(kind: str, files: Sequence[str], image_column: str | None = None) -> datasets.IterableDataset:
-    """A streaming dataset over local shard files (one `datasets` shard per file); examples as in the module doc."""
+    `column`: the image column of parquet shards (`simmim_hf.data.sources.parquet_image_column`; default `image`).
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    column = parquet_image_column(files, image_column) if kind == "parquet" else None
     names = [str(Path(path)) for path in files]
     return datasets.IterableDataset.from_generator(
         generate_shard_examples, gen_kwargs={"files": names, "kind": kind, "column": column}

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from simmim_hf.data.sources import split_data_files
 from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -102,8 +103,9 @@ def is_greyscale_stats(mean: list[float], std: list[float]) -> bool:
 
 
 def _data_files_of(data_args: Any) -> list[str]:
+    """The run's data files (its split's `--data_files` entries, globs expanded)."""
     files: list[str] = []
-    for pattern in data_args.data_files or []:
+    for pattern in split_data_files(data_args.data_files, getattr(data_args, "train_split", "train")) or []:
         files.extend(sorted(glob.glob(pattern)) or [pattern])
     return files
 

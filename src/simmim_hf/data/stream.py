@@ -8,40 +8,81 @@ Streaming (the default) goes: `load_dataset(..., streaming=True)` -> keep the im
 DataLoader workers. Local `webdataset`/`parquet` shards are read by `simmim_hf.data.shards` instead of the stock
 builders, so a broken file costs that file's remainder (counted, one warning) instead of the run; every data fault is
 counted per reason (`simmim_hf.data.faults`). Each example's augmentation is seeded from (seed, pass, image bytes), so a
-resumed stream draws the same crops as an uninterrupted one (`simmim_hf.data.images`). Feed the result to `simmim_hf.collate.StreamLoader`, which repeats it endlessly (one reshuffled
-epoch after another, bounded by the Trainer's `max_steps`) and can save/restore the stream position.
+resumed stream draws the same crops as an uninterrupted one (`simmim_hf.data.images`). Sources and their aliases
+are `simmim_hf.data.sources`.
+
+`StreamLoader` wraps a torch DataLoader around a `datasets.IterableDataset` and
+  * repeats it endlessly, calling `dataset.set_epoch(epoch)` before each pass, so every pass reshuffles the shard order
+    and the shuffle buffer (the Trainer's `max_steps` ends the run). Doing the repetition here rather than through the
+    Trainer's epoch loop keeps every rank in one long Trainer epoch, so ranks whose shards differ in length never end
+    an epoch at different steps (which would misalign gradient accumulation across ranks);
+  * forms the batches inside the reading process (`_BatchStream`: each DataLoader worker, or the main process),
+    attaching to each one the reader's `dataset.state_dict()`, its batch index in the pass and its fault counts, all
+    captured right after the batch's last example was read; a worker that finishes its share of the pass sends a last
+    item without images, so nothing it met is left uncounted;
+  * yields the batches in a fixed order, round robin over the workers starting from worker 0 at the start of a pass
+    (skipping those that finished), whatever order the DataLoader delivers them in. `state_dict()` is therefore the
+    exact position of what was consumed (in-flight prefetched batches excluded), including whose turn is next, and
+    `load_state_dict()` restores it per worker (with the same `num_workers`).
+
+Randomness is a pure function of the run seed and the stream position, so a resumed stream continues the
+uninterrupted one exactly:
+  * masks: the generator of a batch is seeded from (seed, rank, pass, worker, batch index of that worker in the pass);
+    the batch index is part of the saved state;
+  * augmentation: each example's crop and flip are seeded from (seed, pass, digest of its raw bytes) in the decoder
+    (`simmim_hf.data.images`), which learns the pass from `_BatchStream`.
+With a shuffle buffer of 1, a loader restored from `state_dict()` after k batches yields exactly batches k+1, k+2, ...
+of the uninterrupted loader. With a real buffer, the examples the buffers held when the state was saved are not saved
+(as `datasets` documents): a resume skips them (never more than one buffer per worker), logs how many, and reads
+nothing twice in the pass.
+
+A resume position at the end of a pass (e.g. every shard read, only the buffer left) is not an error: the restored
+pass yields what is left, possibly nothing, and the loader moves on to the next pass. A pass that starts from its
+beginning and yields no batch is an error. So is a pass in which more than `max_bad_fraction` of the examples read
+were faults (`simmim_hf.data.faults.DataFaultError`, naming the counts per reason). `fault_counts()` totals the faults of
+the whole run (all workers, all passes, earlier sessions included: the totals are part of the saved state).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import datasets
 import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader, get_worker_info
 
-from simmim_hf.data.faults import record_read
+from simmim_hf.data.faults import (
+    DataFaultError,
+    add_counts,
+    fault_snapshot,
+    format_counts,
+    read_count,
+    record_read,
+    set_stream_epoch,
+    subtract_counts,
+)
 from simmim_hf.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, SimMIMAugmentation, build_pretrain_transform
-from simmim_hf.data.shards import KINDS as SHARD_KINDS
-from simmim_hf.data.shards import is_remote, resolve_data_files, shard_stream
+from simmim_hf.data.sources import (
+    DATA_FILES_HELP,
+    FASHION_MNIST,
+    IMAGE_COLUMN_NAMES,
+    dataset_features,
+    detect_image_column,
+    load_source_dataset,
+    normalize_source,
+)
 from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-FASHION_MNIST = "fashion-mnist"
-# Fallback names when no column is typed `Image` (e.g. a parquet file with raw bytes, or a webdataset "jpg" key).
-IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
-# Shards used when a map-style source (the embedded Fashion-MNIST, a save_to_disk folder) is streamed; 48 splits
-# evenly over 1, 2, 3, 4, 6, 8, 12, 16, 24 and 48 readers.
-STREAM_SHARDS = 48
+STATE_VERSION = 2
 
 
 @dataclass
@@ -56,9 +97,7 @@ class DataArguments:
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    data_files: list[str] | None = field(
-        default=None, metadata={"help": "Data files or globs for a local builder, e.g. `shards/train-*.tar`."}
-    )
+    data_files: list[str] | None = field(default=None, metadata={"help": DATA_FILES_HELP})
     data_dir: str | None = field(default=None, metadata={"help": "Data folder for a local builder or a Hub dataset."})
     train_split: str = field(default="train", metadata={"help": "The split to pretrain on."})
     streaming: bool = field(
@@ -99,6 +138,7 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        self.dataset_name = normalize_source(self.dataset_name)
         if isinstance(self.data_files, str):
             self.data_files = [self.data_files]
         if self.shuffle_buffer_size < 1:
@@ -109,131 +149,6 @@ class DataArguments:
             raise UsageError(f"--max_image_pixels must be >= 1, got {self.max_image_pixels}")
         if not 0.0 < self.max_bad_fraction <= 1.0:
             raise UsageError(f"--max_bad_fraction must be in (0, 1], got {self.max_bad_fraction}")
-
-
-def detect_image_column(features: datasets.Features | Sequence[str] | None, image_column: str | None = None) -> str:
-    """Picks the image column from a dataset's `features` (or bare column names when the types are unknown).
-
-    An explicit `image_column` must exist. Otherwise: the single `Image`-typed feature; failing that, the single column
-    named one of `IMAGE_COLUMN_NAMES`. Raises `ValueError` listing the columns when there is none or more than one.
-    """
-    columns = list(features or [])
-    if image_column is not None:
-        if image_column not in columns:
-            raise ValueError(f"image_column {image_column!r} is not a column of the dataset; columns: {columns}")
-        return image_column
-    if isinstance(features, (datasets.Features, dict)):
-        typed = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
-        if len(typed) == 1:
-            return typed[0]
-        if len(typed) > 1:
-            raise ValueError(f"Several Image columns {typed}: pass --image_column. Columns: {columns}")
-    named = [name for name in columns if name.lower() in IMAGE_COLUMN_NAMES]
-    if len(named) == 1:
-        return named[0]
-    if len(named) > 1:
-        raise ValueError(f"Several candidate image columns {named}: pass --image_column. Columns: {columns}")
-    raise ValueError(
-        f"No image column found (looked for an Image feature or {IMAGE_COLUMN_NAMES}); columns: {columns}"
-    )
-
-
-def is_saved_dataset(path: str | os.PathLike) -> bool:
-    """Whether `path` is a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
-    folder = Path(path)
-    return folder.is_dir() and any((folder / name).is_file() for name in ("state.json", "dataset_dict.json"))
-
-
-def dataset_features(dataset: datasets.Dataset | datasets.IterableDataset) -> datasets.Features | list[str]:
-    """The dataset's features, or just its column names (read from the first example) when a stream has no types."""
-    if dataset.features is not None:
-        return dataset.features
-    first = next(iter(dataset), None)
-    if first is None:
-        raise ValueError("The dataset is empty")
-    return list(first)
-
-
-def fashion_mnist_subset(split: str = "train", max_samples: int | None = None) -> datasets.Dataset:
-    """The embedded Fashion-MNIST as a map-style dataset (`image` PIL "L", `label`).
-
-    A subset encodes only the rows kept. The full split (PNG-encoding 60k images takes ~15 s) is built once and kept
-    as Arrow files next to the IDX files' cache (`$SIMMIM_HF_CACHE`), so later runs and every rank memory-map it.
-    """
-    from simmim_hf.data.fashion_mnist import default_cache_dir, load_fashion_mnist, to_dataset
-
-    cached = default_cache_dir().parent / "fashion-mnist-arrow" / split
-    if max_samples is None and is_saved_dataset(cached):
-        return datasets.load_from_disk(str(cached))
-    images, labels = load_fashion_mnist(split)
-    if max_samples is not None:
-        images, labels = images[:max_samples], labels[:max_samples]
-    dataset = to_dataset(images, labels)
-    if max_samples is None:
-        # Write to a private folder, then rename: ranks starting together never read a half-written cache.
-        temporary = cached.with_name(f"{split}.tmp-{os.getpid()}")
-        dataset.save_to_disk(str(temporary))
-        try:
-            temporary.rename(cached)
-        except OSError:  # another process won the race
-            shutil.rmtree(temporary, ignore_errors=True)
-        if is_saved_dataset(cached):
-            dataset = datasets.load_from_disk(str(cached))
-    return dataset
-
-
-def load_source_dataset(
-    name: str,
-    config_name: str | None = None,
-    split: str = "train",
-    data_files: str | Sequence[str] | None = None,
-    data_dir: str | None = None,
-    streaming: bool = False,
-    max_samples: int | None = None,
-) -> datasets.Dataset | datasets.IterableDataset:
-    """Opens one split of any supported source: `fashion-mnist`, a `save_to_disk` folder, or `load_dataset(name)`.
-
-    `max_samples` only pre-truncates `fashion-mnist` (to skip encoding rows that would be dropped anyway).
-    """
-    if name == FASHION_MNIST:
-        dataset = fashion_mnist_subset(split, max_samples)
-        return dataset.to_iterable_dataset(num_shards=min(STREAM_SHARDS, len(dataset))) if streaming else dataset
-    if is_saved_dataset(name):
-        loaded = datasets.load_from_disk(name)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"split {split!r} not in the saved dataset {name}; splits: {list(loaded)}")
-            loaded = loaded[split]
-        return loaded.to_iterable_dataset(num_shards=min(STREAM_SHARDS, len(loaded))) if streaming else loaded
-    if isinstance(data_files, str):
-        data_files = [data_files]
-    check_local_source(name, data_files, data_dir)
-    if streaming and name in SHARD_KINDS and data_files and not any(is_remote(f) for f in data_files):
-        dataset = shard_stream(name, resolve_data_files(data_files))
-        dataset.simmim_shard_reader = True  # examples are already `pixel_values` + fault markers
-        return dataset
-    if data_files and not any(is_remote(f) for f in data_files):
-        data_files = resolve_data_files(data_files)
-    files = {split: list(data_files)} if data_files else None
-    return datasets.load_dataset(
-        name, config_name, data_dir=data_dir, data_files=files, split=split, streaming=streaming
-    )
-
-
-def looks_like_path(name: str) -> bool:
-    """Whether `--dataset_name` can only be a local folder (a Hub id is `name` or `owner/name`)."""
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
-def check_local_source(name: str, data_files: Sequence[str] | None, data_dir: str | None) -> None:
-    """Raises `UsageError` (one line naming the argument) for a local folder or file that is not there."""
-    if looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
-        raise UsageError(f"--dataset_name: the folder {name!r} does not exist")
-    if data_dir is not None and not is_remote(data_dir) and name in (*SHARD_KINDS, "imagefolder"):
-        if not os.path.isdir(os.path.expanduser(data_dir)):
-            raise UsageError(f"--data_dir: the folder {data_dir!r} does not exist")
-    if name in SHARD_KINDS and not data_files and data_dir is None:
-        raise UsageError(f"--data_files: --dataset_name {name} needs the shard files (e.g. 'shards/train-*.tar')")
 
 
 def check_shard_count(num_shards: int, world_size: int = 1, num_workers: int = 0, source: str = "") -> bool:
@@ -406,3 +321,282 @@ def interleaved_shards(num_shards: int, world_size: int = 1, num_workers: int = 
 
 def _is_decoded(example: dict[str, Any]) -> bool:
     return example["pixel_values"] is not None
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _held(progress: dict[str, Any]) -> int:
+    """Examples a reader had read but not yet consumed (they sat in its shuffle buffer) at the captured position."""
+    if progress["read"] is None:  # the buffer's input is not counted (`data.count_buffer_input`)
+        return 0
+    consumed = progress["images"] + sum(progress["faults"].values()) + progress["skipped"]
+    return max(0, progress["read"] - consumed)
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Forms batches in the reading process and tags each with that reader's position and counts (module docstring).
+
+    Yields `{"batch": collated or None, "worker", "epoch", "index", "state", "images", "read", "skipped", "faults",
+    "end"}`; the last item of a reader's pass has `end=True` and no batch.
+    """
+
+    def __init__(self, dataset: datasets.IterableDataset, collate_fn: Any, batch_size: int, drop_last: bool) -> None:
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.batch_size = int(batch_size)
+        self.drop_last = drop_last
+        decoder = getattr(dataset, "simmim_decoder", None)
+        self.key = getattr(decoder, "key", None) or "<no decoder>"
+        self.counts_reads = bool(getattr(dataset, "simmim_counts_buffer_input", False))
+        self.restore: dict[int, dict[str, Any]] = {}
+        self.restore_epoch: int | None = None
+
+    def _collate(self, examples: list[Any], epoch: int, worker: int, index: int) -> Any:
+        if hasattr(self.collate_fn, "set_stream_position"):
+            self.collate_fn.set_stream_position(epoch, worker, index)
+        return self.collate_fn(examples)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker_info = get_worker_info()
+        worker = worker_info.id if worker_info is not None else 0
+        epoch = self.dataset.epoch
+        saved = self.restore.get(worker) if self.restore_epoch == epoch else None
+        # Also clears a position loaded for an earlier pass (the main process keeps one dataset object).
+        self.dataset.load_state_dict(saved["state"] if saved else None)
+        set_stream_epoch(self.key, epoch)
+        base = saved or {"index": 0, "images": 0, "read": 0, "skipped": 0, "faults": {}}
+        faults_start, read_start = fault_snapshot(self.key), read_count(self.key)
+        index, images = int(base["index"]), int(base["images"])
+
+        def progress(end: bool = False) -> dict[str, Any]:
+            return {
+                "worker": worker,
+                "epoch": epoch,
+                "index": index,
+                "state": self.dataset.state_dict(),
+                "images": images,
+                "read": int(base["read"] or 0) + read_count(self.key) - read_start if self.counts_reads else None,
+                "skipped": int(base["skipped"]),
+                "faults": add_counts(base["faults"], subtract_counts(fault_snapshot(self.key), faults_start)),
+                "end": end,
+            }
+
+        examples: list[Any] = []
+        for example in self.dataset:
+            examples.append(example)
+            images += 1
+            if len(examples) == self.batch_size:
+                batch = self._collate(examples, epoch, worker, index)
+                index += 1
+                examples = []
+                yield {"batch": batch, **progress()}
+        if examples and not self.drop_last:
+            batch = self._collate(examples, epoch, worker, index)
+            index += 1
+            yield {"batch": batch, **progress()}
+        yield {"batch": None, **progress(end=True)}
+
+
+class StreamLoader:
+    """Endless, resumable batches from a streaming dataset (see the module docstring).
+
+    Args:
+        dataset: a `datasets.IterableDataset`, e.g. from `load_pretrain_dataset`.
+        collate_fn: e.g. a `SimMIMCollator`; must return a dict.
+        batch_size: examples per batch.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: as for `torch.utils.data.DataLoader`.
+        drop_last: drop each pass's last incomplete batch (constant batch size; default True).
+        endless: repeat passes forever (default); False stops after one pass and lets `set_epoch` pick the epoch.
+        max_bad_fraction: stop when more than this fraction of a pass's examples are data faults (default: the
+            dataset's `simmim_max_bad_fraction` from `load_pretrain_dataset`, else 0.5).
+
+    Use with `transformers.Trainer`: return it from `get_train_dataloader` (it is not wrapped by accelerate, so a
+    dataset already split by rank is not split again), set `max_steps`, and resume with `ignore_data_skip=True` plus
+    `load_state_dict` (the Trainer's own resume would rebuild a plain DataLoader and replay batches instead).
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.IterableDataset,
+        collate_fn: Any,
+        batch_size: int,
+        num_workers: int = 0,
+        *,
+        drop_last: bool = True,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+        endless: bool = True,
+        max_bad_fraction: float | None = None,
+    ) -> None:
+        if not isinstance(dataset, datasets.IterableDataset):
+            raise TypeError(f"StreamLoader needs a datasets.IterableDataset, got {type(dataset).__name__}")
+        expected = getattr(dataset, "simmim_num_workers", None)
+        if expected is not None and expected != num_workers:
+            raise ValueError(
+                f"The dataset was built for num_workers={expected} (load_pretrain_dataset) but the loader has "
+                f"{num_workers}; pass the same number to both, or resuming the stream position fails"
+            )
+        self.dataset = dataset
+        self.num_workers = int(num_workers)
+        self.endless = endless
+        self.max_bad_fraction = float(
+            max_bad_fraction if max_bad_fraction is not None else getattr(dataset, "simmim_max_bad_fraction", 0.5)
+        )
+        self.epoch = 0
+        self.skipped_at_resume = 0
+        self._progress: dict[int, dict[str, Any]] = {}
+        self._next_worker = 0
+        self._faults_before_pass = add_counts()
+        self._stream = _BatchStream(dataset, collate_fn, batch_size, drop_last)
+        self._loader = DataLoader(
+            self._stream,
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers and self.num_workers > 0,
+            prefetch_factor=prefetch_factor if self.num_workers > 0 else None,
+        )
+
+    def _following(self, worker: int, finished: set[int]) -> int:
+        """The next worker after `worker`, round robin, that has not finished the pass (`worker` if none)."""
+        readers = max(1, self.num_workers)
+        for step in range(1, readers + 1):
+            candidate = (worker + step) % readers
+            if candidate not in finished:
+                return candidate
+        return worker
+
+    def _ordered_batches(self) -> Iterator[Any]:
+        """This pass's batches, round robin over the workers from `_next_worker` (module docstring)."""
+        readers = max(1, self.num_workers)
+        pending: dict[int, deque] = {worker: deque() for worker in range(readers)}
+        finished: set[int] = set()
+
+        def ready() -> Iterator[Any]:
+            while len(finished) < readers and pending[self._next_worker]:
+                worker = self._next_worker
+                item = pending[worker].popleft()
+                batch = item.pop("batch")
+                self._progress[worker] = item
+                if item["end"]:
+                    finished.add(worker)
+                self._next_worker = self._following(worker, finished)
+                if batch is not None:
+                    yield batch
+
+        for item in self._loader:
+            pending[item["worker"]].append(item)
+            yield from ready()
+        yield from ready()
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            self.dataset.set_epoch(self.epoch)
+            restored = self._stream.restore_epoch == self.epoch
+            num_batches = 0
+            for batch in self._ordered_batches():
+                num_batches += 1
+                yield batch
+            self._end_pass(num_batches, restored)
+            if not self.endless:
+                return
+            self.epoch += 1
+
+    def _pass_faults(self) -> dict[str, int]:
+        return add_counts(*(progress["faults"] for progress in self._progress.values()))
+
+    def _end_pass(self, num_batches: int, restored: bool) -> None:
+        faults = self._pass_faults()
+        bad = sum(faults.values())
+        examples = bad + sum(progress["images"] for progress in self._progress.values())
+        if bad > self.max_bad_fraction * examples:
+            raise DataFaultError(
+                f"Pass {self.epoch}: {bad} of the {examples} examples read were data faults ({format_counts(faults)}), "
+                f"more than --max_bad_fraction={self.max_bad_fraction}; the data is broken, see the warnings above"
+            )
+        if bad:
+            logger.warning("Pass %d skipped %d of %d examples: %s", self.epoch, bad, examples, format_counts(faults))
+        if num_batches == 0 and not restored:
+            raise RuntimeError("The dataset gave no full batch in a whole pass; it is empty or too small")
+        if num_batches == 0:
+            logger.info("The resumed pass %d had no full batch left; starting pass %d", self.epoch, self.epoch + 1)
+        self._faults_before_pass = add_counts(self._faults_before_pass, faults)
+        self._progress, self._next_worker = {}, 0
+        self._stream.restore, self._stream.restore_epoch = {}, None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer at each of its epochs; endless loaders count their own passes and ignore it."""
+        if not self.endless:
+            self.epoch = int(epoch)
+
+    def fault_counts(self) -> dict[str, int]:
+        """Data faults per reason for the whole run so far (this rank: all workers, passes and earlier sessions)."""
+        return add_counts(self._faults_before_pass, self._pass_faults())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch yielded, and the fault totals: JSON-serialisable."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "num_workers": self.num_workers,
+            "next_worker": self._next_worker,
+            "workers": {str(worker): progress for worker, progress in sorted(self._progress.items())},
+            "faults_before_pass": dict(self._faults_before_pass),
+            "skipped_at_resume": self.skipped_at_resume,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resumes from `state_dict()`: the next iteration continues the saved pass where it stopped.
+
+        With a different `num_workers` the shards are dealt out differently, so the position cannot be mapped: the
+        loader then warns and starts the next pass (fresh shuffle) instead of replaying the saved one; so it does for
+        a state saved by an older version (which held no fault counts).
+        """
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"Unknown stream state version {version!r} (expected {STATE_VERSION})")
+        epoch = int(state["epoch"])
+        self._faults_before_pass = add_counts(state.get("faults_before_pass", {}))
+        self.skipped_at_resume = int(state.get("skipped_at_resume", 0))
+        self._progress, self._next_worker = {}, 0
+        self._stream.restore, self._stream.restore_epoch = {}, None
+        if int(state["num_workers"]) != self.num_workers or version != STATE_VERSION:
+            mismatch = int(state["num_workers"]) != self.num_workers
+            why = f"num_workers={state['num_workers']}" if mismatch else "an older simmim_hf"
+            logger.warning(
+                "Stream state was saved with %s but this loader has num_workers=%d; starting pass %d from its start",
+                why,
+                self.num_workers,
+                epoch + 1,
+            )
+            self._faults_before_pass = add_counts(
+                self._faults_before_pass, *(p.get("faults", {}) for p in state.get("workers", {}).values())
+            )
+            self.epoch = epoch + 1
+            return
+        self.epoch = epoch
+        progress = {int(worker): dict(value) for worker, value in state["workers"].items()}
+        skipped = 0
+        for value in progress.values():
+            if not value["end"]:
+                held = _held(value)
+                value["skipped"] += held
+                skipped += held
+        self.skipped_at_resume += skipped
+        if any(value["read"] is None for value in progress.values()):
+            logger.warning(
+                "Resuming pass %d: the images that sat in the shuffle buffer(s) are skipped (count unknown)", epoch
+            )
+        elif skipped:
+            logger.warning(
+                "Resuming pass %d: %d image(s) that sat in the shuffle buffer(s) when the checkpoint was saved are "
+                "skipped for this pass (the buffer content is not saved)",
+                epoch,
+                skipped,
+            )
+        self._progress, self._next_worker = progress, int(state["next_worker"])
+        self._stream.restore, self._stream.restore_epoch = progress, epoch

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import shutil
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,20 +29,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from simmim_hf.data.images import decode_image
-from simmim_hf.data.stats import STATS_KEY, ImageStatsAccumulator
-from simmim_hf.data.stream import (
+from simmim_hf.data.images import decode_image, open_image
+from simmim_hf.data.sources import (
     FASHION_MNIST,
     dataset_features,
     detect_image_column,
+    detect_label_column,
+    is_fashion_mnist,
     is_saved_dataset,
     load_source_dataset,
+    normalize_source,
 )
+from simmim_hf.data.stats import STATS_KEY, ImageStatsAccumulator
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-LABEL_COLUMN_NAMES = ("label", "labels", "cls", "class", "target")
 FORMATS = ("webdataset", "parquet")
 SUMMARY_FILE = "prepare_data.json"
 _PARQUET_ROWS_PER_GROUP = 256
@@ -71,6 +74,7 @@ class PrepareDataArguments:
     )
 
     def __post_init__(self) -> None:
+        self.source = normalize_source(self.source)
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.num_shards < 1:
@@ -126,8 +130,7 @@ def _fashion_records(split: str) -> Iterator[_Record]:
 def _dataset_records(dataset: Any, image_column: str | None) -> tuple[Iterator[_Record], list[str] | None]:
     features = dataset_features(dataset)
     column = detect_image_column(features, image_column)
-    labels = [name for name in features if name in LABEL_COLUMN_NAMES]
-    label_column = labels[0] if labels else None
+    label_column = detect_label_column(features)
     label_feature = features[label_column] if label_column and isinstance(features, dict) else None
     class_names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
     dataset = dataset.cast_column(column, datasets.Image(decode=False))
@@ -155,24 +158,27 @@ def _label_id(label: Any, class_names: list[str] | None) -> int | None:
 def encode_image(record: _Record, target: str | None = None) -> tuple[bytes, str, bool]:
     """Decodes the record fully (raising if PIL cannot) and returns `(bytes, "png"|"jpg", re-encoded?)`.
 
-    PNG and JPEG files are kept byte for byte unless `target` asks for the other one; anything else, and any file
-    whose format differs from `target`, is re-encoded (PNG losslessly, JPEG at quality 95).
+    PNG and JPEG files are kept byte for byte unless `target` asks for the other one. Anything else, and any file
+    whose format differs from `target`, is re-encoded (PNG losslessly, JPEG at quality 95) from what the one decoder
+    (`simmim_hf.data.images.decode_image`) gives: EXIF orientation applied, 16-bit and float images rescaled to 8 bits
+    rather than clipped. So a re-encoded PNG reads back as the same pixels as decoding the original directly.
     """
     data = record.data
     if data is None:
         if not record.path:
             raise ValueError("no bytes and no path")
         data = Path(record.path).read_bytes()
-    with PIL.Image.open(io.BytesIO(data)) as image:
-        image.load()
-        kept = {"PNG": "png", "JPEG": "jpg"}.get(image.format or "")
+    with open_image(data) as opened:
+        opened.load()
+        kept = {"PNG": "png", "JPEG": "jpg"}.get(opened.format or "")
         if kept is not None and kept == (target or kept):
             return data, kept, False
+        image = decode_image(opened)
         buffer = io.BytesIO()
         if (target or "png") == "jpg":
-            image.convert("L" if image.mode in ("1", "L", "I", "I;16") else "RGB").save(buffer, "JPEG", quality=95)
+            image.convert("L" if image.mode in ("1", "L") else "RGB").save(buffer, "JPEG", quality=95)
             return buffer.getvalue(), "jpg", True
-        if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+        if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
             image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
         image.save(buffer, format="PNG")
         return buffer.getvalue(), "png", True
@@ -239,11 +245,11 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
     output = Path(args.output)
     source_path = Path(args.source)
     total: int | None
-    if args.source == FASHION_MNIST:
+    if is_fashion_mnist(args.source):
         from simmim_hf.data.fashion_mnist import CLASS_NAMES
 
         records, class_names = _fashion_records(args.split), list(CLASS_NAMES)
-        source_type = "fashion-mnist"
+        source_type = FASHION_MNIST
         total = {"train": 60_000, "test": 10_000}.get(args.split)
     elif source_path.is_dir() and not is_saved_dataset(source_path):
         if output.resolve() == source_path.resolve() or source_path.resolve() in output.resolve().parents:
@@ -329,3 +335,29 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
 def _chain(first: _Record, rest: Iterator[_Record]) -> Iterator[_Record]:
     yield first
     yield from rest
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`scripts/prepare_data.py`: parses the arguments (flags, or a YAML/JSON file), writes the shards and prints a
+    summary; returns the summary."""
+    from transformers import HfArgumentParser
+
+    from simmim_hf.cli import parse_arguments
+
+    (args,) = parse_arguments(HfArgumentParser(PrepareDataArguments), sys.argv[1:] if argv is None else argv)
+    summary = prepare_data(args)
+    print(
+        f"Wrote {summary['num_written']} images into {len(summary['shards'])} {args.format} shards "
+        f"({min(summary['shard_counts'])}-{max(summary['shard_counts'])} per shard) in {args.output}; "
+        f"skipped {summary['num_skipped']} unreadable."
+    )
+    if summary["num_skipped"]:
+        print("First skipped:", json.dumps(summary["skipped"][:5], indent=2))
+    if STATS_KEY in summary:
+        stats = summary[STATS_KEY]
+        print(
+            f"Image statistics of the first {stats['num_images']} images ({stats['num_colour_images']} in colour): "
+            f"mean {stats['mean']}, std {stats['std']} (pretrain with --image_stats dataset to use them)"
+        )
+    print(f"Read back with data_files={summary['data_files']!r}")
+    return summary

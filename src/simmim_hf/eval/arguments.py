@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from simmim_hf.data.sources import DATA_FILES_HELP, FASHION_MNIST
+
 PROTOCOLS = ("knn", "linear", "finetune")
 # `--model pixels`: score the preprocessed pixels themselves (a baseline).
 PIXELS = "pixels"
@@ -15,13 +17,14 @@ class EvaluationArguments:
 
     model: str = field(metadata={"help": "AutoModel folder or Hub id, a full SimMIM checkpoint, or 'pixels'."})
     dataset_name: str = field(
-        default="fashion-mnist",
-        metadata={"help": "'fashion-mnist' (embedded), a Hub id or a builder (imagefolder, parquet, webdataset)."},
+        default=FASHION_MNIST,
+        metadata={
+            "help": "'fashion-mnist' (embedded; also `fashion_mnist`), a Hub id or a builder (imagefolder, parquet, "
+            "webdataset)."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    data_files: str | None = field(
-        default=None, metadata={"help": "For builders: 'train=a/*.parquet,test=b/*.parquet' or one path/glob."}
-    )
+    data_files: list[str] | None = field(default=None, metadata={"help": DATA_FILES_HELP})
     data_dir: str | None = field(default=None, metadata={"help": "For builders such as imagefolder: the data folder."})
     train_split: str = field(default="train", metadata={"help": "Split the probes/fine-tuning train on."})
     eval_split: str | None = field(

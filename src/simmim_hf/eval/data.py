@@ -11,11 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from simmim_hf.data.images import decode_image
+from simmim_hf.data.sources import (
+    detect_image_column,
+    detect_label_column,
+    is_fashion_mnist,
+    resolve_split_files,
+)
+
 if TYPE_CHECKING:
     from simmim_hf.eval.arguments import EvaluationArguments
 
-FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist")
-_LABEL_NAMES = ("label", "labels", "cls", "class", "target", "fine_label")
 _EVAL_SPLITS = ("validation", "valid", "val", "test")
 
 
@@ -38,28 +44,12 @@ class EvalData:
     @property
     def native_size(self) -> int:
         """Longest side of the first training image (the raw-pixel baseline's default resolution)."""
-        return max(to_pil(self.train[0][self.image_column]).size)
+        return max(decode_image(self.train[0][self.image_column]).size)
 
     @property
     def native_channels(self) -> int:
         """1 when the first training image is greyscale, else 3 (the raw-pixel baseline's channel count)."""
-        return 1 if to_pil(self.train[0][self.image_column]).mode in ("1", "L", "LA") else 3
-
-
-def to_pil(image: Any, num_channels: int | None = None) -> Any:
-    """Decodes an image cell (PIL, array, bytes, path or `{"bytes", "path"}`) to PIL, in mode "RGB" for 3 channels
-    (greyscale is replicated) or "L" for 1 (colour is averaged); `num_channels=None` keeps the mode."""
-    from PIL import Image
-
-    from simmim_hf.data.images import decode_image
-
-    if not isinstance(image, (Image.Image, dict, bytes, bytearray, str)):
-        image = Image.fromarray(np.asarray(image))
-    image = decode_image(image)  # also rescales 16-bit / float greyscale to 8 bits instead of clipping
-    if num_channels is None:
-        return image
-    mode = "RGB" if num_channels == 3 else "L"
-    return image if image.mode == mode else image.convert(mode)
+        return 1 if decode_image(self.train[0][self.image_column]).mode in ("1", "L", "LA") else 3
 
 
 def class_balanced_subset(labels: np.ndarray | list[int], num_samples: int, seed: int = 0) -> np.ndarray:
@@ -87,36 +77,13 @@ def class_balanced_subset(labels: np.ndarray | list[int], num_samples: int, seed
     return np.sort(np.concatenate(picked))
 
 
-def parse_data_files(data_files: str | None) -> str | dict[str, list[str]] | None:
-    """'train=a/*.parquet,test=b/*.parquet' -> {'train': [...], 'test': [...]}; a plain path/glob passes through."""
-    if not data_files or "=" not in data_files:
-        return data_files
-    parsed: dict[str, list[str]] = {}
-    for item in data_files.split(","):
-        split, _, pattern = item.partition("=")
-        if not pattern:
-            raise ValueError(f"bad --data_files entry {item!r}; expected split=path")
-        parsed.setdefault(split.strip(), []).append(pattern.strip())
-    return parsed
-
-
 def detect_columns(features: Any, image_column: str | None, label_column: str | None) -> tuple[str, str]:
-    """The image and label column names: given ones are checked, missing ones found by type then by name."""
-    import datasets
-
-    from simmim_hf.data.stream import detect_image_column
-
-    image = detect_image_column(features, image_column)  # the same rule as pretraining
-    if label_column is not None:
-        if label_column not in features:
-            raise ValueError(f"--label_column {label_column!r} is not a column; columns: {list(features)}")
-        label = label_column
-    else:
-        found = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
-        found = found or [n for n in features if n in _LABEL_NAMES]
-        if len(found) != 1:
-            raise ValueError(f"cannot tell the label column among {list(features)}; pass --label_column")
-        label = found[0]
+    """The image and label column names: given ones are checked, missing ones found by the rules of pretraining and
+    `prepare_data.py` (`simmim_hf.data.sources.detect_image_column` / `detect_label_column`)."""
+    image = detect_image_column(features, image_column)
+    label = detect_label_column(features, label_column)
+    if label is None:
+        raise ValueError(f"cannot tell the label column among {list(features)}; pass --label_column")
     if image == label:
         raise ValueError(f"image and label columns are both {image!r}")
     return image, label
@@ -146,7 +113,7 @@ def _load_splits(args: EvaluationArguments) -> tuple[Any, Any, str]:
     splits = datasets.load_dataset(
         args.dataset_name,
         args.dataset_config_name,
-        data_files=parse_data_files(args.data_files),
+        data_files=resolve_split_files(args.dataset_name, args.data_files, args.train_split),
         data_dir=args.data_dir,
         cache_dir=args.cache_dir,
     )
@@ -171,7 +138,7 @@ def load_eval_data(args: EvaluationArguments) -> EvalData:
     """Loads the train/eval splits, finds the columns, maps labels to ids and takes the seeded subsets."""
     import datasets
 
-    if args.dataset_name.lower() in FASHION_MNIST_NAMES and not args.data_files:
+    if is_fashion_mnist(args.dataset_name) and not args.data_files:
         return _fashion_mnist_data(args)
     train, test, eval_split = _load_splits(args)
     image_column, label_column = detect_columns(train.features, args.image_column, args.label_column)

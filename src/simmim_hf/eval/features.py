@@ -16,8 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from simmim_hf.backbones import num_prefix_tokens
+from simmim_hf.data.images import build_image_processor, decode_image
 from simmim_hf.eval.arguments import PIXELS
-from simmim_hf.eval.data import to_pil
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
 from simmim_hf.publish.convert import export_encoder
 from simmim_hf.publish.run_dir import RunDir
@@ -54,14 +54,8 @@ def resolve_encoder_path(model_name_or_path: str, workdir: str | os.PathLike) ->
 
 
 def pixel_processor(image_size: int, num_channels: int = 1) -> Any:
-    """Processor for raw-pixel features: resize to `image_size` and scale to [-1, 1]."""
-    from transformers import ViTImageProcessor
-
-    return ViTImageProcessor(
-        size={"height": image_size, "width": image_size},
-        image_mean=[0.5] * num_channels,
-        image_std=[0.5] * num_channels,
-    )
+    """Processor for raw-pixel features: resize to `image_size` (bilinear) and scale to [-1, 1]."""
+    return build_image_processor(image_size, [0.5] * num_channels, [0.5] * num_channels, resample=2)
 
 
 def load_encoder(
@@ -165,7 +159,7 @@ class _ImageCollator:
         self.processor, self.num_channels, self.image_column = processor, num_channels, image_column
 
     def __call__(self, rows: list[dict[str, Any]]) -> torch.Tensor:
-        images = [to_pil(row[self.image_column], self.num_channels) for row in rows]
+        images = [decode_image(row[self.image_column], num_channels=self.num_channels) for row in rows]
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
 

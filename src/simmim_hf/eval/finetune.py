@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from transformers import Trainer
 
+from simmim_hf.data.images import SimMIMAugmentation, decode_image
 from simmim_hf.eval.arguments import EvaluationArguments
-from simmim_hf.eval.data import EvalData, to_pil
+from simmim_hf.eval.data import EvalData
 from simmim_hf.eval.features import load_reporting_surprises, resolve_encoder_path
 from simmim_hf.eval.layer_decay import param_groups_layer_decay
 from simmim_hf.publish.convert import export_finetuning_layout
@@ -63,19 +64,11 @@ def processor_size(processor: Any) -> tuple[int, int]:
     raise ValueError(f"cannot read an image size from the processor's size {size!r}")
 
 
-def train_transform(processor: Any, crop_min_scale: float = 0.67) -> Any:
-    """RandomResizedCrop + flip (torchvision v2), normalised with the processor's mean/std. PIL -> `(C, H, W)`."""
-    from torchvision.transforms import v2
-
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop(processor_size(processor), scale=(crop_min_scale, 1.0), ratio=(3 / 4, 4 / 3)),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(processor.image_mean), std=list(processor.image_std)),
-        ]
-    )
+def train_transform(processor: Any, crop_min_scale: float = 0.67) -> SimMIMAugmentation:
+    """The pretraining augmentation (`SimMIMAugmentation`: RandomResizedCrop + flip) at the processor's size,
+    with crop scale `(crop_min_scale, 1)`, normalised with the processor's mean/std. PIL -> `(C, H, W)` float32."""
+    mean, std = list(processor.image_mean), list(processor.image_std)
+    return SimMIMAugmentation(processor_size(processor), len(mean), mean, std, scale=(crop_min_scale, 1.0))
 
 
 class _ClassificationDataset(torch.utils.data.Dataset):
@@ -89,7 +82,7 @@ class _ClassificationDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = to_pil(self.dataset[int(index)][self.image_column], self.num_channels)
+        image = decode_image(self.dataset[int(index)][self.image_column], num_channels=self.num_channels)
         if self.transform is None:
             return {"image": image, "labels": int(self.labels[index])}
         return {"pixel_values": self.transform(image), "labels": int(self.labels[index])}

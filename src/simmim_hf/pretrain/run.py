@@ -23,11 +23,11 @@ from transformers import set_seed
 
 from simmim_hf import __version__
 from simmim_hf.configuration_simmim import SimMIMConfig
-from simmim_hf.data.collate import SimMIMCollator, StreamLoader
+from simmim_hf.data.collate import SimMIMCollator
 from simmim_hf.data.faults import FAULT_REASONS, add_counts
 from simmim_hf.data.images import normalize_pixel_values
 from simmim_hf.data.stats import data_provenance, resolve_image_stats
-from simmim_hf.data.stream import DataArguments, load_pretrain_dataset
+from simmim_hf.data.stream import DataArguments, StreamLoader, load_pretrain_dataset
 from simmim_hf.errors import TrainingDiverged, UsageError
 from simmim_hf.masking import SimMIMMaskGenerator
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling

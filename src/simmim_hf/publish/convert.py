@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModel, AutoModelForMaskedImageModeling, PreTrainedModel, ViTImageProcessor
 
 from simmim_hf.configuration_simmim import SimMIMConfig, default_mask_patch_size, rebuild_encoder_config, to_pair
+from simmim_hf.data.images import build_image_processor
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling, SimMIMModel
 
 # transformers' MIM classes keep their encoder under the model type's name (`vit`, `swin`, `swinv2`, `deit`).
@@ -181,19 +182,7 @@ def image_processor_for(config: SimMIMConfig, resample: int = 3) -> ViTImageProc
     """The stock image processor matching pretraining: resize to `image_size`, rescale to [0, 1], normalise with the
     pretraining mean/std (`resample`: PIL code, 3 = bicubic). `ViTImageProcessor` is the stock processor of ViT and
     Swin, and serves BEiT/DeiT encoders equally (no centre crop, no label reduction)."""
-    height, width = to_pair(config.image_size)
-    return ViTImageProcessor(
-        do_resize=True,
-        size={"height": height, "width": width},
-        resample=resample,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(config.image_mean),
-        image_std=list(config.image_std),
-        # Greyscale/RGBA/palette inputs become RGB for a 3-channel encoder, as in pretraining.
-        do_convert_rgb=config.num_channels == 3,
-    )
+    return build_image_processor(config.image_size, config.image_mean, config.image_std, resample=resample)
 
 
 def export_encoder(

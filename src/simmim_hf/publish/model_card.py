@@ -18,23 +18,11 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from simmim_hf.data.sources import FASHION_MNIST, FASHION_MNIST_HUB_ID, LOCAL_BUILDERS, is_fashion_mnist
 from simmim_hf.publish.run_dir import RunDir, read_json
 
 TEMPLATE_NAME = "simmim_model_card.md"
 SIMMIM_ARXIV_ID = "2111.09886"
-# The embedded default corpus is read from Debian's copy of Fashion-MNIST; on the Hub the same images are this dataset.
-FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
-_FASHION_MNIST_ALIASES = {
-    "fashion_mnist",
-    "fashion-mnist",
-    "fashionmnist",
-    "embedded",
-    "simmim_hf/fashion_mnist",
-    "simmim_hf.fashion_mnist",
-    FASHION_MNIST_HUB_ID,
-}
-# Loaders of the `datasets` library that take local files: a run that used them has no Hub dataset to link.
-_LOCAL_BUILDERS = {"imagefolder", "webdataset", "parquet", "arrow", "csv", "json", "text", "audiofolder"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _BACKBONE_NAMES = {
     "vit": "ViT (Dosovitskiy et al., 2021)",
@@ -54,15 +42,15 @@ def hub_dataset_id(name: str | None) -> str | None:
     """
     if not name:
         return None
-    if name.lower() in _FASHION_MNIST_ALIASES:
+    if is_fashion_mnist(name, include_hub=True):
         return FASHION_MNIST_HUB_ID
-    if name.lower() in _LOCAL_BUILDERS or os.path.exists(name):
+    if name.lower() in LOCAL_BUILDERS or os.path.exists(name):
         return None
     return name if _HUB_ID.match(name) else None
 
 
 def _dataset_pretty_name(name: str | None) -> str:
-    if name and name.lower() in _FASHION_MNIST_ALIASES:
+    if is_fashion_mnist(name, include_hub=True):
         return "Fashion-MNIST"
     return name or "unknown"
 
@@ -87,11 +75,11 @@ def pretraining_data(run: dict[str, Any]) -> tuple[str, str, str | None]:
     source, kind = run.get("data_source"), run.get("data_source_type")
     count = run.get("num_source_images")
     stored = ""
-    if name and name.lower() in _LOCAL_BUILDERS:
+    if name and name.lower() in LOCAL_BUILDERS:
         stored = f", read from {_FORMAT_NAMES.get(name.lower(), name + ' files')}"
     elif name:  # a Hub id, the embedded Fashion-MNIST, or a save_to_disk folder: the data itself
-        source, kind = name, "fashion-mnist" if name.lower() in _FASHION_MNIST_ALIASES else None
-    hub_id = FASHION_MNIST_HUB_ID if kind == "fashion-mnist" else hub_dataset_id(source) if kind != "folder" else None
+        source, kind = name, FASHION_MNIST if is_fashion_mnist(name, include_hub=True) else None
+    hub_id = FASHION_MNIST_HUB_ID if kind == FASHION_MNIST else hub_dataset_id(source) if kind != "folder" else None
     if hub_id == FASHION_MNIST_HUB_ID:
         short = "Fashion-MNIST"
     elif hub_id:
