@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from simmim_hf.pretrain.run import parse_overrides
+    from simmim_hf.pretrain.arguments import parse_overrides
     from simmim_hf.publish.official import convert_official
 
     output_dir = Path(args.output_dir)

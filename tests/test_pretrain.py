@@ -14,14 +14,8 @@ from transformers import HfArgumentParser
 from simmim_hf.cli import expand_config_file
 from simmim_hf.data.stream import DataArguments
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
-from simmim_hf.pretrain.trainer import (
-    ModelArguments,
-    SimMIMTrainer,
-    SimMIMTrainingArguments,
-    scaled_learning_rate,
-    warmup_cosine_lambda,
-    warmup_multistep_lambda,
-)
+from simmim_hf.pretrain.arguments import ModelArguments, SimMIMTrainingArguments, scaled_learning_rate
+from simmim_hf.pretrain.trainer import SimMIMTrainer, warmup_cosine_lambda, warmup_multistep_lambda
 
 
 def test_pretrain_end_to_end_loss_goes_down_and_outputs_are_written(shards, tmp_path):
@@ -170,11 +164,9 @@ def test_zero_max_steps_is_refused(tmp_path):
 
 
 def test_throughput_is_logged(tmp_path):
-    from simmim_hf.pretrain.trainer import ThroughputTrainer
-
     model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
     args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
-    trainer = ThroughputTrainer(model=model, args=args)
+    trainer = SimMIMTrainer(model=model, args=args)
     trainer.log({"loss": 1.0})
     trainer.state.global_step = 5
     trainer.log({"loss": 0.5})
@@ -225,7 +217,7 @@ def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
 def test_bf16_is_chosen_only_on_capable_gpus(monkeypatch):
     from types import SimpleNamespace
 
-    import simmim_hf.pretrain.trainer as training
+    import simmim_hf.pretrain.arguments as training
 
     flags = dict(auto_bf16=True, bf16=False, fp16=False, use_cpu=False)
     monkeypatch.setattr(training, "bf16_capable_gpu", lambda: True)
@@ -265,7 +257,8 @@ def test_map_style_dataset_pretrains(tmp_path):
 
 
 def test_config_overrides_accept_lists_and_reject_unknown_fields():
-    from simmim_hf.pretrain.run import build_config, parse_overrides
+    from simmim_hf.pretrain.arguments import parse_overrides
+    from simmim_hf.pretrain.run import build_config
 
     assert parse_overrides("depths=[1,1,2,1],drop_path_rate=0.1,hidden_act=gelu") == {
         "depths": [1, 1, 2, 1],
