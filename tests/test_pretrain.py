@@ -129,6 +129,42 @@ def test_scheduler_choice_in_trainer(tmp_path):
     assert lrs == pytest.approx([0.004, 0.008, 0.008, 0.008, 0.008, 0.008, 0.0008, 0.0008])
 
 
+def test_cosine_floor_is_pinned_at_every_step_and_differs_from_transformers_only_in_the_warmup(tmp_path):
+    """The cosine floor (`--min_learning_rate_ratio`) keeps SimMIM's warmup, (step + 1) / warmup, so step 0 trains at
+    1/warmup of the peak where transformers' `cosine_with_min_lr` starts at 0 (one step behind); from the end of the
+    warmup on it is transformers' schedule exactly."""
+    import math
+
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    warmup, total, floor = 4, 30, 0.05
+    model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
+    args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, warmup_steps=warmup,
+                                   min_learning_rate_ratio=floor, base_learning_rate=0.512)  # fmt: skip
+    trainer = SimMIMTrainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=total)
+    peak = args.learning_rate
+    theirs = get_cosine_with_min_lr_schedule_with_warmup(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak), warmup, total, min_lr_rate=floor
+    )
+    for step in range(total + 1):
+        if step < warmup:  # the formula of the original implementation, re-derived
+            expected = peak * (step + 1) / warmup
+        else:
+            progress = min(1.0, (step - warmup) / (total - warmup))
+            expected = peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        assert all(abs(group["lr"] - expected) <= 1e-12 for group in trainer.optimizer.param_groups), step
+        if step < warmup:
+            assert abs(theirs.get_last_lr()[0] - peak * step / warmup) <= 1e-12, step
+        else:
+            assert abs(theirs.get_last_lr()[0] - expected) <= 1e-12, step
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        theirs.optimizer.step()
+        theirs.step()
+    assert trainer.optimizer.param_groups[0]["lr"] >= floor * peak - 1e-12  # never below the floor
+
+
 def test_yaml_config_with_command_line_override(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import SchedulerType, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from simmim_hf.configuration_simmim import to_pair
@@ -383,7 +383,7 @@ class SimMIMTrainer(Trainer):
         floor = getattr(args, "min_learning_rate_ratio", 0.0)
         if milestones:
             factor = warmup_multistep_lambda(warmup, milestones, args.lr_gamma)
-        elif str(args.lr_scheduler_type).endswith("cosine") and floor > 0:
+        elif SchedulerType(args.lr_scheduler_type) == SchedulerType.COSINE and floor > 0:  # an enum after parsing
             factor = warmup_cosine_lambda(warmup, num_training_steps, floor)
         else:
             return super().create_scheduler(num_training_steps, optimizer)
