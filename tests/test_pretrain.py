@@ -191,6 +191,35 @@ def test_config_file_errors_are_clear(tmp_path):
         expand_config_file(["--config"])
 
 
+def test_argparse_scripts_read_config_files_like_the_dataclass_scripts(tmp_path):
+    """scripts/convert_official.py and scripts/visualize.py take `--config FILE` through the same reader as
+    pretrain/evaluate/prepare_data/push_to_hub: keys are checked against the parser (positional arguments by name),
+    command-line flags override the file."""
+    import importlib.util
+
+    from simmim_hf.errors import UsageError
+
+    def script(name):
+        spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    config = tmp_path / "convert.yaml"
+    config.write_text("checkpoint: ckpt.pth\noutput_dir: out\npreset: swin-base-window6-192\n")
+    args = script("convert_official").parse_args(["--config", str(config), "--output_dir", "elsewhere"])
+    assert (args.checkpoint, args.output_dir, args.preset) == ("ckpt.pth", "elsewhere", "swin-base-window6-192")
+    config.write_text("checkpoint: runs/demo\nimages: [a.png, b.png]\nseed: 3\n")
+    args = script("visualize").parse_args(["--config", str(config), "--mask_ratio", "0.5"])
+    assert (args.checkpoint, args.images, args.seed, args.mask_ratio) == ("runs/demo", ["a.png", "b.png"], 3, 0.5)
+    config.write_text("checkpoint: runs/demo\nimages: [a.png]\nseed: three\n")
+    with pytest.raises(UsageError, match="seed: 'three' is not a valid int"):
+        script("visualize").parse_args(["--config", str(config)])
+    config.write_text("checkpoint: ckpt.pth\noutput_dir: out\nmax_stepz: 1\n")
+    with pytest.raises(UsageError, match="unknown key 'max_stepz'"):
+        script("convert_official").parse_args(["--config", str(config)])
+
+
 def test_zero_max_steps_is_refused(tmp_path):
     from simmim_hf.pretrain.run import run_pretraining
 
