@@ -220,6 +220,28 @@ def test_argparse_scripts_read_config_files_like_the_dataclass_scripts(tmp_path)
         script("convert_official").parse_args(["--config", str(config)])
 
 
+def test_run_summary_records_every_argument_and_the_config_without_tokens(tmp_path):
+    from simmim_hf.pretrain.run import run_summary
+
+    config = tiny_simmim_config("vit")
+    token = "hf_" + "x" * 34
+    model_args, data_args = ModelArguments(mask_ratio=0.5), DataArguments()
+    args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=3,
+                                   hub_token=token, base_learning_rate=0.512)  # fmt: skip
+    trainer = SimMIMTrainer(model=SimMIMForMaskedImageModeling(config), args=args)
+    summary = run_summary(model_args, data_args, args, config, trainer, "preset")
+    assert token not in json.dumps(summary)
+    assert not [key for key in summary["arguments"]["training"] if key.endswith("_token")]
+    assert summary["arguments"]["training"]["base_learning_rate"] == 0.512
+    assert summary["arguments"]["training"]["lr_scheduler_type"] == "cosine"
+    assert summary["arguments"]["model"]["mask_ratio"] == 0.5
+    assert summary["arguments"]["data"]["dataset_name"] == data_args.dataset_name
+    assert summary["config"] == json.loads(json.dumps(config.to_dict()))
+    # The flat facts the model card and the resume check read.
+    assert (summary["steps_completed"], summary["max_steps"], summary["learning_rate"]) == (0, 3, args.learning_rate)
+    assert (summary["backbone"], summary["image_stats_source"], summary["loss_curve"]) == ("vit", "preset", [])
+
+
 def test_zero_max_steps_is_refused(tmp_path):
     from simmim_hf.pretrain.run import run_pretraining
 

@@ -94,8 +94,8 @@ def check_launch(args: SimMIMTrainingArguments) -> None:
 
 
 def finished_summary(args: SimMIMTrainingArguments) -> dict[str, Any] | None:
-    """The summary of the finished run of `max_steps` steps in `output_dir` that rerunning the command would
-    continue (said once, on stdout), else None."""
+    """When no checkpoint is named (or `latest`) and `output_dir` holds a finished run of `max_steps` steps: its
+    summary, after saying so once on stdout (rerunning a finished command does nothing). Else None."""
     if args.resume_from_checkpoint not in (None, "latest"):
         return None
     done = finished_run(args.output_dir, args.max_steps, RUN_SUMMARY_FILE)
@@ -108,20 +108,22 @@ def finished_summary(args: SimMIMTrainingArguments) -> dict[str, Any] | None:
 
 
 def build_config(model_args: ModelArguments) -> SimMIMConfig:
-    """`SimMIMConfig.for_pretraining` from the arguments; its validation errors (naming the field) are input
-    mistakes, `UsageError`."""
+    """`SimMIMConfig.for_pretraining` from the arguments. Its validation errors (naming the field) are input mistakes,
+    `UsageError`; so is a stock encoder that cannot be read or used, named by its `--init_encoder_from`."""
     try:
         overrides = model_args.overrides()
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    stock_encoder = model_args.init_encoder_from if not model_args.model_name_or_path else None
+    try:
         return SimMIMConfig.for_pretraining(
             model_args.preset, model_args.model_name_or_path, model_args.init_encoder_from, **overrides
         )
-    except OSError as error:
-        if model_args.init_encoder_from and not model_args.model_name_or_path:
-            raise UsageError(f"--init_encoder_from {model_args.init_encoder_from}: {error}") from error
-        raise
-    except ValueError as error:
-        if model_args.init_encoder_from and not model_args.model_name_or_path:
-            raise UsageError(f"--init_encoder_from {model_args.init_encoder_from}: {error}") from error
+    except (OSError, ValueError) as error:
+        if stock_encoder:
+            raise UsageError(f"--init_encoder_from {stock_encoder}: {error}") from error
+        if isinstance(error, OSError):  # an unreadable --model_name_or_path: transformers' own message
+            raise
         raise UsageError(str(error)) from error
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,8 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     ]
 
 
-def warmup_multistep_lambda(warmup_steps: int, milestones: list[int], gamma: float):
-    """LR multiplier: linear warmup from 0, then x gamma at each milestone."""
+def warmup_multistep_lambda(warmup_steps: int, milestones: list[int], gamma: float) -> Callable[[int], float]:
+    """LR multiplier at a step: linear warmup (step + 1) / warmup_steps, then x gamma at each milestone."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -69,8 +70,10 @@ def warmup_multistep_lambda(warmup_steps: int, milestones: list[int], gamma: flo
     return factor
 
 
-def warmup_cosine_lambda(warmup_steps: int, total_steps: int, floor: float):
-    """LR multiplier: linear warmup from 0, then cosine from 1 down to `floor` at `total_steps`."""
+def warmup_cosine_lambda(warmup_steps: int, total_steps: int, floor: float) -> Callable[[int], float]:
+    """LR multiplier at a step: linear warmup (step + 1) / warmup_steps, then cosine from 1 down to `floor` at
+    `total_steps`. After the warmup this is transformers' `cosine_with_min_lr` (`min_lr_rate=floor`) to 1e-12; its
+    warmup is one step behind (step / warmup_steps, starting at 0), so SimMIM keeps this one."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
