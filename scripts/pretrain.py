@@ -10,25 +10,8 @@ line override it. A mistake in the arguments, the config file, the data paths or
 `error: ...`, and exits with status 2 before anything is written.
 """
 
-from __future__ import annotations
-
-import sys
-
-from transformers import HfArgumentParser
-
-from simmim_hf.cli import parse_arguments, run_script
-from simmim_hf.data.stream import DataArguments
-from simmim_hf.pretrain.console import configure_logging
-from simmim_hf.pretrain.run import run_pretraining
-from simmim_hf.pretrain.trainer import ModelArguments, SimMIMTrainingArguments
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, SimMIMTrainingArguments))
-    model_args, data_args, training_args = parse_arguments(parser, sys.argv[1:] if argv is None else argv)
-    configure_logging(training_args.should_log)  # transformers at warnings; the run header says what runs
-    return run_pretraining(model_args, data_args, training_args)
-
+from simmim_hf.cli import run_script
+from simmim_hf.pretrain.run import main
 
 if __name__ == "__main__":
     run_script(main)

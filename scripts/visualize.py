@@ -2,6 +2,7 @@
 """Original / masked / reconstruction grid of a SimMIM checkpoint on your images, as a PNG.
 
 python scripts/visualize.py runs/demo img1.png img2.jpg --output recon.png [--mask_ratio 0.6] [--seed 0]
+python scripts/visualize.py --config grid.yaml     # the same arguments (`checkpoint:`, `images:` too) from a file
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import torch
 
 from simmim_hf import SimMIMForMaskedImageModeling, SimMIMMaskGenerator
+from simmim_hf.cli import parse_script_arguments, run_script
 from simmim_hf.data.images import decode_image
 from simmim_hf.publish.convert import image_processor_for
 from simmim_hf.publish.run_dir import RunDir
@@ -24,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default=RunDir.RECONSTRUCTION_NAME, help="PNG to write")
     parser.add_argument("--mask_ratio", type=float, default=None, help="override the checkpoint's mask ratio")
     parser.add_argument("--seed", type=int, default=0, help="mask seed")
-    return parser.parse_args(argv)
+    return parse_script_arguments(parser, argv)
 
 
 def load_pixels(paths: list[str], config) -> torch.Tensor:
@@ -52,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

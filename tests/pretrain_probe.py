@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import simmim_hf.data.collate as collate  # noqa: E402
 import simmim_hf.data.stream as data  # noqa: E402
-import simmim_hf.pretrain.run as pretraining  # noqa: E402
+import simmim_hf.pretrain.trainer as training  # noqa: E402
 
 PROBE = Path(sys.argv.pop(1))
 RANK = int(os.environ.get("RANK", "0"))
@@ -60,7 +60,7 @@ def recording_call(self, examples):
 
 
 collate.SimMIMCollator.__call__ = recording_call
-original_get_loader = pretraining.StreamTrainer.get_train_dataloader
+original_get_loader = training.SimMIMTrainer.get_train_dataloader
 
 
 class Recorder:
@@ -80,7 +80,7 @@ class Recorder:
             yield batch
 
 
-pretraining.StreamTrainer.get_train_dataloader = lambda self: Recorder(original_get_loader(self))
+training.SimMIMTrainer.get_train_dataloader = lambda self: Recorder(original_get_loader(self))
 import pretrain  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -121,7 +121,7 @@ class FaultProbe(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-original_init = pretraining.StreamTrainer.__init__
+original_init = training.SimMIMTrainer.__init__
 
 
 def init_with_probe(self, *args, **kwargs):
@@ -129,7 +129,7 @@ def init_with_probe(self, *args, **kwargs):
     self.add_callback(FaultProbe())
 
 
-original_compute_loss = pretraining.StreamTrainer.compute_loss
+original_compute_loss = training.SimMIMTrainer.compute_loss
 
 
 def compute_loss_with_nan(self, *args, **kwargs):
@@ -139,7 +139,7 @@ def compute_loss_with_nan(self, *args, **kwargs):
     return result
 
 
-original_save_rng = pretraining.StreamTrainer._save_rng_state
+original_save_rng = training.SimMIMTrainer._save_rng_state
 
 
 def save_rng_or_die(self, output_dir):
@@ -148,13 +148,13 @@ def save_rng_or_die(self, output_dir):
     original_save_rng(self, output_dir)
 
 
-pretraining.StreamTrainer.__init__ = init_with_probe
-pretraining.StreamTrainer.compute_loss = compute_loss_with_nan
-pretraining.StreamTrainer._save_rng_state = save_rng_or_die
+training.SimMIMTrainer.__init__ = init_with_probe
+training.SimMIMTrainer.compute_loss = compute_loss_with_nan
+training.SimMIMTrainer._save_rng_state = save_rng_or_die
 
 if __name__ == "__main__":
     PROBE.mkdir(parents=True, exist_ok=True)
-    original_train = pretraining.StreamTrainer.train
+    original_train = training.SimMIMTrainer.train
 
     def train_and_fingerprint(self, *args, **kwargs):
         result = original_train(self, *args, **kwargs)
@@ -166,7 +166,7 @@ if __name__ == "__main__":
         (PROBE / f"world-rank{RANK}.txt").write_text(str(self.args.world_size))
         return result
 
-    pretraining.StreamTrainer.train = train_and_fingerprint
+    training.SimMIMTrainer.train = train_and_fingerprint
     from simmim_hf.cli import run_script
 
     run_script(pretrain.main)

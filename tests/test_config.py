@@ -125,3 +125,22 @@ def test_swin_window_larger_than_a_stage_grid_is_refused_with_the_field_named():
         SimMIMConfig.from_preset("swin-base-window6-192", window_size=12)
     assert "swin-large-window12-192" not in PRESETS
     SimMIMConfig.from_preset("swin-base-window6-192", window_size=12, image_size=384)  # 12x12 at stage 4: fine
+
+
+def test_overrides_are_routed_and_validated_the_same_from_a_preset_and_from_its_checkpoint(tmp_path):
+    """`SimMIMConfig.for_pretraining` is the one override routine: the same overrides on a preset and on a checkpoint
+    of that preset give the same config, and its validation (not the caller's) refuses a new channel count without
+    statistics on a checkpoint."""
+    overrides = {"mask_ratio": 0.4, "mask_patch_size": 16, "hidden_dropout_prob": 0.1, "num_hidden_layers": 2}
+    fresh = SimMIMConfig.for_pretraining("demo", **overrides)
+    SimMIMConfig.from_preset("demo").save_pretrained(tmp_path)
+    continued = SimMIMConfig.for_pretraining(model_name_or_path=str(tmp_path), **overrides)
+    assert fresh.to_dict() == continued.to_dict()
+    assert (fresh.mask_ratio, fresh.encoder_config.num_hidden_layers) == (0.4, 2)
+    settings, encoder_fields = SimMIMConfig.split_overrides(overrides)
+    assert settings == {"mask_ratio": 0.4, "mask_patch_size": 16}
+    assert encoder_fields == {"hidden_dropout_prob": 0.1, "num_hidden_layers": 2}
+    with pytest.raises(ValueError, match="num_channels.*image_mean"):
+        SimMIMConfig.for_pretraining(model_name_or_path=str(tmp_path), num_channels=1)
+    with pytest.raises(ValueError, match="init_encoder_from.*model_name_or_path"):
+        SimMIMConfig.for_pretraining(model_name_or_path=str(tmp_path), init_encoder_from=str(tmp_path))

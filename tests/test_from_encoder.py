@@ -14,8 +14,8 @@ from transformers import AutoModel
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling
 from simmim_hf.configuration_simmim import IMAGENET_MEAN
 from simmim_hf.errors import UsageError
+from simmim_hf.pretrain.arguments import ModelArguments
 from simmim_hf.pretrain.run import build_config
-from simmim_hf.pretrain.trainer import ModelArguments
 
 PROCESSOR_MEAN, PROCESSOR_STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 # name -> (stock class, config, has a mask token, saves an image processor)

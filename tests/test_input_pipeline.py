@@ -126,8 +126,8 @@ def test_stream_uint8_pixels_normalise_to_the_float_stream(shards):
 @pytest.mark.parametrize("compile_model", [False, True])
 def test_trainer_normalises_uint8_batches_with_fused_adamw_and_compile(tmp_path, compile_model):
     from simmim_hf.masking import SimMIMMaskGenerator
-    from simmim_hf.pretrain.run import StreamTrainer
-    from simmim_hf.pretrain.trainer import SimMIMTrainingArguments
+    from simmim_hf.pretrain.arguments import SimMIMTrainingArguments
+    from simmim_hf.pretrain.trainer import SimMIMTrainer
 
     config = tiny_simmim_config("vit")
     config.image_mean, config.image_std = [0.3] * 3, [0.2] * 3
@@ -144,7 +144,7 @@ def test_trainer_normalises_uint8_batches_with_fused_adamw_and_compile(tmp_path,
         save_strategy="no", dataloader_num_workers=0, warmup_steps=0, lr_scheduler_type="constant",
     )  # fmt: skip
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = StreamTrainer(model=model, args=args, train_dataset=examples)
+    trainer = SimMIMTrainer(model=model, args=args, train_dataset=examples)
     trainer.train()
     assert (
         type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__

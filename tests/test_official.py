@@ -424,7 +424,8 @@ def test_converted_finetuned_checkpoint_is_a_stock_classifier(tmp_path, family):
 def test_script_converts_and_the_converted_checkpoint_trains_a_step(tmp_path):
     from transformers import AutoModel
 
-    from simmim_hf.pretrain.trainer import SimMIMTrainer, SimMIMTrainingArguments
+    from simmim_hf.pretrain.arguments import SimMIMTrainingArguments
+    from simmim_hf.pretrain.trainer import SimMIMTrainer
 
     state = vit_state()
     path = save_official(tmp_path / "ckpt.pth", state, "vit", VIT["image"], heads=VIT["heads"])

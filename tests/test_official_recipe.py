@@ -14,7 +14,8 @@ from tiny_configs import tiny_beit, tiny_swin
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling, export_encoder
 from simmim_hf.eval.layer_decay import param_groups_layer_decay
-from simmim_hf.pretrain.trainer import SimMIMTrainer, SimMIMTrainingArguments
+from simmim_hf.pretrain.arguments import SimMIMTrainingArguments
+from simmim_hf.pretrain.trainer import SimMIMTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Std of a standard normal truncated to [-1, 1]: sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)).

@@ -22,8 +22,8 @@ from simmim_hf.data.stats import resolve_image_stats
 from simmim_hf.data.stream import DataArguments
 from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
 from simmim_hf.errors import UsageError
+from simmim_hf.pretrain.arguments import ModelArguments, SimMIMTrainingArguments
 from simmim_hf.pretrain.console import configure_logging
-from simmim_hf.pretrain.trainer import ModelArguments, SimMIMTrainingArguments
 from simmim_hf.publish.model_card import card_title, pretraining_data
 
 ROOT = Path(__file__).resolve().parents[1]

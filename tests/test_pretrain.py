@@ -14,14 +14,8 @@ from transformers import HfArgumentParser
 from simmim_hf.cli import expand_config_file
 from simmim_hf.data.stream import DataArguments
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
-from simmim_hf.pretrain.trainer import (
-    ModelArguments,
-    SimMIMTrainer,
-    SimMIMTrainingArguments,
-    scaled_learning_rate,
-    warmup_cosine_lambda,
-    warmup_multistep_lambda,
-)
+from simmim_hf.pretrain.arguments import ModelArguments, SimMIMTrainingArguments, scaled_learning_rate
+from simmim_hf.pretrain.trainer import SimMIMTrainer, warmup_cosine_lambda, warmup_multistep_lambda
 
 
 def test_pretrain_end_to_end_loss_goes_down_and_outputs_are_written(shards, tmp_path):
@@ -135,6 +129,42 @@ def test_scheduler_choice_in_trainer(tmp_path):
     assert lrs == pytest.approx([0.004, 0.008, 0.008, 0.008, 0.008, 0.008, 0.0008, 0.0008])
 
 
+def test_cosine_floor_is_pinned_at_every_step_and_differs_from_transformers_only_in_the_warmup(tmp_path):
+    """The cosine floor (`--min_learning_rate_ratio`) keeps SimMIM's warmup, (step + 1) / warmup, so step 0 trains at
+    1/warmup of the peak where transformers' `cosine_with_min_lr` starts at 0 (one step behind); from the end of the
+    warmup on it is transformers' schedule exactly."""
+    import math
+
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    warmup, total, floor = 4, 30, 0.05
+    model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
+    args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, warmup_steps=warmup,
+                                   min_learning_rate_ratio=floor, base_learning_rate=0.512)  # fmt: skip
+    trainer = SimMIMTrainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=total)
+    peak = args.learning_rate
+    theirs = get_cosine_with_min_lr_schedule_with_warmup(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak), warmup, total, min_lr_rate=floor
+    )
+    for step in range(total + 1):
+        if step < warmup:  # the formula of the original implementation, re-derived
+            expected = peak * (step + 1) / warmup
+        else:
+            progress = min(1.0, (step - warmup) / (total - warmup))
+            expected = peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        assert all(abs(group["lr"] - expected) <= 1e-12 for group in trainer.optimizer.param_groups), step
+        if step < warmup:
+            assert abs(theirs.get_last_lr()[0] - peak * step / warmup) <= 1e-12, step
+        else:
+            assert abs(theirs.get_last_lr()[0] - expected) <= 1e-12, step
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        theirs.optimizer.step()
+        theirs.step()
+    assert trainer.optimizer.param_groups[0]["lr"] >= floor * peak - 1e-12  # never below the floor
+
+
 def test_yaml_config_with_command_line_override(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -161,6 +191,57 @@ def test_config_file_errors_are_clear(tmp_path):
         expand_config_file(["--config"])
 
 
+def test_argparse_scripts_read_config_files_like_the_dataclass_scripts(tmp_path):
+    """scripts/convert_official.py and scripts/visualize.py take `--config FILE` through the same reader as
+    pretrain/evaluate/prepare_data/push_to_hub: keys are checked against the parser (positional arguments by name),
+    command-line flags override the file."""
+    import importlib.util
+
+    from simmim_hf.errors import UsageError
+
+    def script(name):
+        spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    config = tmp_path / "convert.yaml"
+    config.write_text("checkpoint: ckpt.pth\noutput_dir: out\npreset: swin-base-window6-192\n")
+    args = script("convert_official").parse_args(["--config", str(config), "--output_dir", "elsewhere"])
+    assert (args.checkpoint, args.output_dir, args.preset) == ("ckpt.pth", "elsewhere", "swin-base-window6-192")
+    config.write_text("checkpoint: runs/demo\nimages: [a.png, b.png]\nseed: 3\n")
+    args = script("visualize").parse_args(["--config", str(config), "--mask_ratio", "0.5"])
+    assert (args.checkpoint, args.images, args.seed, args.mask_ratio) == ("runs/demo", ["a.png", "b.png"], 3, 0.5)
+    config.write_text("checkpoint: runs/demo\nimages: [a.png]\nseed: three\n")
+    with pytest.raises(UsageError, match="seed: 'three' is not a valid int"):
+        script("visualize").parse_args(["--config", str(config)])
+    config.write_text("checkpoint: ckpt.pth\noutput_dir: out\nmax_stepz: 1\n")
+    with pytest.raises(UsageError, match="unknown key 'max_stepz'"):
+        script("convert_official").parse_args(["--config", str(config)])
+
+
+def test_run_summary_records_every_argument_and_the_config_without_tokens(tmp_path):
+    from simmim_hf.pretrain.run import run_summary
+
+    config = tiny_simmim_config("vit")
+    token = "hf_" + "x" * 34
+    model_args, data_args = ModelArguments(mask_ratio=0.5), DataArguments()
+    args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=3,
+                                   hub_token=token, base_learning_rate=0.512)  # fmt: skip
+    trainer = SimMIMTrainer(model=SimMIMForMaskedImageModeling(config), args=args)
+    summary = run_summary(model_args, data_args, args, config, trainer, "preset")
+    assert token not in json.dumps(summary)
+    assert not [key for key in summary["arguments"]["training"] if key.endswith("_token")]
+    assert summary["arguments"]["training"]["base_learning_rate"] == 0.512
+    assert summary["arguments"]["training"]["lr_scheduler_type"] == "cosine"
+    assert summary["arguments"]["model"]["mask_ratio"] == 0.5
+    assert summary["arguments"]["data"]["dataset_name"] == data_args.dataset_name
+    assert summary["config"] == json.loads(json.dumps(config.to_dict()))
+    # The flat facts the model card and the resume check read.
+    assert (summary["steps_completed"], summary["max_steps"], summary["learning_rate"]) == (0, 3, args.learning_rate)
+    assert (summary["backbone"], summary["image_stats_source"], summary["loss_curve"]) == ("vit", "preset", [])
+
+
 def test_zero_max_steps_is_refused(tmp_path):
     from simmim_hf.pretrain.run import run_pretraining
 
@@ -170,11 +251,9 @@ def test_zero_max_steps_is_refused(tmp_path):
 
 
 def test_throughput_is_logged(tmp_path):
-    from simmim_hf.pretrain.trainer import ThroughputTrainer
-
     model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
     args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
-    trainer = ThroughputTrainer(model=model, args=args)
+    trainer = SimMIMTrainer(model=model, args=args)
     trainer.log({"loss": 1.0})
     trainer.state.global_step = 5
     trainer.log({"loss": 0.5})
@@ -225,7 +304,7 @@ def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
 def test_bf16_is_chosen_only_on_capable_gpus(monkeypatch):
     from types import SimpleNamespace
 
-    import simmim_hf.pretrain.trainer as training
+    import simmim_hf.pretrain.arguments as training
 
     flags = dict(auto_bf16=True, bf16=False, fp16=False, use_cpu=False)
     monkeypatch.setattr(training, "bf16_capable_gpu", lambda: True)
@@ -265,7 +344,8 @@ def test_map_style_dataset_pretrains(tmp_path):
 
 
 def test_config_overrides_accept_lists_and_reject_unknown_fields():
-    from simmim_hf.pretrain.run import build_config, parse_overrides
+    from simmim_hf.pretrain.arguments import parse_overrides
+    from simmim_hf.pretrain.run import build_config
 
     assert parse_overrides("depths=[1,1,2,1],drop_path_rate=0.1,hidden_act=gelu") == {
         "depths": [1, 1, 2, 1],

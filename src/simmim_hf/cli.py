@@ -1,4 +1,7 @@
-"""Command-line helpers shared by the entry scripts: `--config` files, one-line usage errors, token redaction."""
+"""Command-line helpers shared by the entry scripts: `--config` files, one-line usage errors, token redaction.
+
+`parse_arguments` (an `HfArgumentParser`) and `parse_script_arguments` (a plain `argparse` parser) are the one way
+every script reads its command line and `--config FILE`."""
 
 from __future__ import annotations
 
@@ -39,11 +42,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def check_config_keys(data: dict[str, Any], path: str | Path, parser: argparse.ArgumentParser) -> None:
-    """Every key of a config file must be an argument of `parser`, and its value must convert to that argument's
-    type (and be one of its choices): `UsageError` naming the file and the key otherwise."""
+    """Every key of a config file must be an argument of `parser` (a flag, or a positional argument by its name), and
+    its value must convert to that argument's type (and be one of its choices): `UsageError` naming the file and the
+    key otherwise."""
     actions = parser._option_string_actions  # argparse's own index of the flags it accepts
+    positionals = positional_actions(parser)
     for key, value in data.items():
-        action = actions.get(f"--{key}")
+        action = actions.get(f"--{key}") or positionals.get(key)
         if action is None:
             raise UsageError(f"--config {path}: unknown key {key!r} (see --help for the arguments)")
         if value is None or action.nargs == 0:
@@ -59,6 +64,11 @@ def check_config_keys(data: dict[str, Any], path: str | Path, parser: argparse.A
             if action.choices is not None and converted not in action.choices:
                 choices = ", ".join(map(str, action.choices))
                 raise UsageError(f"--config {path}: {key}: {value!r} is not one of {choices}")
+
+
+def positional_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The positional arguments of `parser` by name, in command-line order (none for an `HfArgumentParser`)."""
+    return {action.dest: action for action in parser._actions if not action.option_strings}
 
 
 def config_to_argv(data: dict[str, Any]) -> list[str]:
@@ -81,7 +91,8 @@ def config_to_argv(data: dict[str, Any]) -> list[str]:
 
 def expand_config_file(argv: list[str], parser: argparse.ArgumentParser | None = None) -> list[str]:
     """Replaces `--config FILE` (or `--config=FILE`) by the file's arguments, placed first so that explicit flags
-    override them; with `parser`, the file's keys and values are checked against it first."""
+    override them; with `parser`, the file's keys and values are checked against it first, and keys naming its
+    positional arguments are given as bare values, in the parser's order."""
     for index, item in enumerate(argv):
         if item.startswith("--config="):
             path, rest = item.split("=", 1)[1], argv[:index] + argv[index + 1 :]
@@ -94,9 +105,12 @@ def expand_config_file(argv: list[str], parser: argparse.ArgumentParser | None =
     else:
         return list(argv)
     data = load_config_file(path)
-    if parser is not None:
-        check_config_keys(data, path, parser)
-    return config_to_argv(data) + list(rest)
+    if parser is None:
+        return config_to_argv(data) + list(rest)
+    check_config_keys(data, path, parser)
+    positionals = [name for name in positional_actions(parser) if name in data]
+    bare = [value for name in positionals for value in config_to_argv({name: data[name]})[1:]]
+    return bare + config_to_argv({key: value for key, value in data.items() if key not in positionals}) + list(rest)
 
 
 def secrets_in(argv: list[str]) -> list[str]:
@@ -121,6 +135,25 @@ def parse_arguments(parser: Any, argv: list[str], positional_config: bool = True
     `positional_config`, a lone YAML/JSON file) supplies arguments, and every input mistake (unknown or mistyped
     flag or key, invalid value) becomes a token-free `UsageError` or argparse's own exit 2."""
     secrets = secrets_in(argv)
+    try:
+        return parser.parse_args_into_dataclasses(args=_script_argv(parser, argv, positional_config, secrets))
+    except ValueError as problem:  # unused arguments, or a dataclass's own validation
+        raise UsageError(redact(str(problem), secrets)) from None
+
+
+def parse_script_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parse_arguments` for a script with a plain `argparse` parser (`argv` None: the command line): the same
+    `--config FILE` expansion and checks (keys may name positional arguments too), the same token-free errors."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    secrets = secrets_in(argv)
+    try:
+        return parser.parse_args(_script_argv(parser, argv, False, secrets))
+    except ValueError as problem:
+        raise UsageError(redact(str(problem), secrets)) from None
+
+
+def _script_argv(parser: Any, argv: list[str], positional_config: bool, secrets: list[str]) -> list[str]:
+    """`argv` with its config file expanded, and `parser`'s errors made token-free."""
 
     def error(message: str) -> None:  # argparse's errors quote the offending values: keep tokens out
         parser.print_usage(sys.stderr)
@@ -129,10 +162,7 @@ def parse_arguments(parser: Any, argv: list[str], positional_config: bool = True
     parser.error = error
     if positional_config and len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
         argv = ["--config", argv[0]]
-    try:
-        return parser.parse_args_into_dataclasses(args=expand_config_file(argv, parser))
-    except ValueError as problem:  # unused arguments, or a dataclass's own validation
-        raise UsageError(redact(str(problem), secrets)) from None
+    return expand_config_file(argv, parser)
 
 
 def run_script(main: Callable[[], Any]) -> None:

@@ -101,7 +101,7 @@ def to_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     return int(value), int(value)
 
 
-# SimMIM settings that `from_preset` / `with_overrides` accept besides the encoder's own fields.
+# SimMIM settings that overrides may set besides the encoder's own fields (routed by `SimMIMConfig.split_overrides`).
 SIMMIM_FIELDS = (
     "mask_patch_size",
     "mask_ratio",
@@ -414,15 +414,13 @@ class SimMIMConfig(PretrainedConfig):
                 f"{name_or_path} is a {source.model_type!r} model; SimMIM continues pretraining from "
                 f"{', '.join(SUPPORTED_ENCODERS)} encoders"
             )
-        overrides = dict(overrides)
+        settings, encoder_fields = cls.split_overrides(overrides)
         # The checkpoint's head (if any) is not part of the SimMIM encoder; export names the stock encoder class.
-        encoder_fields = {"architectures": None}
-        encoder_fields.update({key: value for key, value in overrides.items() if key not in SIMMIM_FIELDS})
-        for key in ("image_size", "num_channels"):
-            if key in overrides:
-                encoder_fields[key] = overrides.pop(key)
+        encoder_fields["architectures"] = None
+        for key in ("image_size", "num_channels"):  # set on the encoder first: the default mask cell depends on them
+            if key in settings:
+                encoder_fields[key] = settings.pop(key)
         encoder_config = rebuild_encoder_config(source, **encoder_fields)
-        settings = {key: value for key, value in overrides.items() if key in SIMMIM_FIELDS}
         settings.setdefault("mask_patch_size", default_mask_patch_size(encoder_config))
         if "image_mean" not in settings and "image_std" not in settings:
             statistics = _processor_statistics(name_or_path, encoder_config.num_channels)
@@ -434,7 +432,10 @@ class SimMIMConfig(PretrainedConfig):
         """A new, validated config with SimMIM fields (`mask_ratio=...`, `image_size=...`) and encoder fields
         (`hidden_size=...`, `depths=[...]`) replaced. The encoder config is rebuilt by its own class
         (`rebuild_encoder_config`), so its derived fields follow the new values. Raises ValueError naming an unknown
-        key."""
+        key, and for a new channel count without `image_mean`/`image_std` (the old statistics cannot follow it)."""
+        changes, encoder_overrides = self.split_overrides(overrides)
+        if "num_channels" in changes and "image_mean" not in changes:
+            raise ValueError("num_channels: changing the channel count of a checkpoint needs image_mean and image_std")
         settings = {
             "mask_patch_size": self.mask_patch_size,
             "mask_ratio": self.mask_ratio,
@@ -443,15 +444,41 @@ class SimMIMConfig(PretrainedConfig):
             "preset": self.preset,
             "initializer": self.initializer,
             "weight_decay_exemptions": self.weight_decay_exemptions,
+            **changes,
         }
-        encoder_overrides = {}
-        for key, value in overrides.items():
-            if key in SIMMIM_FIELDS:
-                settings[key] = value
-            else:
-                encoder_overrides[key] = value
         encoder_config = rebuild_encoder_config(self.encoder_config, **encoder_overrides)
         return type(self)(encoder_config=encoder_config, **settings)
+
+    @staticmethod
+    def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The one routing of overrides: `(SimMIM settings, encoder fields)`, the former being the keys in
+        `SIMMIM_FIELDS`. Used by `from_preset`, `from_encoder`, `with_overrides` and `for_pretraining`."""
+        settings = {key: value for key, value in overrides.items() if key in SIMMIM_FIELDS}
+        encoder_fields = {key: value for key, value in overrides.items() if key not in SIMMIM_FIELDS}
+        return settings, encoder_fields
+
+    @classmethod
+    def for_pretraining(
+        cls,
+        preset: str = "demo",
+        model_name_or_path: str | None = None,
+        init_encoder_from: str | None = None,
+        **overrides: Any,
+    ) -> SimMIMConfig:
+        """The config a pretraining run starts from, with `overrides` (SimMIM or encoder fields) applied and validated
+        the same way whatever the start: a stock encoder (`init_encoder_from`, see `from_encoder`), a SimMIM checkpoint
+        (`model_name_or_path`, see `with_overrides`), else the named `preset`. Raises ValueError naming the field at
+        fault (or when both starting points are given), OSError for a source that cannot be read."""
+        if init_encoder_from and model_name_or_path:
+            raise ValueError(
+                "--init_encoder_from and --model_name_or_path: give one (a stock encoder to start from, or a SimMIM "
+                "checkpoint to continue)"
+            )
+        if init_encoder_from:
+            return cls.from_encoder(init_encoder_from, **overrides)
+        if model_name_or_path:
+            return cls.from_pretrained(model_name_or_path).with_overrides(**overrides)
+        return cls.from_preset(preset, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()

@@ -1,4 +1,4 @@
-"""Trainer callbacks of the pretraining job: reconstruction pictures during training."""
+"""Trainer callbacks of the pretraining job: the NaN/Inf step guard, reconstruction pictures during training."""
 
 from __future__ import annotations
 
@@ -13,6 +13,21 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from simmim_hf.visualization import reconstruction_grid
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Hands the optimizer step over to `SimMIMTrainer.skip_nonfinite_step` (after clipping, before the update)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The run's total survives a resume through the logged counts.
+        self.trainer.nonfinite_steps = max((entry.get("nonfinite_steps", 0) for entry in state.log_history), default=0)
+        self.trainer.nonfinite_in_a_row = 0
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.skip_nonfinite_step()
 
 
 class ReconstructionCallback(TrainerCallback):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from simmim_hf.pretrain.arguments import REFERENCE_BATCH_SIZE
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -62,8 +64,6 @@ def run_header(
     resume: str | None = None,
 ) -> str:
     """The few lines that open a pretraining log: model, data, batch and learning rate (and why), steps, output."""
-    from simmim_hf.pretrain.trainer import REFERENCE_BATCH_SIZE
-
     parameters = sum(p.numel() for p in model.parameters())
     encoder = getattr(getattr(model, "simmim", None), "encoder", None)
     encoder_parameters = sum(p.numel() for p in encoder.parameters()) if encoder is not None else parameters

@@ -1,207 +1,43 @@
-"""The pretraining engine: arguments, optimizer groups, LR scaling and schedules, the Trainer subclass.
+"""The pretraining engine: optimizer groups, schedules, FLOPs for MFU, and `SimMIMTrainer`, the one Trainer class.
 
-The entry script (`scripts/pretrain.py`) only parses arguments and wires these pieces together.
+`pretrain.run` builds the model and the stream and hands them to `SimMIMTrainer`; the arguments live in
+`pretrain.arguments`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import SchedulerType, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from simmim_hf.backbones import flops_per_image, no_weight_decay_names
 from simmim_hf.configuration_simmim import to_pair
-from simmim_hf.errors import TrainingDiverged, UsageError
+from simmim_hf.data.faults import FAULT_REASONS, add_counts
+from simmim_hf.data.images import normalize_pixel_values
+from simmim_hf.data.stream import StreamLoader
+from simmim_hf.errors import TrainingDiverged
+from simmim_hf.pretrain.arguments import parse_milestones
+from simmim_hf.pretrain.callbacks import NonFiniteGuard
 from simmim_hf.pretrain.checkpoints import (
     STAGING_PREFIX,
     find_resume_checkpoint,
     load_weights_strictly,
     rotate_checkpoints,
 )
+from simmim_hf.publish.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
-
-# The paper scales the learning rate linearly with the global batch, relative to 512 images.
-REFERENCE_BATCH_SIZE = 512
-
-
-@dataclass
-class ModelArguments:
-    """Which SimMIM model to pretrain (parsed by `transformers.HfArgumentParser`)."""
-
-    preset: str = field(
-        default="demo",
-        metadata={"help": "A SimMIMConfig preset: demo, vit-base-patch16-224, swin-base-window6-192, ..."},
-    )
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Start from a SimMIM checkpoint (folder or Hub id) instead of a fresh preset; recorded as "
-            "`base_model` in the card."
-        },
-    )
-    init_encoder_from: str | None = field(
-        default=None,
-        metadata={
-            "help": "Continue pretraining a stock encoder (Hub id or folder of a ViT, DeiT, BEiT, Swin or Swinv2 "
-            "model, with or without a head): its weights, config and image statistics, a new mask token where it "
-            "has none, a new reconstruction head; recorded as `base_model` in the card. Not with "
-            "--model_name_or_path."
-        },
-    )
-    mask_ratio: float | None = field(default=None, metadata={"help": "Override the preset's mask ratio (0.6)."})
-    mask_patch_size: int | None = field(default=None, metadata={"help": "Override the preset's mask cell (32 px)."})
-    image_size: int | None = field(default=None, metadata={"help": "Override the preset's image size."})
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "Encoder config overrides, e.g. `hidden_size=256,num_hidden_layers=6,drop_path_rate=0.1`."},
-    )
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel: eager, sdpa (default when available), flash_attention_2."}
-    )
-    image_stats: str | None = field(
-        default=None,
-        metadata={
-            "help": "Normalisation statistics: `preset` (default: the preset's or checkpoint's own), `imagenet`, or "
-            "`dataset` (recorded by prepare_data.py next to the shards, else measured on the first "
-            "--image_stats_samples images)."
-        },
-    )
-    image_mean: list[float] | None = field(
-        default=None, metadata={"help": "Per-channel mean, e.g. `0.5 0.5 0.5` (with --image_std)."}
-    )
-    image_std: list[float] | None = field(default=None, metadata={"help": "Per-channel std (with --image_mean)."})
-    image_stats_samples: int = field(
-        default=1000, metadata={"help": "Images measured for `--image_stats dataset` when nothing is recorded."}
-    )
-
-
-@dataclass
-class SimMIMTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with SimMIM's defaults (AdamW 0.9/0.999, weight decay 0.05, clipping 5.0, cosine with
-    warmup) and its learning-rate rule: `learning_rate = base_learning_rate * global_batch / 512`."""
-
-    base_learning_rate: float = field(
-        default=1e-4,
-        metadata={
-            "help": "LR for a global batch of 512; the effective `learning_rate` is scaled by global batch / 512 "
-            "(per-device batch x processes x gradient accumulation) and overrides --learning_rate."
-        },
-    )
-    min_learning_rate_ratio: float = field(
-        default=0.0,
-        metadata={"help": "Cosine floor as a fraction of the peak LR (the paper decays to ~0.05 of it)."},
-    )
-    lr_milestones: str | None = field(
-        default=None,
-        metadata={
-            "help": "Comma-separated steps for a multistep schedule (x lr_gamma at each, after warmup), as in the "
-            "official ViT-B 800-epoch recipe; replaces --lr_scheduler_type."
-        },
-    )
-    lr_gamma: float = field(default=0.1, metadata={"help": "Decay factor at each multistep milestone."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on the no-decay set)."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping norm."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warmup."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep `bool_masked_pos` in batches."})
-    visualize_steps: int = field(
-        default=0, metadata={"help": "Log an original/masked/reconstruction grid every N steps (0 = only at the end)."}
-    )
-    num_visualize_images: int = field(default=8, metadata={"help": "Images in the reconstruction grid."})
-    auto_bf16: bool = field(
-        default=True,
-        metadata={"help": "Train in bf16 autocast on a GPU that supports it when neither --bf16 nor --fp16 is given."},
-    )
-    max_nonfinite_steps: int = field(
-        default=20,
-        metadata={
-            "help": "A step whose loss or gradient norm is NaN/Inf is skipped (no weight or optimizer update) and "
-            "counted; after this many in a row the run stops with an error, its last good checkpoint intact."
-        },
-    )
-    logging_nan_inf_filter: bool = field(
-        default=False,
-        metadata={"help": "Always off here: a non-finite loss is logged as nan, never replaced by an average or 0."},
-    )
-    warmup_steps: float | None = field(
-        default=None,
-        metadata={
-            "help": "Linear warmup: steps (>= 1) or a fraction of max_steps (< 1). Default: --default_warmup_ratio."
-        },
-    )
-    default_warmup_ratio: float = field(
-        default=0.1, metadata={"help": "Warmup as a fraction of max_steps when --warmup_steps is not given."}
-    )
-
-    def __post_init__(self) -> None:
-        if wants_auto_bf16(self):
-            self.bf16 = True
-        if self.logging_nan_inf_filter:
-            logger.warning("--logging_nan_inf_filter is ignored: non-finite losses are logged as nan and skipped")
-            self.logging_nan_inf_filter = False
-        if self.max_nonfinite_steps < 1:
-            raise UsageError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
-        # Why the warmup is what it is, for the run header: "given" or "default".
-        self.warmup_origin = "given" if self.warmup_steps is not None else "default"
-        if not 0 <= self.default_warmup_ratio < 1:
-            raise UsageError(f"default_warmup_ratio must be in [0, 1), got {self.default_warmup_ratio}")
-        if self.warmup_steps is None:
-            self.warmup_steps = self.default_warmup_ratio
-        super().__post_init__()
-        if self.base_learning_rate <= 0:
-            raise UsageError(f"base_learning_rate must be positive, got {self.base_learning_rate}")
-        self.learning_rate = scaled_learning_rate(
-            self.base_learning_rate,
-            self.per_device_train_batch_size,
-            self.world_size,
-            self.gradient_accumulation_steps,
-        )
-        if self.lr_milestones:
-            parse_milestones(self.lr_milestones)  # fail early on a typo
-        if self.num_visualize_images < 1:
-            raise ValueError(f"num_visualize_images must be >= 1, got {self.num_visualize_images}")
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
-
-
-def bf16_capable_gpu() -> bool:
-    """A CUDA GPU with native bf16 (Ampere or newer), visible to this process."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def wants_auto_bf16(args: Any) -> bool:
-    """bf16 "where the hardware has it": asked for (`auto_bf16`), no precision flag given, not forced onto the CPU,
-    and a bf16-capable GPU present."""
-    return bool(args.auto_bf16 and not (args.bf16 or args.fp16) and not args.use_cpu and bf16_capable_gpu())
-
-
-def scaled_learning_rate(base_lr: float, per_device_batch: int, world_size: int, accumulation: int) -> float:
-    """The paper's linear scaling rule: base_lr * (per-device batch x world size x accumulation) / 512."""
-    return base_lr * per_device_batch * world_size * accumulation / REFERENCE_BATCH_SIZE
-
-
-def parse_milestones(text: str) -> list[int]:
-    try:
-        milestones = sorted(int(step) for step in text.split(",") if step.strip())
-    except ValueError as error:
-        raise ValueError(f"lr_milestones must be comma-separated integers, got {text!r}") from error
-    if not milestones or milestones[0] <= 0:
-        raise ValueError(f"lr_milestones must be positive steps, got {text!r}")
-    return milestones
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -218,8 +54,8 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     ]
 
 
-def warmup_multistep_lambda(warmup_steps: int, milestones: list[int], gamma: float):
-    """LR multiplier: linear warmup from 0, then x gamma at each milestone."""
+def warmup_multistep_lambda(warmup_steps: int, milestones: list[int], gamma: float) -> Callable[[int], float]:
+    """LR multiplier at a step: linear warmup (step + 1) / warmup_steps, then x gamma at each milestone."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -229,8 +65,10 @@ def warmup_multistep_lambda(warmup_steps: int, milestones: list[int], gamma: flo
     return factor
 
 
-def warmup_cosine_lambda(warmup_steps: int, total_steps: int, floor: float):
-    """LR multiplier: linear warmup from 0, then cosine from 1 down to `floor` at `total_steps`."""
+def warmup_cosine_lambda(warmup_steps: int, total_steps: int, floor: float) -> Callable[[int], float]:
+    """LR multiplier at a step: linear warmup (step + 1) / warmup_steps, then cosine from 1 down to `floor` at
+    `total_steps`. After the warmup this is transformers' `cosine_with_min_lr` (`min_lr_rate=floor`) to 1e-12; its
+    warmup is one step behind (step / warmup_steps, starting at 0), so SimMIM keeps this one."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -245,25 +83,14 @@ TRAINING_ARGS_JSON = "training_args.json"
 TRAINING_ARGS_PICKLE = "training_args.bin"
 
 
-class NonFiniteGuard(TrainerCallback):
-    """Hands the optimizer step over to `SimMIMTrainer.skip_nonfinite_step` (after clipping, before the update)."""
-
-    def __init__(self, trainer: SimMIMTrainer) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # The run's total survives a resume through the logged counts.
-        self.trainer.nonfinite_steps = max((entry.get("nonfinite_steps", 0) for entry in state.log_history), default=0)
-        self.trainer.nonfinite_in_a_row = 0
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer.skip_nonfinite_step()
-
-
 class SimMIMTrainer(Trainer):
     """The HF Trainer with SimMIM's no-weight-decay set and schedules; everything else (DDP, FSDP, DeepSpeed,
     mixed precision, logging integrations) is the stock Trainer's, plus what long runs need:
 
+    * with a `stream_loader`, the Trainer is fed from it (each rank reads only its own shards; no accelerate re-split,
+      no rank-0 dispatch) and every checkpoint keeps the stream position, so resume continues the stream instead of
+      replaying it; uint8 batches are normalised on the device with the model config's statistics;
+    * every training log line carries images/s (and MFU on a known GPU), the run's data faults and NaN/Inf count;
     * resume restores every weight through transformers' own loading, strictly (any missing or unexpected tensor
       raises), where the stock Trainer loads the on-disk layout non-strictly into renamed modules;
     * checkpoints are written under `.tmp-checkpoint-N/` and renamed to `checkpoint-N` once every process is done;
@@ -272,13 +99,62 @@ class SimMIMTrainer(Trainer):
     * the arguments are saved as token-free `training_args.json`, never as the `training_args.bin` pickle.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stream_loader: StreamLoader | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.stream_loader = stream_loader
         self.nonfinite_steps = 0
         self.nonfinite_in_a_row = 0
         self._nonfinite_flag: torch.Tensor | None = None
         self._staging_dir: Path | None = None
+        self._throughput_mark: tuple[int, float] | None = None
+        # Training time of earlier sessions of this run (restored on resume), so the card's wall time is the total.
+        self.earlier_wall_time = 0.0
+        self.session_start = time.perf_counter()
         self.add_callback(NonFiniteGuard(self))
+
+    # -- the stream -----------------------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> Any:
+        if self.stream_loader is None:
+            return super().get_train_dataloader()
+        return self.stream_loader
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Moves the batch to the device, where uint8 `pixel_values` (the job's collated images) are normalised
+        with the model config's `image_mean`/`image_std`; float pixel values pass unchanged."""
+        inputs = super()._prepare_inputs(inputs)
+        pixel_values = inputs.get("pixel_values") if isinstance(inputs, dict) else None
+        if pixel_values is not None and pixel_values.dtype == torch.uint8:
+            config = self.accelerator.unwrap_model(self.model).config
+            inputs["pixel_values"] = normalize_pixel_values(pixel_values, config.image_mean, config.image_std)
+        return inputs
+
+    def stream_totals(self) -> tuple[dict[str, int], int]:
+        """(data faults per reason, images skipped at resumes) for the whole run, summed over ranks (collective)."""
+        faults = self.stream_loader.fault_counts() if self.stream_loader is not None else add_counts()
+        skipped = self.stream_loader.skipped_at_resume if self.stream_loader is not None else 0
+        if self.args.world_size > 1:
+            values = torch.tensor([*(faults[r] for r in FAULT_REASONS), skipped], device=self.args.device)
+            values = self.accelerator.reduce(values, reduction="sum").tolist()
+            faults, skipped = dict(zip(FAULT_REASONS, map(int, values))), int(values[-1])
+        return faults, skipped
+
+    def wall_time(self) -> float:
+        """Seconds of training of this run: earlier sessions' (restored on resume) plus this one's."""
+        return self.earlier_wall_time + time.perf_counter() - self.session_start
+
+    def restore_session(self, checkpoint: str | None) -> None:
+        """Before training from `checkpoint` (or from scratch, None): restores this rank's stream position and the
+        earlier sessions' wall time saved in it, and starts this session's clock."""
+        if checkpoint and self.stream_loader is not None:
+            path = RunDir.stream_state_file(checkpoint, self.args.process_index)
+            if path.is_file():
+                self.stream_loader.load_state_dict(json.loads(path.read_text()))
+            else:
+                logger.warning("No stream position in %s; the stream restarts from a fresh shuffle", checkpoint)
+        wall_time = RunDir.wall_time_file(checkpoint) if checkpoint else None
+        if wall_time is not None and wall_time.is_file():
+            self.earlier_wall_time = json.loads(wall_time.read_text())["wall_time_seconds"]
+        self.session_start = time.perf_counter()
 
     # -- resume -------------------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -380,18 +256,46 @@ class SimMIMTrainer(Trainer):
         if self.nonfinite_steps and logged and isinstance(tr_loss, torch.Tensor) and not torch.isfinite(tr_loss).all():
             tr_loss.zero_()
 
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and self.nonfinite_steps:
-            logs["nonfinite_steps"] = self.nonfinite_steps
-        super().log(logs, *args, **kwargs)
+    # -- logging --------------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            # Training log lines are written on every rank at the same step, so the all-reduce is safe there.
+            if self.stream_loader is not None:
+                faults, _ = self.stream_totals()
+                if any(faults.values()):
+                    logs.update({f"data_faults/{reason}": count for reason, count in faults.items()})
+            if self.nonfinite_steps:
+                logs["nonfinite_steps"] = self.nonfinite_steps
+        self._log_throughput(logs)
+        super().log(logs, start_time)
+
+    def _log_throughput(self, logs: dict[str, float]) -> None:
+        """Adds images/s (and MFU on a known GPU) to a training log line, so TensorBoard and the progress bar show
+        them alongside loss, learning rate and gradient norm."""
+        now = time.perf_counter()
+        step = self.state.global_step
+        last = self._throughput_mark
+        if "loss" in logs and last is not None and step > last[0]:
+            rate = (step - last[0]) * self.args.global_batch_size / max(now - last[1], 1e-9)
+            logs["images_per_second"] = round(rate, 2)
+            peak = peak_flops(self.args.device)
+            if peak is not None:
+                model = self.accelerator.unwrap_model(self.model)
+                logs["mfu"] = round(rate * training_flops_per_image(model) / (peak * self.args.world_size), 4)
+        self._throughput_mark = (step, now)
 
     # -- atomic checkpoints -------------------------------------------------------------------------------------
     def _get_output_dir(self, trial: Any) -> str:
         return str(self._staging_dir) if self._staging_dir is not None else super()._get_output_dir(trial)
 
     def write_checkpoint_extras(self, folder: Path) -> None:
-        """Hook: files of this process to put into the checkpoint `folder` (called on every process, before the
-        Trainer's own files)."""
+        """This process's files in the checkpoint `folder` (inside the staging folder, before the Trainer's own files:
+        the checkpoint is renamed complete with them): its stream position, and on the main process the wall time."""
+        if self.stream_loader is not None:
+            path = RunDir.stream_state_file(folder, self.args.process_index)
+            path.write_text(json.dumps(self.stream_loader.state_dict()))
+        if self.is_world_process_zero():
+            RunDir.wall_time_file(folder).write_text(json.dumps({"wall_time_seconds": self.wall_time()}))
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         step = self.state.global_step
@@ -475,7 +379,7 @@ class SimMIMTrainer(Trainer):
         floor = getattr(args, "min_learning_rate_ratio", 0.0)
         if milestones:
             factor = warmup_multistep_lambda(warmup, milestones, args.lr_gamma)
-        elif str(args.lr_scheduler_type).endswith("cosine") and floor > 0:
+        elif SchedulerType(args.lr_scheduler_type) == SchedulerType.COSINE and floor > 0:  # an enum after parsing
             factor = warmup_cosine_lambda(warmup, num_training_steps, floor)
         else:
             return super().create_scheduler(num_training_steps, optimizer)
@@ -504,25 +408,3 @@ def training_flops_per_image(model: nn.Module) -> float:
     tokens = (height // config.model_patch_size) * (width // config.model_patch_size)
     matmul_params = sum(p.numel() for p in model.parameters() if p.ndim >= 2)
     return flops_per_image(config, matmul_params, tokens)
-
-
-class ThroughputTrainer(SimMIMTrainer):
-    """Adds images/s (and MFU on a known GPU) to every training log line, so TensorBoard and the progress bar
-    show them alongside loss, learning rate and gradient norm."""
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        import time
-
-        now = time.perf_counter()
-        step = self.state.global_step
-        last = getattr(self, "_throughput_mark", None)
-        if "loss" in logs and last is not None and step > last[0]:
-            images = (step - last[0]) * self.args.global_batch_size
-            rate = images / max(now - last[1], 1e-9)
-            logs["images_per_second"] = round(rate, 2)
-            peak = peak_flops(self.args.device)
-            if peak is not None:
-                model = self.accelerator.unwrap_model(self.model)
-                logs["mfu"] = round(rate * training_flops_per_image(model) / (peak * self.args.world_size), 4)
-        self._throughput_mark = (step, now)
-        super().log(logs, start_time)
