@@ -207,10 +207,22 @@ class SimMIMModel(SimMIMPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutput | tuple:
-        """pixel_values: (N, C, H, W); bool_masked_pos: (N, num_patches), 1 = masked.
+        """
+        Args:
+            pixel_values (`torch.Tensor` of shape `(N, C, H, W)`):
+                Normalised images.
+            bool_masked_pos (`torch.BoolTensor` of shape `(N, num_patches)`, *optional*):
+                Which patches to replace by the mask token (1 = masked). None runs the encoder on the whole image.
+            output_hidden_states (`bool`, *optional*):
+                Also return the hidden states of every block.
+            output_attentions (`bool`, *optional*):
+                Also return the attention weights (where the attention implementation provides them).
+            return_dict (`bool`, *optional*):
+                Return a `BaseModelOutput` rather than a tuple (default: `config.use_return_dict`).
 
-        Returns the encoder's output: `last_hidden_state` (N, prefix tokens + tokens, D), and the hidden states of
-        every block when asked.
+        Returns:
+            `BaseModelOutput`: `last_hidden_state` of shape `(N, prefix tokens + tokens, D)`, plus `hidden_states` /
+            `attentions` when asked.
         """
         if bool_masked_pos is not None:
             bool_masked_pos = bool_masked_pos.to(torch.bool)
@@ -326,10 +338,23 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> MaskedImageModelingOutput | tuple:
-        """pixel_values: (N, C, H, W), normalised; bool_masked_pos: (N, (H / patch) * (W / patch)), 1 = masked.
+        """
+        Args:
+            pixel_values (`torch.Tensor` of shape `(N, C, H, W)`):
+                Normalised images.
+            bool_masked_pos (`torch.BoolTensor` of shape `(N, (H / patch) * (W / patch))`, *optional*):
+                Which patches to mask (1 = masked), e.g. from `SimMIMMaskGenerator`. Without it there is no loss.
+            output_hidden_states (`bool`, *optional*):
+                Also return the encoder's hidden states of every block.
+            output_attentions (`bool`, *optional*):
+                Also return the encoder's attention weights.
+            return_dict (`bool`, *optional*):
+                Return a `MaskedImageModelingOutput` rather than a tuple (default: `config.use_return_dict`).
 
-        Returns `loss` (when a mask is given), `reconstruction` (N, C, H, W) in normalised pixel units, and the
-        encoder's hidden states / attentions when asked.
+        Returns:
+            `MaskedImageModelingOutput`: `loss` (L1 over masked pixels, when `bool_masked_pos` is given),
+            `reconstruction` of shape `(N, C, H, W)` in normalised pixel units, and `hidden_states` / `attentions`
+            when asked.
         """
         batch_size, _, height, width = pixel_values.shape
         outputs = self.simmim(
