@@ -23,7 +23,7 @@ INITIALIZERS = ("official", "stock")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-# Fashion-MNIST's own statistics, replicated over 3 channels for the demo preset. A copy of simmim_hf.fashion_mnist.MEAN
+# Fashion-MNIST's own statistics, replicated over 3 channels for the demo preset. A copy of simmim_hf.data.fashion_mnist.MEAN
 # and STD (this file is Hub remote code and imports only transformers); tests/test_fashion_mnist.py keeps them equal.
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530

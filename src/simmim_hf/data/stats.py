@@ -26,7 +26,7 @@ from simmim_hf.errors import UsageError
 logger = logging.getLogger(__name__)
 
 STATS_KEY = "image_stats"
-SUMMARY_FILE = "prepare_data.json"  # written by simmim_hf.sharding.prepare_data
+SUMMARY_FILE = "prepare_data.json"  # written by simmim_hf.data.write_shards.prepare_data
 CHOICES = ("preset", "imagenet", "dataset")
 # Images larger than this many pixels are box-reduced by an integer factor before measuring (a 12-Mpixel photo would
 # otherwise need ~300 MB of float64); the mean is unchanged by box averaging, the std drops slightly.

@@ -212,7 +212,7 @@ def finetune_classifier(
 def finetuning_encoder_path(model: str, workdir: str | os.PathLike, layout: str = "official") -> str:
     """The encoder to fine-tune for `model`: with `layout="official"`, a BEiT encoder in the pretraining layout
     (shared relative position table or CLS pooling) is rewritten into microsoft/SimMIM's fine-tuning layout
-    (`simmim_hf.convert.finetuning_encoder`: mean pooling, per-block tables copied from the shared one) under
+    (`simmim_hf.publish.convert.finetuning_encoder`: mean pooling, per-block tables copied from the shared one) under
     `workdir`; any other encoder, or `layout="as-is"`, is used as exported."""
     from transformers import AutoConfig
 
