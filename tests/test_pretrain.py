@@ -198,6 +198,7 @@ def test_argparse_scripts_read_config_files_like_the_dataclass_scripts(tmp_path)
     import importlib.util
 
     from simmim_hf.errors import UsageError
+    from simmim_hf.publish import official
 
     def script(name):
         spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
@@ -207,7 +208,7 @@ def test_argparse_scripts_read_config_files_like_the_dataclass_scripts(tmp_path)
 
     config = tmp_path / "convert.yaml"
     config.write_text("checkpoint: ckpt.pth\noutput_dir: out\npreset: swin-base-window6-192\n")
-    args = script("convert_official").parse_args(["--config", str(config), "--output_dir", "elsewhere"])
+    args = official.parse_args(["--config", str(config), "--output_dir", "elsewhere"])
     assert (args.checkpoint, args.output_dir, args.preset) == ("ckpt.pth", "elsewhere", "swin-base-window6-192")
     config.write_text("checkpoint: runs/demo\nimages: [a.png, b.png]\nseed: 3\n")
     args = script("visualize").parse_args(["--config", str(config), "--mask_ratio", "0.5"])
@@ -217,7 +218,7 @@ def test_argparse_scripts_read_config_files_like_the_dataclass_scripts(tmp_path)
         script("visualize").parse_args(["--config", str(config)])
     config.write_text("checkpoint: ckpt.pth\noutput_dir: out\nmax_stepz: 1\n")
     with pytest.raises(UsageError, match="unknown key 'max_stepz'"):
-        script("convert_official").parse_args(["--config", str(config)])
+        official.parse_args(["--config", str(config)])
 
 
 def test_run_summary_records_every_argument_and_the_config_without_tokens(tmp_path):
@@ -344,7 +345,7 @@ def test_map_style_dataset_pretrains(tmp_path):
 
 
 def test_config_overrides_accept_lists_and_reject_unknown_fields():
-    from simmim_hf.pretrain.arguments import parse_overrides
+    from simmim_hf.cli import parse_overrides
     from simmim_hf.pretrain.run import build_config
 
     assert parse_overrides("depths=[1,1,2,1],drop_path_rate=0.1,hidden_act=gelu") == {

@@ -177,3 +177,24 @@ def run_script(main: Callable[[], Any]) -> None:
     except TrainingDiverged as problem:
         print(f"error: {' '.join(redact(str(problem), secrets).split())}", file=sys.stderr)
         sys.exit(1)
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """`"hidden_size=256,depths=[2,2,6,2],drop_path_rate=0.1"` -> dict; values are JSON when they parse as JSON.
+    Commas inside brackets belong to the value."""
+    overrides: dict[str, Any] = {}
+    for item in re.split(r",(?![^\[\]]*\])", text or ""):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config_overrides: expected key=value, got {item!r}")
+        overrides[key.strip()] = _parse_value(value.strip())
+    return overrides
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

@@ -3,15 +3,14 @@ defaults and learning-rate rule), and the helpers that read them."""
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
 
+from simmim_hf.cli import parse_overrides
 from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -198,24 +197,3 @@ def parse_milestones(text: str) -> list[int]:
     if not milestones or milestones[0] <= 0:
         raise ValueError(f"lr_milestones must be positive steps, got {text!r}")
     return milestones
-
-
-def parse_overrides(text: str | None) -> dict[str, Any]:
-    """`"hidden_size=256,depths=[2,2,6,2],drop_path_rate=0.1"` -> dict; values are JSON when they parse as JSON.
-    Commas inside brackets belong to the value."""
-    overrides: dict[str, Any] = {}
-    for item in re.split(r",(?![^\[\]]*\])", text or ""):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"config_overrides: expected key=value, got {item!r}")
-        overrides[key.strip()] = _parse_value(value.strip())
-    return overrides
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text

@@ -25,6 +25,7 @@ attention masks are checked (ViT index) or used for the image size, then dropped
 
 from __future__ import annotations
 
+import argparse
 import collections
 import copy
 import io
@@ -33,6 +34,7 @@ import math
 import os
 import pickle
 import re
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from simmim_hf.cli import parse_overrides, parse_script_arguments
 from simmim_hf.configuration_simmim import IMAGENET_MEAN, IMAGENET_STD, SimMIMConfig, _preset_encoders
 from simmim_hf.errors import UsageError
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
@@ -725,3 +728,33 @@ __all__ = [
     "official_classifier",
     "official_configs",
 ]
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """`scripts/convert_official.py`'s arguments (also from `--config FILE`, the positional checkpoint included)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="official .pth file (pretraining or fine-tuned)")
+    parser.add_argument("--output_dir", required=True, help="folder to write (must not exist or be empty)")
+    parser.add_argument("--preset", default=None, help="preset for what the tensors do not determine")
+    parser.add_argument(
+        "--config_overrides", default=None, help='"key=value,..." SimMIM or encoder fields (JSON values)'
+    )
+    return parse_script_arguments(parser, argv)
+
+
+def main(argv: list[str] | None = None, description: str | None = None) -> int:
+    """`scripts/convert_official.py`: converts, or prints one `error: ...` line and returns 2 having written
+    nothing (unreadable checkpoint, contradicting overrides, a bad config file, a non-empty --output_dir)."""
+    try:
+        args = parse_args(argv, description)
+        output_dir = Path(args.output_dir)
+        if output_dir.exists() and any(output_dir.iterdir()):
+            raise UsageError(f"--output_dir {output_dir}: exists and is not empty")
+        overrides = parse_overrides(args.config_overrides)
+        # Everything is read and checked in memory before the first file is written.
+        convert_official(args.checkpoint, output_dir, preset=args.preset, **overrides)
+    except (UsageError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {output_dir}")
+    return 0
