@@ -40,8 +40,8 @@ def load_pixels(paths: list[str], config) -> torch.Tensor:
     return image_processor_for(config)(images=images, return_tensors="pt")["pixel_values"]
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     model = SimMIMForMaskedImageModeling.from_pretrained(args.checkpoint).eval()
     config = model.config
     pixel_values = load_pixels(args.images, config)

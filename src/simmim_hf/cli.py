@@ -156,8 +156,7 @@ def _script_argv(parser: Any, argv: list[str], positional_config: bool, secrets:
     """`argv` with its config file expanded, and `parser`'s errors made token-free."""
 
     def error(message: str) -> None:  # argparse's errors quote the offending values: keep tokens out
-        parser.print_usage(sys.stderr)
-        parser.exit(2, f"{parser.prog}: error: {redact(message, secrets)}\n")
+        parser.exit(2, f"error: {redact(message, secrets)} (see --help)\n")
 
     parser.error = error
     if positional_config and len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):

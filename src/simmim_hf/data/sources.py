@@ -23,8 +23,10 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import datasets
+from datasets.exceptions import DatasetNotFoundError
 
 from simmim_hf.data.shards import KINDS as SHARD_KINDS
 from simmim_hf.data.shards import shard_stream
@@ -268,7 +270,7 @@ def load_source_dataset(
         loaded = datasets.load_from_disk(name)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"split {split!r} not in the saved dataset {name}; splits: {list(loaded)}")
+                raise UsageError(f"split {split!r} not in the saved dataset {name}; splits: {list(loaded)}")
             loaded = loaded[split]
         return loaded.to_iterable_dataset(num_shards=min(STREAM_SHARDS, len(loaded))) if streaming else loaded
     data_files = split_data_files(data_files, split)
@@ -280,9 +282,20 @@ def load_source_dataset(
         dataset.simmim_shard_reader = True  # examples are already `pixel_values` + fault markers
         return dataset
     files = resolve_split_files(name, data_files, split)
-    return datasets.load_dataset(
-        name, config_name, data_dir=data_dir, data_files=files, split=split, streaming=streaming
-    )
+    return load_dataset(name, config_name, data_dir=data_dir, data_files=files, split=split, streaming=streaming)
+
+
+def load_dataset(name: str, *args: Any, **kwargs: Any) -> Any:
+    """`datasets.load_dataset(name, ...)`, where an unknown name or an unreachable Hub dataset (offline, no network)
+    is an input mistake: a `UsageError` naming `--dataset_name`, not a traceback."""
+    try:
+        return datasets.load_dataset(name, *args, **kwargs)
+    except (DatasetNotFoundError, FileNotFoundError, ConnectionError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(
+            f"--dataset_name {name!r}: not fashion-mnist, a save_to_disk folder, a builder with --data_files or "
+            f"--data_dir, nor a reachable Hub dataset ({reason})"
+        ) from error
 
 
 def looks_like_path(name: str) -> bool:

@@ -16,6 +16,7 @@ from simmim_hf.data.sources import (
     detect_image_column,
     detect_label_column,
     is_fashion_mnist,
+    load_dataset,
     resolve_split_files,
 )
 
@@ -110,7 +111,7 @@ def _fashion_mnist_data(args: EvaluationArguments) -> EvalData:
 def _load_splits(args: EvaluationArguments) -> tuple[Any, Any, str]:
     import datasets
 
-    splits = datasets.load_dataset(
+    splits = load_dataset(
         args.dataset_name,
         args.dataset_config_name,
         data_files=resolve_split_files(args.dataset_name, args.data_files, args.train_split),
