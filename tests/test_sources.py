@@ -47,9 +47,9 @@ def test_a_fashion_mnist_alias_is_the_embedded_corpus_in_every_script_and_the_ca
     assert PrepareDataArguments(source=alias, output="unused").source == FASHION_MNIST  # scripts/prepare_data.py
     embedded = load_source_dataset(alias, split="test", max_samples=4)  # offline: no Hub download
     assert len(embedded) == 4 and embedded.features["label"].names[0] == "T-shirt/top"
-    data = load_eval_data(  # scripts/evaluate.py
-        EvaluationArguments(model="pixels", dataset_name=alias, train_samples=10, eval_samples=10)
-    )
+    eval_args = EvaluationArguments(model="pixels", dataset_name=alias, train_samples=10, eval_samples=10)
+    assert eval_args.dataset_name == FASHION_MNIST  # scripts/evaluate.py, so its results JSON names one dataset
+    data = load_eval_data(eval_args)
     assert data.eval_split == "test" and data.num_classes == 10
     assert hub_dataset_id(alias) == FASHION_MNIST_HUB_ID  # the model card
     assert pretraining_data({"dataset_name": alias})[0] == "Fashion-MNIST"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from simmim_hf.data.sources import DATA_FILES_HELP, FASHION_MNIST
+from simmim_hf.data.sources import DATA_FILES_HELP, FASHION_MNIST, normalize_source
 
 PROTOCOLS = ("knn", "linear", "finetune")
 # `--model pixels`: score the preprocessed pixels themselves (a baseline).
@@ -91,6 +91,7 @@ class EvaluationArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "datasets/transformers cache folder."})
 
     def __post_init__(self) -> None:
+        self.dataset_name = normalize_source(self.dataset_name)  # every alias is one dataset in the results JSON
         if self.raw_pixels:
             self.model = PIXELS
         unknown = [p for p in self.protocol_list if p not in PROTOCOLS]
