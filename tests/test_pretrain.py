@@ -380,3 +380,22 @@ def test_non_square_transform(tmp_path):
 
     config = SimpleNamespace(image_size=[32, 48], num_channels=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     assert build_pretrain_transform(config)(Image.new("L", (28, 28))).shape == (3, 32, 48)
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, caplog):
+    """`configs/pretrain/demo.yaml` warms up for 50 steps: a `--max_steps 30` trial would never reach the peak LR."""
+    import logging
+
+    from simmim_hf.pretrain.run import check_launch
+
+    def warnings(**overrides):
+        args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **overrides)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="simmim_hf.pretrain.run"):
+            check_launch(args)
+        return [record.getMessage() for record in caplog.records]
+
+    (message,) = warnings(max_steps=30, warmup_steps=50)
+    assert message.startswith("warmup_steps 50 >= max_steps 30: the learning rate never reaches its peak")
+    assert warnings(max_steps=30, warmup_steps=29) == []
+    assert warnings(max_steps=30) == []  # the default warmup, 10% of max_steps

@@ -92,6 +92,14 @@ def check_launch(args: SimMIMTrainingArguments) -> None:
             f"CPUs with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {launched} "
             "scripts/pretrain.py ...` (or add --use_cpu true); with GPUs, check CUDA_VISIBLE_DEVICES"
         )
+    warmup = args.get_warmup_steps(args.max_steps)
+    if warmup >= args.max_steps and args.should_log:
+        logger.warning(
+            "warmup_steps %d >= max_steps %d: the learning rate never reaches its peak %.3g (lower --warmup_steps)",
+            warmup,
+            args.max_steps,
+            args.learning_rate,
+        )
 
 
 def finished_summary(args: SimMIMTrainingArguments) -> dict[str, Any] | None:
