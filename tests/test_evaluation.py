@@ -411,3 +411,48 @@ def test_script_puts_results_into_the_runs_model_card(tmp_path):
     knn = next(r["value"] for r in payload["results"] if r["protocol"] == "knn" and r["metric"] == "accuracy")
     values = [result.metric_value for result in card.data.eval_results]
     assert any(abs(value - knn) < 1e-4 for value in values), (knn, values)  # the card rounds to 4 decimals
+
+
+def test_every_evaluation_of_a_run_stays_in_its_card(tmp_path):
+    """kNN today, the linear probe tomorrow, then a card rewrite (end of a resumed run, `write_model_card`): the card
+    keeps both, and re-evaluating a protocol replaces its rows instead of adding duplicates."""
+    from huggingface_hub import ModelCard
+    from tiny_configs import tiny_simmim_config
+
+    from simmim_hf import SimMIMForMaskedImageModeling, export_encoder
+    from simmim_hf.publish.model_card import write_model_card
+    from simmim_hf.publish.run_dir import RunDir
+
+    run_dir = tmp_path / "run"
+    model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
+    model.save_pretrained(run_dir)
+    export_encoder(model, run_dir / "encoder")
+    summary = {"backbone": "vit", "image_size": 32, "num_channels": 3, "max_steps": 1, "dataset_name": "fashion-mnist"}
+    (run_dir / "simmim_run.json").write_text(json.dumps(summary))
+    common = [
+        "--model",
+        str(run_dir / "encoder"),
+        "--train_samples",
+        "40",
+        "--eval_samples",
+        "20",
+        "--linear_epochs",
+        "2",
+    ]
+
+    def card_metrics():
+        return sorted(result.metric_name for result in ModelCard.load(run_dir / "README.md").data.eval_results)
+
+    _script().main(common + ["--protocols", "knn"])
+    _script().main(common + ["--protocols", "linear"])
+    after_two = card_metrics()
+    assert any(name.startswith("kNN") for name in after_two) and any(name.startswith("Linear") for name in after_two)
+    write_model_card(run_dir)  # re-rendered without naming any evaluation
+    assert card_metrics() == after_two
+    _script().main(common + ["--protocols", "knn", "--seed", "1"])  # the same protocol again: replaced, not added
+    assert card_metrics() == after_two
+    stored = RunDir(run_dir).read_eval_results()
+    assert [(r["protocol"], r["seed"]) for r in stored["results"] if r["metric"] == "accuracy"] == [
+        ("linear", 0),
+        ("knn", 1),
+    ]

@@ -171,5 +171,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_dir = None if (args.random_init or args.raw_pixels) else RunDir.containing(args.model)
     if run_dir is not None and args.update_model_card:
         # The run's local model card gets the results in its evaluation table and model-index.
-        print(f"updated the model card {write_model_card(run_dir.path, eval_results=payload)}")
+        stored = run_dir.merge_eval_results(payload)  # earlier evaluations of this run stay in its card
+        print(f"updated the model card {write_model_card(run_dir.path, eval_results=stored)}")
     return payload

@@ -286,6 +286,7 @@ def render_model_card(
     Args:
         run_dir: a pretraining output folder (`simmim_run.json`, `encoder/`, optionally `reconstruction.png`).
         eval_results: the evaluation JSON of scripts/evaluate.py (path or loaded dict); adds a model-index.
+            Default: the run's own `eval_results.json` (every evaluation evaluate.py made of it), if any.
         repo_id: the Hub repository the card is for; used in the loading snippet (a local path otherwise).
         license: SPDX-style license id of the weights, as the Hub lists them.
         include_full_checkpoint: whether the repository also holds the full SimMIM model under `simmim/`.
@@ -294,6 +295,8 @@ def render_model_card(
     run = folder.read_summary()
     encoder_config = folder.read_encoder_config()
     eval_json = read_json(eval_results) if isinstance(eval_results, (str, os.PathLike)) else eval_results
+    if eval_json is None:  # what evaluate.py stored for this run, so re-rendering the card keeps its results
+        eval_json = folder.read_eval_results()
 
     backbone = str(encoder_config.get("model_type") or run.get("backbone") or "vit")
     model_name = card_title(run, repo_id, backbone)

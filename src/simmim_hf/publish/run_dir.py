@@ -6,6 +6,7 @@
       encoder/                        .encoder, the stock transformers encoder + image processor (`export_encoder`)
       reconstruction.png              .reconstruction, original / masked / reconstruction rows
       README.md                       .card, the model card
+      eval_results.json               .eval_results, every evaluation of this run (`merge_eval_results`)
       checkpoint-N/                   Trainer checkpoints, each with `stream_state_file(checkpoint, rank)` and
                                       `wall_time_file(checkpoint)` beside the Trainer's own files
 
@@ -57,6 +58,7 @@ class RunDir:
     ENCODER_NAME: ClassVar[str] = "encoder"
     RECONSTRUCTION_NAME: ClassVar[str] = "reconstruction.png"
     CARD_NAME: ClassVar[str] = "README.md"
+    EVAL_RESULTS_NAME: ClassVar[str] = "eval_results.json"
     FULL_CONFIG_NAME: ClassVar[str] = "config.json"
     # What a stock `AutoModel`/`AutoImageProcessor.from_pretrained(run.encoder)` needs besides the weights.
     ENCODER_REQUIRED_FILES: ClassVar[tuple[str, ...]] = ("config.json", "preprocessor_config.json")
@@ -86,6 +88,10 @@ class RunDir:
         return self.path / self.CARD_NAME
 
     @property
+    def eval_results(self) -> Path:
+        return self.path / self.EVAL_RESULTS_NAME
+
+    @property
     def full_config(self) -> Path:
         return self.path / self.FULL_CONFIG_NAME
 
@@ -111,6 +117,30 @@ class RunDir:
     def read_summary(self) -> dict[str, Any]:
         """The run summary (`simmim_run.json`) as a dict."""
         return read_json(self.summary)
+
+    def read_eval_results(self) -> dict[str, Any] | None:
+        """The run's stored evaluation results (`eval_results.json`), or None before its first evaluation."""
+        return read_json(self.eval_results) if self.eval_results.is_file() else None
+
+    def merge_eval_results(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Adds an evaluation (the JSON of scripts/evaluate.py) to the run's stored results and returns them all.
+
+        A result row replaces an earlier one with the same protocol, metric, dataset, split and train_samples; the
+        others are kept, so evaluating kNN today and fine-tuning tomorrow leaves both in the card. The file is
+        replaced atomically."""
+
+        def key(row: dict[str, Any]) -> tuple:
+            return tuple(row.get(name) for name in ("protocol", "metric", "dataset", "split", "train_samples"))
+
+        new_rows = list(payload.get("results") or [])
+        new_keys = {key(row) for row in new_rows}
+        earlier = self.read_eval_results() or {}
+        kept = [row for row in earlier.get("results") or [] if key(row) not in new_keys]
+        merged = {**payload, "results": kept + new_rows}
+        staging = self.eval_results.with_name(f".{self.EVAL_RESULTS_NAME}.tmp-{os.getpid()}")
+        staging.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+        os.replace(staging, self.eval_results)
+        return merged
 
     def read_encoder_config(self) -> dict[str, Any]:
         """The exported encoder's `config.json` as a dict."""
