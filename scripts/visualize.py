@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     model = SimMIMForMaskedImageModeling.from_pretrained(args.checkpoint).eval()
     config = model.config
     pixel_values = load_pixels(args.images, config)
-    generator = SimMIMMaskGenerator(
-        config.image_size, config.mask_patch_size, config.model_patch_size, args.mask_ratio or config.mask_ratio
-    )
+    generator = SimMIMMaskGenerator.from_config(config, mask_ratio=args.mask_ratio)
     mask = generator(len(pixel_values), generator=torch.Generator().manual_seed(args.seed))
     path = save_reconstruction_grid(model, pixel_values, mask, args.output)
     print(f"wrote {path} (rows: original, masked input, reconstruction)")

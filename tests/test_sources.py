@@ -26,8 +26,8 @@ from simmim_hf.data.sources import (
 from simmim_hf.data.stream import DataArguments, load_pretrain_dataset
 from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
 from simmim_hf.errors import UsageError
+from simmim_hf.eval.arguments import EvaluationArguments
 from simmim_hf.eval.data import detect_columns, load_eval_data
-from simmim_hf.eval.run import EvaluationArguments
 from simmim_hf.publish.model_card import hub_dataset_id, pretraining_data
 
 
@@ -207,3 +207,21 @@ def test_visualisation_and_fine_tuning_use_the_one_decoder_and_augmentation(tmp_
     augmentation = train_transform(processor, crop_min_scale=0.5)
     assert isinstance(augmentation, SimMIMAugmentation) and augmentation.scale == (0.5, 1.0)
     assert augmentation(Image.new("RGB", (40, 40))).shape == (config.num_channels, *augmentation.size)
+
+
+def test_a_save_to_disk_folder_is_the_same_source_for_pretraining_and_evaluation(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(12)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+
+    def split(start, stop):
+        return datasets.Dataset.from_dict(
+            {"image": images[start:stop], "label": [i % 2 for i in range(start, stop)]}, features=features
+        )
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": split(0, 8), "test": split(8, 12)}).save_to_disk(str(folder))
+    pretraining = load_source_dataset(str(folder), split="train")
+    data = load_eval_data(EvaluationArguments(model="pixels", dataset_name=str(folder)))
+    assert len(pretraining) == len(data.train) == 8 and len(data.eval) == 4 and data.eval_split == "test"
+    assert data.num_classes == 2

@@ -12,11 +12,11 @@ from typing import Any
 from transformers import AutoConfig, AutoImageProcessor, BeitConfig, PretrainedConfig, SwinConfig, ViTConfig
 
 from .backbones import (
-    HIERARCHICAL_ENCODERS,
     OFFICIAL_ENCODERS,
     SUPPORTED_ENCODERS,
     WEIGHT_DECAY_EXEMPTIONS,
     default_weight_decay_exemptions,
+    is_hierarchical,
 )
 
 INITIALIZERS = ("official", "stock")
@@ -190,7 +190,7 @@ def rebuild_encoder_config(encoder_config: PretrainedConfig, **overrides: Any) -
 def encoder_stride_of(encoder_config: PretrainedConfig) -> int:
     """Pixels per output token side: the patch size, times 2 per Swin stage after the first."""
     patch = to_pair(encoder_config.patch_size)[0]
-    if encoder_config.model_type in HIERARCHICAL_ENCODERS:
+    if is_hierarchical(encoder_config.model_type):
         return patch * 2 ** (len(encoder_config.depths) - 1)
     return patch
 
@@ -367,7 +367,7 @@ class SimMIMConfig(PretrainedConfig):
         grid is smaller than the window (the official code shrinks that stage's window instead, e.g. Swin-L at 192 px
         with window 12: stage 4 is 6x6). Refuse such a config here, naming the field."""
         encoder = self.encoder_config
-        if encoder.model_type not in HIERARCHICAL_ENCODERS:
+        if not is_hierarchical(encoder.model_type):
             return
         window = encoder.window_size
         patch = self.model_patch_size

@@ -60,13 +60,14 @@ class SimMIMMaskGenerator:
         self.num_patches = self.patch_grid[0] * self.patch_grid[1]
 
     @classmethod
-    def from_config(cls, config: Any) -> SimMIMMaskGenerator:
-        """Builds the generator from a `SimMIMConfig` (image size, mask cell, encoder patch, ratio)."""
+    def from_config(cls, config: Any, mask_ratio: float | None = None) -> SimMIMMaskGenerator:
+        """Builds the generator from a `SimMIMConfig` (image size, mask cell, encoder patch, ratio); `mask_ratio`
+        overrides the config's (e.g. `scripts/visualize.py --mask_ratio`)."""
         return cls(
             input_size=config.image_size,
             mask_patch_size=config.mask_patch_size,
             model_patch_size=config.model_patch_size,
-            mask_ratio=config.mask_ratio,
+            mask_ratio=config.mask_ratio if mask_ratio is None else mask_ratio,
         )
 
     def sample_cells(

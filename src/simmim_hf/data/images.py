@@ -40,8 +40,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from torchvision.transforms import v2
 
+from simmim_hf.configuration_simmim import to_pair
 from simmim_hf.data.faults import fault_snapshot, record_fault, stream_epoch
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,12 @@ def _config_values(config: Any) -> tuple[tuple[int, int], int, list[float], list
     for name in ("image_size", "num_channels", "image_mean", "image_std"):
         if not hasattr(config, name):
             raise ValueError(f"config has no `{name}` attribute; expected a SimMIMConfig-like object")
-    size = config.image_size
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)  # (height, width)
-    return size, int(config.num_channels), [float(m) for m in config.image_mean], [float(s) for s in config.image_std]
+    return (
+        to_pair(config.image_size),
+        int(config.num_channels),
+        [float(m) for m in config.image_mean],
+        [float(s) for s in config.image_std],
+    )
 
 
 def normalize_pixel_values(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -244,23 +247,6 @@ def build_pretrain_transform(config: Any, uint8: bool = False) -> SimMIMAugmenta
     return SimMIMAugmentation(*_config_values(config), uint8=uint8)
 
 
-def build_torchvision_transform(config: Any) -> Callable[[PIL.Image.Image], torch.Tensor]:
-    """The same augmentation as a torchvision v2 pipeline (the reference `SimMIMAugmentation` is tested against)."""
-    size, channels, mean, std = _config_values(config)
-    to_channels = v2.RGB() if channels == 3 else v2.Grayscale(num_output_channels=1)
-    return v2.Compose(
-        [
-            to_channels,
-            v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=mean, std=std),
-            v2.ToPureTensor(),
-        ]
-    )
-
-
 def build_image_processor(
     image_size: int | Sequence[int], image_mean: Sequence[float], image_std: Sequence[float], resample: int = 3
 ) -> Any:
@@ -272,7 +258,7 @@ def build_image_processor(
     """
     from transformers import ViTImageProcessor
 
-    height, width = (image_size, image_size) if isinstance(image_size, int) else (image_size[0], image_size[1])
+    height, width = to_pair(image_size)
     return ViTImageProcessor(
         do_resize=True,
         size={"height": int(height), "width": int(width)},

@@ -16,6 +16,7 @@ from simmim_hf.data.sources import (
     detect_image_column,
     detect_label_column,
     is_fashion_mnist,
+    is_saved_dataset,
     load_dataset,
     resolve_split_files,
 )
@@ -111,13 +112,17 @@ def _fashion_mnist_data(args: EvaluationArguments) -> EvalData:
 def _load_splits(args: EvaluationArguments) -> tuple[Any, Any, str]:
     import datasets
 
-    splits = load_dataset(
-        args.dataset_name,
-        args.dataset_config_name,
-        data_files=resolve_split_files(args.dataset_name, args.data_files, args.train_split),
-        data_dir=args.data_dir,
-        cache_dir=args.cache_dir,
-    )
+    if is_saved_dataset(args.dataset_name):  # a `save_to_disk` folder, as pretraining and prepare_data.py read it
+        loaded = datasets.load_from_disk(args.dataset_name)
+        splits = loaded if isinstance(loaded, datasets.DatasetDict) else {args.train_split: loaded}
+    else:
+        splits = load_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            data_files=resolve_split_files(args.dataset_name, args.data_files, args.train_split),
+            data_dir=args.data_dir,
+            cache_dir=args.cache_dir,
+        )
     if args.train_split not in splits:
         raise ValueError(f"no split {args.train_split!r}; the dataset has {list(splits)}")
     if args.eval_split is not None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from simmim_hf.publish.run_dir import RunDir
+from simmim_hf.publish.run_dir import RunDir, has_safetensors_weights
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def finished_run(output_dir: str | Path, max_steps: int) -> dict[str, Any] | Non
     """The run summary when `output_dir` holds a finished run of `max_steps` steps (final model and summary written),
     else None."""
     run = RunDir(output_dir)
-    if not (run.summary.is_file() and (run.path / "model.safetensors").is_file()):
+    if not (run.summary.is_file() and has_safetensors_weights(run.path)):  # a sharded final save counts too
         return None
     try:
         summary = run.read_summary()

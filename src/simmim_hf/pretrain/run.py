@@ -32,7 +32,13 @@ from simmim_hf.masking import SimMIMMaskGenerator
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
 from simmim_hf.pretrain.arguments import ModelArguments, SimMIMTrainingArguments
 from simmim_hf.pretrain.callbacks import ReconstructionCallback
-from simmim_hf.pretrain.checkpoints import checkpoint_step, find_resume_checkpoint, finished_run, load_weights_strictly
+from simmim_hf.pretrain.checkpoints import (
+    TRAINER_STATE_FILE,
+    checkpoint_step,
+    find_resume_checkpoint,
+    finished_run,
+    load_weights_strictly,
+)
 from simmim_hf.pretrain.console import configure_logging, run_header
 from simmim_hf.pretrain.trainer import SimMIMTrainer
 from simmim_hf.publish.convert import export_encoder
@@ -266,7 +272,7 @@ def train(trainer: SimMIMTrainer, resume: str | None) -> None:
     if resume and (checkpoint_step(resume) or 0) >= trainer.args.max_steps:
         # Killed after its last checkpoint, before the end of the job: only the final save and export are left.
         load_weights_strictly(trainer.model, resume)
-        trainer.state = trainer.state.load_from_json(str(Path(resume) / "trainer_state.json"))
+        trainer.state = trainer.state.load_from_json(str(Path(resume) / TRAINER_STATE_FILE))
     else:
         trainer.train(resume_from_checkpoint=resume)
     if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):  # sharded: checked by finish_run

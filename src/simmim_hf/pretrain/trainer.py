@@ -35,7 +35,7 @@ from simmim_hf.pretrain.checkpoints import (
     load_weights_strictly,
     rotate_checkpoints,
 )
-from simmim_hf.publish.run_dir import RunDir
+from simmim_hf.publish.run_dir import RunDir, has_safetensors_weights
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +159,7 @@ class SimMIMTrainer(Trainer):
     # -- resume -------------------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         folder = Path(resume_from_checkpoint)
-        plain = any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not plain:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not has_safetensors_weights(folder):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         count = load_weights_strictly(target, folder)

@@ -20,7 +20,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import HfArgumentParser
 
-from simmim_hf.cli import parse_arguments
+from simmim_hf.cli import CONFIG_SUFFIXES, parse_arguments
 from simmim_hf.errors import HubPublishError
 from simmim_hf.publish.model_card import render_model_card
 from simmim_hf.publish.run_dir import RunDir, read_json, validate_run_dir
@@ -206,7 +206,7 @@ class PushArguments:
 def parse_push_args(argv: list[str]) -> PushArguments:
     """Parses the push script's command line (or one YAML/JSON config file); the run folder may come first, unnamed."""
     parser = HfArgumentParser(PushArguments)
-    config_file = len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")) and Path(argv[0]).is_file()
+    config_file = len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and Path(argv[0]).is_file()
     if argv and not argv[0].startswith("-") and not config_file:
         argv = ["--run_dir", *argv]  # the run folder may be given positionally, as in the README
     return parse_arguments(parser, argv)[0]
