@@ -43,6 +43,7 @@ import torch
 
 from simmim_hf.configuration_simmim import to_pair
 from simmim_hf.data.faults import fault_snapshot, record_fault, stream_epoch
+from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,14 @@ CROP_SCALE = (0.67, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 # PIL modes that hold more than 8 bits per pixel; `convert("RGB"/"L")` would clip them instead of rescaling.
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-# PIL's own limit for decompression bombs (Image.MAX_IMAGE_PIXELS), the default of --max_image_pixels.
+# The one image-size limit (`--max_image_pixels` of prepare_data.py and of pretraining, and the statistics): PIL's own
+# decompression-bomb threshold (Image.MAX_IMAGE_PIXELS) by default.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+MAX_IMAGE_PIXELS_HELP = (
+    "Images with more pixels (width x height, read from the file header: never decoded) are skipped and counted as "
+    "`too_large`; prepare_data.py, the image statistics and pretraining share this limit. Default: PIL's own "
+    "decompression-bomb limit."
+)
 
 
 def _config_values(config: Any) -> tuple[tuple[int, int], int, list[float], list[float]]:
@@ -295,12 +302,28 @@ class ImageTooLargeError(ValueError):
     """The image header announces more pixels than allowed; its pixels were not decoded."""
 
 
+def check_max_image_pixels(value: int) -> None:
+    """`UsageError` naming `--max_image_pixels` unless it is a positive pixel count."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"--max_image_pixels must be an integer >= 1, got {value!r}")
+
+
+def _lift_pil_limit(max_pixels: int) -> None:
+    """PIL refuses, on its own, images above twice `PIL.Image.MAX_IMAGE_PIXELS`; raises that threshold (never lowers
+    it) so that `max_pixels` is the only limit (PIL has no per-call setting: this is process-wide)."""
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit is not None and 2 * limit < max_pixels:
+        PIL.Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+
+
 def open_image(data: bytes | None, path: str | None = None, max_pixels: int | None = None) -> PIL.Image.Image:
     """Opens an image lazily (header only) and refuses it before decoding when it has more than `max_pixels` pixels.
 
     Raises `ImageTooLargeError` for an oversized image (PIL's own decompression-bomb refusal included), and whatever
     PIL raises for bytes it does not recognise.
     """
+    if max_pixels is not None:
+        _lift_pil_limit(max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
         try:

@@ -1,10 +1,11 @@
 """Per-channel normalisation statistics of an image corpus, and the choice of statistics for a pretraining run.
 
-`ImageStatsAccumulator` measures mean and standard deviation per channel over every pixel of the images it is given
-(values in [0, 1], images converted to RGB as the pretraining transform does, plus the greyscale "L" channel for
-1-channel models) and counts the images that carry colour. `scripts/prepare_data.py` records the result in its output
-folder's `prepare_data.json`; `resolve_image_stats` reads it back for `--image_stats dataset` (or measures the first
-images of the stream when no record is found) and warns when greyscale statistics meet colour images.
+`ImageStatsAccumulator` measures mean and standard deviation per channel over the images it is given, each image
+weighing as one image (values in [0, 1], images converted to RGB as the pretraining transform does, plus the greyscale
+"L" channel for 1-channel models), counts the images that carry colour and those skipped (above `--max_image_pixels`,
+undecodable). `scripts/prepare_data.py` records the result in its output folder's `prepare_data.json`;
+`resolve_image_stats` reads it back for `--image_stats dataset` (or measures the first images of the stream, with the
+run's `--max_image_pixels`, when no record is found) and warns when greyscale statistics meet colour images.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import glob
 import itertools
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
 
+from simmim_hf.data.faults import format_counts
 from simmim_hf.data.sources import split_data_files
 from simmim_hf.errors import UsageError
 
@@ -38,17 +40,29 @@ GREY_TOLERANCE = 1e-3
 
 
 class ImageStatsAccumulator:
-    """Running per-channel sums over images; `result()` gives mean/std over all pixels (each pixel weighs the same).
+    """Per-channel mean/std over images, each image weighing as one image, whatever its size.
 
-    `add(image)` takes a PIL image of any mode; it is measured as RGB (greyscale replicated) and as "L".
+    `add(image)` takes a PIL image of any mode; it is measured as RGB (greyscale replicated) and as "L". With image i's
+    per-channel pixel mean m_i and mean square q_i (over its own pixels), `result()` gives the statistics of the
+    equal-weight mixture of the N images:
+
+        mean = (1/N) sum_i m_i
+        var  = (1/N) sum_i q_i - mean^2 = (1/N) sum_i v_i + (1/N) sum_i (m_i - mean)^2,   v_i = q_i - m_i^2
+
+    (mean within-image variance plus the variance of the image means). That is what pretraining sees: every image is
+    cropped and resized to the same `image_size` (RandomResizedCrop), so each contributes the same number of pixels
+    to a batch; one huge image shifts the mean and std by at most 1/N of the value range, not by its pixel share.
+
+    `skip(reason)` counts an image that was not measured (`too_large`: above `--max_image_pixels`, from its header;
+    `undecodable`; or another `simmim_hf.data.faults` reason); `result()["num_skipped"]` reports them.
     """
 
     def __init__(self) -> None:
-        self.sums = np.zeros(4, dtype=np.float64)  # R, G, B, L
-        self.squares = np.zeros(4, dtype=np.float64)
-        self.pixels = 0
+        self.mean_sums = np.zeros(4, dtype=np.float64)  # sum over images of m_i: R, G, B, L
+        self.square_sums = np.zeros(4, dtype=np.float64)  # sum over images of q_i
         self.num_images = 0
         self.num_colour_images = 0
+        self.skipped: dict[str, int] = {}
 
     def add(self, image: PIL.Image.Image) -> None:
         factor = int(np.ceil(np.sqrt(image.width * image.height / MAX_MEASURED_PIXELS)))
@@ -56,20 +70,29 @@ class ImageStatsAccumulator:
             image = image.reduce(factor)
         rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0  # (H, W, 3)
         grey = np.asarray(image.convert("L"), dtype=np.float64)[..., None] / 255.0  # (H, W, 1)
-        values = np.concatenate([rgb, grey], axis=-1).reshape(-1, 4)
-        self.sums += values.sum(axis=0)
-        self.squares += np.square(values).sum(axis=0)
-        self.pixels += values.shape[0]
+        values = np.concatenate([rgb, grey], axis=-1).reshape(-1, 4)  # (H * W, 4)
+        self.mean_sums += values.mean(axis=0)
+        self.square_sums += np.square(values).mean(axis=0)
         self.num_images += 1
         chroma = (rgb.max(axis=-1) - rgb.min(axis=-1)).mean()
         self.num_colour_images += bool(chroma > COLOUR_THRESHOLD)
 
+    def skip(self, reason: str) -> None:
+        """Counts one image left out of the statistics, by reason (`too_large`, `undecodable`, ...)."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
     def result(self) -> dict[str, Any]:
-        """`{"mean": [r, g, b], "std": [...], "grey_mean": [l], "grey_std": [l], "num_images", "num_colour_images"}`."""
-        if not self.pixels:
-            raise ValueError("no image was measured")
-        mean = self.sums / self.pixels
-        std = np.sqrt(np.maximum(self.squares / self.pixels - np.square(mean), 0.0))
+        """`{"mean": [r, g, b], "std": [...], "grey_mean": [l], "grey_std": [l], "num_images", "num_colour_images",
+        "num_skipped": {reason: count}, "weighting": "per_image"}`."""
+        if not self.num_images:
+            skipped = f" ({format_counts(self.skipped)} skipped)" if self.skipped else ""
+            raise ValueError(f"no image was measured{skipped}")
+        mean = self.mean_sums / self.num_images
+        std = np.sqrt(np.maximum(self.square_sums / self.num_images - np.square(mean), 0.0))
         return {
             "mean": [round(float(v), 4) for v in mean[:3]],
             "std": [round(float(v), 4) for v in std[:3]],
@@ -77,15 +100,9 @@ class ImageStatsAccumulator:
             "grey_std": [round(float(std[3]), 4)],
             "num_images": self.num_images,
             "num_colour_images": self.num_colour_images,
+            "num_skipped": dict(self.skipped),
+            "weighting": "per_image",
         }
-
-
-def measure_image_stats(images: Iterable[PIL.Image.Image]) -> dict[str, Any]:
-    """Statistics of `images` (see `ImageStatsAccumulator.result`)."""
-    accumulator = ImageStatsAccumulator()
-    for image in images:
-        accumulator.add(image)
-    return accumulator.result()
 
 
 def stats_for_channels(stats: dict[str, Any], channels: int) -> tuple[list[float], list[float]]:
@@ -157,19 +174,30 @@ def data_provenance(data_args: Any) -> dict[str, Any]:
     }
 
 
-def stream_images(data_args: Any, count: int) -> Iterator[PIL.Image.Image]:
-    """The first `count` decodable images of the run's data, in stored order (no shuffle, no augmentation)."""
-    from simmim_hf.data.images import decode_image
+def stream_images(
+    data_args: Any, count: int, accumulator: ImageStatsAccumulator | None = None
+) -> Iterator[PIL.Image.Image]:
+    """The first `count` decodable images of the run's data, in stored order (no shuffle, no augmentation).
+
+    Images are skipped as in training: above `data_args.max_image_pixels` (from the header, never decoded), or not
+    decodable; each skip is counted in `accumulator` when one is given.
+    """
+    from simmim_hf.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, decode_image
     from simmim_hf.data.stream import raw_image_dataset
 
+    max_pixels = getattr(data_args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     dataset = raw_image_dataset(data_args, streaming=True)
     images = 0
     for example in dataset:
         if example["pixel_values"] is None:  # a fault marker of the shard reader (broken file, no image)
+            if accumulator is not None:
+                accumulator.skip(example.get("_fault") or "no_image")
             continue
         try:
-            image = decode_image(example["pixel_values"])
-        except Exception:  # noqa: BLE001 - an unreadable image is skipped here as in training
+            image = decode_image(example["pixel_values"], max_pixels)
+        except Exception as error:  # noqa: BLE001 - an unreadable image is skipped here as in training
+            if accumulator is not None:
+                accumulator.skip("too_large" if isinstance(error, ImageTooLargeError) else "undecodable")
             continue
         yield image
         images += 1
@@ -206,10 +234,15 @@ def resolve_image_stats(model_args: Any, data_args: Any, config: Any, warn: bool
         if found is not None:
             stats = found[0]  # the source names no path: it goes into the model card
             source = f"measured by prepare_data.py on {stats['num_images']} images"
+            _warn_on_other_limit(data_args, found[1])
         else:
             count = int(getattr(model_args, "image_stats_samples", 1000))
-            stats = measure_image_stats(stream_images(data_args, count))
-            source = f"measured on the first {stats['num_images']} images of the stream"
+            accumulator = ImageStatsAccumulator()
+            for image in stream_images(data_args, count, accumulator):
+                accumulator.add(image)
+            stats = accumulator.result()
+            skipped = f"; skipped {format_counts(accumulator.skipped)}" if accumulator.skipped else ""
+            source = f"measured on the first {stats['num_images']} images of the stream{skipped}"
         mean, std = stats_for_channels(stats, channels)
         colour = (stats["num_colour_images"], stats["num_images"])
     else:
@@ -249,6 +282,25 @@ def resolve_image_stats(model_args: Any, data_args: Any, config: Any, warn: bool
                 colour[1],
             )
     return source
+
+
+def _warn_on_other_limit(data_args: Any, summary_path: Path) -> None:
+    """Warns when prepare_data.py measured its statistics with a larger `--max_image_pixels` than this run's: they
+    may include images that the run skips."""
+    try:
+        recorded = json.loads(summary_path.read_text()).get("arguments", {}).get("max_image_pixels")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return
+    limit = getattr(data_args, "max_image_pixels", None)
+    if isinstance(recorded, int) and isinstance(limit, int) and recorded > limit:
+        logger.warning(
+            "%s was written with --max_image_pixels %d, this run skips images above %d: its statistics may include "
+            "images the run skips (rerun prepare_data.py with --max_image_pixels %d).",
+            summary_path,
+            recorded,
+            limit,
+            limit,
+        )
 
 
 def _short(values: list[float]) -> str:

@@ -68,7 +68,13 @@ from simmim_hf.data.faults import (
     set_stream_epoch,
     subtract_counts,
 )
-from simmim_hf.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, SimMIMAugmentation, build_pretrain_transform
+from simmim_hf.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_IMAGE_PIXELS_HELP,
+    ImageDecoder,
+    SimMIMAugmentation,
+    build_pretrain_transform,
+)
 from simmim_hf.data.sources import (
     DATA_FILES_HELP,
     FASHION_MNIST,
@@ -124,10 +130,7 @@ class DataArguments:
     )
     max_image_pixels: int = field(
         default=DEFAULT_MAX_IMAGE_PIXELS,
-        metadata={
-            "help": "Images with more pixels (read from the header) are skipped and counted as `too_large` before "
-            "any decoding. Default: PIL's own decompression-bomb limit."
-        },
+        metadata={"help": MAX_IMAGE_PIXELS_HELP},
     )
     max_bad_fraction: float = field(
         default=0.5,

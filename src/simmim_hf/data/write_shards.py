@@ -2,8 +2,13 @@
 
 Sources: a folder of images (searched recursively; the first-level sub-folder names become labels when every image
 sits in one), a `datasets` dataset (a Hub id, or a folder written by `save_to_disk`), or `fashion-mnist` (the
-embedded corpus). Every image is fully decoded with PIL before it is written; unreadable ones are skipped and
-counted. Examples are dealt round-robin, so shard sizes differ by at most one.
+embedded corpus). Every image is fully decoded with PIL before it is written; unreadable ones, and those above
+`--max_image_pixels` (the limit pretraining applies, read from the header without decoding), are skipped and counted
+by reason. Examples are dealt round-robin, so shard sizes differ by at most one.
+
+Mistakes in the arguments (a folder without images, an output that is a file or not empty, more shards than images,
+an unknown source or split) stop with one `UsageError` line before any image is read. The shards are written into a
+staging folder beside `--output` and moved into place when complete, so a failed or interrupted run leaves nothing.
 
 Read the result back with `load_dataset("webdataset", data_files="DIR/*.tar")` (keys `__key__`, `png`/`jpg`, and
 `cls` when there are labels) or `load_dataset("parquet", data_files="DIR/*.parquet")` (`image`, and `label`).
@@ -14,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import sys
 import tarfile
@@ -29,7 +35,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from simmim_hf.data.images import decode_image, open_image
+from simmim_hf.data.faults import format_counts
+from simmim_hf.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_IMAGE_PIXELS_HELP,
+    ImageTooLargeError,
+    check_max_image_pixels,
+    decode_image,
+    open_image,
+)
 from simmim_hf.data.sources import (
     FASHION_MNIST,
     dataset_features,
@@ -41,12 +55,15 @@ from simmim_hf.data.sources import (
     normalize_source,
 )
 from simmim_hf.data.stats import STATS_KEY, ImageStatsAccumulator
+from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FORMATS = ("webdataset", "parquet")
+FASHION_MNIST_SPLITS = {"train": 60_000, "test": 10_000}
 SUMMARY_FILE = "prepare_data.json"
+SKIP_REASONS = ("undecodable", "too_large")  # the `simmim_hf.data.faults` reasons an image can be skipped for here
 _PARQUET_ROWS_PER_GROUP = 256
 
 
@@ -68,21 +85,33 @@ class PrepareDataArguments:
     stats_max_images: int = field(
         default=10_000,
         metadata={
-            "help": "Measure per-channel mean/std on the first N images written (recorded in prepare_data.json for "
-            "`--image_stats dataset`; 0 = do not measure)."
+            "help": "Measure per-channel mean/std on the first N images written, each image weighing the same "
+            "(recorded in prepare_data.json for `--image_stats dataset`; 0 = do not measure)."
         },
     )
+    max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={"help": MAX_IMAGE_PIXELS_HELP})
 
     def __post_init__(self) -> None:
+        if not str(self.source or "").strip():
+            raise UsageError(
+                "--source: give an image folder, a dataset (Hub id or save_to_disk folder) or fashion-mnist"
+            )
+        if not str(self.output or "").strip():
+            raise UsageError("--output: give the folder to write the shards to")
         self.source = normalize_source(self.source)
         if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.num_shards < 1:
-            raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
+            raise UsageError(f"--num_shards must be >= 1, got {self.num_shards}")
         if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+            raise UsageError(f"--max_samples must be >= 1, got {self.max_samples}")
         if self.stats_max_images < 0:
-            raise ValueError(f"stats_max_images must be >= 0, got {self.stats_max_images}")
+            raise UsageError(f"--stats_max_images must be >= 0 (0: do not measure), got {self.stats_max_images}")
+        check_max_image_pixels(self.max_image_pixels)
+        if is_fashion_mnist(self.source) and self.split not in FASHION_MNIST_SPLITS:
+            raise UsageError(
+                f"--split: fashion-mnist has the splits {', '.join(FASHION_MNIST_SPLITS)}, not {self.split!r}"
+            )
 
 
 @dataclass
@@ -108,7 +137,7 @@ def _read_cell(cell: Any) -> tuple[bytes | None, str | None]:
 def _folder_records(folder: Path) -> tuple[list[_Record], list[str] | None]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+        raise UsageError(f"--source {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or below it")
     parents = [p.relative_to(folder).parts for p in files]
     class_names = sorted({parts[0] for parts in parents}) if all(len(parts) > 1 for parts in parents) else None
     index = {name: i for i, name in enumerate(class_names or [])}
@@ -155,8 +184,10 @@ def _label_id(label: Any, class_names: list[str] | None) -> int | None:
     return None
 
 
-def encode_image(record: _Record, target: str | None = None) -> tuple[bytes, str, bool]:
+def encode_image(record: _Record, target: str | None = None, max_pixels: int | None = None) -> tuple[bytes, str, bool]:
     """Decodes the record fully (raising if PIL cannot) and returns `(bytes, "png"|"jpg", re-encoded?)`.
+
+    An image above `max_pixels` pixels raises `ImageTooLargeError` from its header, before any pixel is decoded.
 
     PNG and JPEG files are kept byte for byte unless `target` asks for the other one. Anything else, and any file
     whose format differs from `target`, is re-encoded (PNG losslessly, JPEG at quality 95) from what the one decoder
@@ -168,7 +199,7 @@ def encode_image(record: _Record, target: str | None = None) -> tuple[bytes, str
         if not record.path:
             raise ValueError("no bytes and no path")
         data = Path(record.path).read_bytes()
-    with open_image(data) as opened:
+    with open_image(data, max_pixels=max_pixels) as opened:
         opened.load()
         kept = {"PNG": "png", "JPEG": "jpg"}.get(opened.format or "")
         if kept is not None and kept == (target or kept):
@@ -230,62 +261,130 @@ class _ParquetShards:
             writer.close()
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
+def _local_path(source: str) -> Path | None:
+    """The source as a local path when it is one (a folder or save_to_disk dataset), else None."""
+    path = Path(source).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+def _check_output(output: Path, source: str, overwrite: bool) -> None:
+    """`UsageError` for an output that is a file, a non-empty folder without `--overwrite`, or a folder that overlaps
+    the source (inside it, or holding it: `--overwrite` would delete the source)."""
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"--output {output} is not empty; pass --overwrite to replace its contents")
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+        raise UsageError(f"--output {output}: exists and is a file, not a folder")
+    source_path = _local_path(source)
+    if source_path is not None:
+        resolved = output.expanduser().resolve()
+        if resolved == source_path or source_path in resolved.parents:
+            raise UsageError(f"--output {output}: must not be the source folder or inside it ({source})")
+        if resolved in source_path.parents:
+            raise UsageError(f"--output {output}: holds the source {source}; choose a folder outside it")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UsageError(f"--output {output}: the folder is not empty; pass --overwrite to replace its contents")
 
 
-def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
-    """Writes the shards and `prepare_data.json` (a summary, also returned) into `args.output`."""
-    output = Path(args.output)
+def _open_source(args: PrepareDataArguments) -> tuple[Iterator[_Record], list[str] | None, str, int | None]:
+    """`(records, class names, source type, number of images or None)`; a source that cannot be opened is a
+    `UsageError` naming `--source` (or `--image_column`)."""
     source_path = Path(args.source)
-    total: int | None
     if is_fashion_mnist(args.source):
         from simmim_hf.data.fashion_mnist import CLASS_NAMES
 
-        records, class_names = _fashion_records(args.split), list(CLASS_NAMES)
-        source_type = FASHION_MNIST
-        total = {"train": 60_000, "test": 10_000}.get(args.split)
-    elif source_path.is_dir() and not is_saved_dataset(source_path):
-        if output.resolve() == source_path.resolve() or source_path.resolve() in output.resolve().parents:
-            raise ValueError("--output must not be inside the source folder")
+        return _fashion_records(args.split), list(CLASS_NAMES), FASHION_MNIST, FASHION_MNIST_SPLITS[args.split]
+    if source_path.is_dir() and not is_saved_dataset(source_path):
         folder_records, class_names = _folder_records(source_path)
-        records, total = iter(folder_records), len(folder_records)
-        source_type = "folder"
-    else:
-        streaming = not is_saved_dataset(source_path)  # Hub datasets stream, so --max_samples downloads little
+        return iter(folder_records), class_names, "folder", len(folder_records)
+    streaming = not is_saved_dataset(source_path)  # Hub datasets stream, so --max_samples downloads little
+    try:
         dataset = load_source_dataset(args.source, args.dataset_config_name, args.split, streaming=streaming)
+    except UsageError as error:  # the shared loader names the pretraining flag
+        raise UsageError(str(error).replace("--dataset_name", "--source")) from None
+    except ValueError as error:  # a wrong split or config name of a dataset
+        raise UsageError(f"--source {args.source}: {error}") from None
+    try:
         records, class_names = _dataset_records(dataset, args.image_column)
-        total = None if streaming else len(dataset)
-        source_type = "dataset" if streaming else "saved-dataset"
+    except UsageError:
+        raise
+    except ValueError as error:  # no (or an unknown) image column, or an empty dataset
+        raise UsageError(f"--image_column: {error} (source {args.source})") from None
+    return records, class_names, "dataset" if streaming else "saved-dataset", None if streaming else len(dataset)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` (itself included) that does not exist yet, or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
+    """Writes the shards and `prepare_data.json` (a summary, also returned) into `args.output`.
+
+    Everything the arguments say is checked before the first image is read (`UsageError`); the files are written into
+    a staging folder beside `args.output` and moved into place when complete (removed on any failure, with the
+    parent folders this call created).
+    """
+    output = Path(args.output)
+    _check_output(output, args.source, args.overwrite)
+    records, class_names, source_type, total = _open_source(args)
     if total is not None and args.max_samples is not None:
         total = min(total, args.max_samples)
     if total is not None and total < args.num_shards:
-        raise ValueError(f"{total} images cannot fill {args.num_shards} shards; lower --num_shards")
-
-    _prepare_output(output, args.overwrite)
-    suffix = "tar" if args.format == "webdataset" else "parquet"
-    paths = [output / f"{args.split}-{i:05d}-of-{args.num_shards:05d}.{suffix}" for i in range(args.num_shards)]
-    first = next(records, None)
+        raise UsageError(f"--num_shards {args.num_shards}: the source has only {total} images; lower --num_shards")
+    try:
+        first = next(records, None)
+    except ValueError as error:  # a streamed dataset that fails on its first example
+        raise UsageError(f"--source {args.source}: {error}") from None
     if first is None:
-        raise ValueError(f"The source {args.source} has no examples")
+        raise UsageError(f"--source {args.source}: the source has no examples")
+
+    created = _first_missing(output.parent)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        summary = _write_shards(args, first, records, class_names, source_type, total, staging, output)
+        if output.is_dir():  # empty, or --overwrite: replaced only now that the new shards are complete
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    return summary
+
+
+def _write_shards(
+    args: PrepareDataArguments,
+    first: _Record,
+    records: Iterator[_Record],
+    class_names: list[str] | None,
+    source_type: str,
+    total: int | None,
+    folder: Path,
+    output: Path,
+) -> dict[str, Any]:
+    """Writes the shards and the summary into `folder` (the staging folder; `output` is where they will live)."""
+    suffix = "tar" if args.format == "webdataset" else "parquet"
+    names = [f"{args.split}-{i:05d}-of-{args.num_shards:05d}.{suffix}" for i in range(args.num_shards)]
     has_labels = first.label is not None
     if args.format == "webdataset":
-        writer: _TarShards | _ParquetShards = _TarShards(paths, has_labels)
+        writer: _TarShards | _ParquetShards = _TarShards([folder / name for name in names], has_labels)
     else:
         label = datasets.ClassLabel(names=class_names) if class_names else datasets.Value("int64")
         features = datasets.Features({"image": datasets.Image(), **({"label": label} if has_labels else {})})
-        writer = _ParquetShards(paths, features)
+        writer = _ParquetShards([folder / name for name in names], features)
 
     # datasets' webdataset reader requires every sample of a tar to carry the same extensions, so the first image
     # fixes png or jpg and later images of the other format are re-encoded to it. Parquet keeps each file's format.
     target: str | None = None
     counts, skipped, written, reencoded = [0] * args.num_shards, [], 0, 0
+    skipped_by_reason: dict[str, int] = {}
     stats = ImageStatsAccumulator()
     progress = tqdm(total=total, desc=f"Writing {args.num_shards} {args.format} shards", unit="img")
     try:
@@ -294,9 +393,13 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
                 break
             progress.update(1)
             try:
-                data, ext, changed = encode_image(record, target)
+                data, ext, changed = encode_image(record, target, args.max_image_pixels)
             except Exception as error:  # noqa: BLE001 - a bad file costs one image, not the whole conversion
-                skipped.append(f"{record.name}: {type(error).__name__}: {error}")
+                reason = "too_large" if isinstance(error, ImageTooLargeError) else "undecodable"
+                skipped_by_reason[reason] = skipped_by_reason.get(reason, 0) + 1
+                skipped.append(f"{record.name}: {reason}: {type(error).__name__}: {error}")
+                if written < args.stats_max_images:
+                    stats.skip(reason)
                 continue
             if args.format == "webdataset" and target is None:
                 target = ext
@@ -310,8 +413,15 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
     finally:
         progress.close()
         writer.close()
+    if not written:
+        raise UsageError(
+            f"--source {args.source}: none of its images could be written (skipped {format_counts(skipped_by_reason)}"
+            f"; first: {skipped[0] if skipped else 'none'})"
+        )
     if skipped:
-        logger.warning("Skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[:3])
+        logger.warning(
+            "Skipped %d image(s) (%s), e.g. %s", len(skipped), format_counts(skipped_by_reason), skipped[:3]
+        )
     if min(counts) == 0:
         logger.warning("Some shards are empty (%d images for %d shards)", written, args.num_shards)
     summary = {
@@ -319,16 +429,17 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
         "source_type": source_type,  # fashion-mnist, folder, dataset (Hub or load_dataset id), saved-dataset
         "num_written": written,
         "num_skipped": len(skipped),
+        "num_skipped_by_reason": {reason: skipped_by_reason.get(reason, 0) for reason in SKIP_REASONS},
         "num_reencoded": reencoded,
         "skipped": skipped[:100],
-        "shards": [path.name for path in paths],
+        "shards": names,
         "shard_counts": counts,
         "class_names": class_names,
         "data_files": str(output / f"{args.split}-*.{suffix}"),
     }
     if stats.num_images:
         summary[STATS_KEY] = stats.result()
-    (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -346,18 +457,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     (args,) = parse_arguments(HfArgumentParser(PrepareDataArguments), sys.argv[1:] if argv is None else argv)
     summary = prepare_data(args)
+    skipped = f"skipped {summary['num_skipped']}"
+    if summary["num_skipped"]:
+        skipped += f" ({format_counts(summary['num_skipped_by_reason'])})"
+    if summary["num_skipped_by_reason"]["too_large"]:
+        skipped += f"; too_large: more than --max_image_pixels {args.max_image_pixels} pixels"
     print(
         f"Wrote {summary['num_written']} images into {len(summary['shards'])} {args.format} shards "
-        f"({min(summary['shard_counts'])}-{max(summary['shard_counts'])} per shard) in {args.output}; "
-        f"skipped {summary['num_skipped']} unreadable."
+        f"({min(summary['shard_counts'])}-{max(summary['shard_counts'])} per shard) in {args.output}; {skipped}."
     )
     if summary["num_skipped"]:
         print("First skipped:", json.dumps(summary["skipped"][:5], indent=2))
     if STATS_KEY in summary:
         stats = summary[STATS_KEY]
         print(
-            f"Image statistics of the first {stats['num_images']} images ({stats['num_colour_images']} in colour): "
-            f"mean {stats['mean']}, std {stats['std']} (pretrain with --image_stats dataset to use them)"
+            f"Image statistics of the first {stats['num_images']} images ({stats['num_colour_images']} in colour, "
+            f"each image weighing the same): mean {stats['mean']}, std {stats['std']} (pretrain with --image_stats "
+            "dataset to use them)"
         )
     print(f"Read back with data_files={summary['data_files']!r}")
     return summary
