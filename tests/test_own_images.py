@@ -53,13 +53,18 @@ def photo_shards(photo_folder, tmp_path_factory) -> Path:
 
 def test_prepare_data_records_statistics_equal_to_numpys(photo_folder, photo_shards):
     stats = json.loads((photo_shards / "prepare_data.json").read_text())["image_stats"]
-    images = [PIL.Image.open(path) for path in sorted(photo_folder.iterdir())]
+    images = [PIL.Image.open(path) for path in sorted(photo_folder.iterdir())]  # 96x80 colour, 64x80 grey
     rgb = np.concatenate([np.asarray(im.convert("RGB"), dtype=np.float64).reshape(-1, 3) for im in images]) / 255
     grey = np.concatenate([np.asarray(im.convert("L"), dtype=np.float64).ravel() for im in images]) / 255
-    np.testing.assert_allclose(stats["mean"], rgb.mean(axis=0), atol=6e-5)
-    np.testing.assert_allclose(stats["std"], rgb.std(axis=0), atol=6e-5)
-    np.testing.assert_allclose(stats["grey_mean"], [grey.mean()], atol=6e-5)
-    np.testing.assert_allclose(stats["grey_std"], [grey.std()], atol=6e-5)
+    # Each image weighs as one image: a pixel of image i weighs 1 / (N * pixels of image i).
+    weights = np.concatenate(
+        [np.full(im.width * im.height, 1.0 / (len(images) * im.width * im.height)) for im in images]
+    )
+    for values, mean_key, std_key in ((rgb, "mean", "std"), (grey[:, None], "grey_mean", "grey_std")):
+        mean = np.average(values, axis=0, weights=weights)
+        std = np.sqrt(np.average(np.square(values - mean), axis=0, weights=weights))
+        np.testing.assert_allclose(stats[mean_key], mean, atol=6e-5)
+        np.testing.assert_allclose(stats[std_key], std, atol=6e-5)
     assert stats["num_images"] == 14 and stats["num_colour_images"] == 12
 
 

@@ -272,7 +272,7 @@ def _check_output(output: Path, source: str, overwrite: bool) -> None:
     the source (inside it, or holding it: `--overwrite` would delete the source)."""
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output}: exists and is a file, not a folder")
-    source_path = _local_path(source)
+    source_path = None if is_fashion_mnist(source) else _local_path(source)
     if source_path is not None:
         resolved = output.expanduser().resolve()
         if resolved == source_path or source_path in resolved.parents:
