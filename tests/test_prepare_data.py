@@ -377,3 +377,14 @@ def test_a_failed_overwrite_keeps_the_old_shards(tmp_path, capsys, fashion_test)
         "shards",
         *(f"shards/{name}" for name in before),
     ]
+
+
+def test_an_output_link_stays_a_link_and_a_killed_runs_staging_is_ignored(tmp_path, fashion_test):
+    photos, target, link = tmp_path / "photos", tmp_path / "disk", tmp_path / "shards"
+    for index, image in enumerate(fashion_test[0][:2]):
+        write_png(photos / f"{index}.png", image)
+    (target / ".prepare_data.tmp-999999").mkdir(parents=True)  # what a SIGKILLed run leaves
+    link.symlink_to(target)
+    summary = prepare_data(PrepareDataArguments(source=str(photos), output=str(link), num_shards=2))
+    assert summary["num_written"] == 2 and link.is_symlink()
+    assert files_under(target) == ["prepare_data.json", "train-00000-of-00002.tar", "train-00001-of-00002.tar"]

@@ -8,7 +8,7 @@ by reason. Examples are dealt round-robin, so shard sizes differ by at most one.
 
 Mistakes in the arguments (a folder without images, an output that is a file or not empty, more shards than images,
 an unknown source or split) stop with one `UsageError` line before any image is read. The shards are written into a
-staging folder beside `--output` and moved into place when complete, so a failed or interrupted run leaves nothing.
+staging folder inside `--output` and moved up when complete, so a failed or interrupted run leaves nothing.
 
 Read the result back with `load_dataset("webdataset", data_files="DIR/*.tar")` (keys `__key__`, `png`/`jpg`, and
 `cls` when there are labels) or `load_dataset("parquet", data_files="DIR/*.parquet")` (`image`, and `label`).
@@ -63,6 +63,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 FORMATS = ("webdataset", "parquet")
 FASHION_MNIST_SPLITS = {"train": 60_000, "test": 10_000}
 SUMMARY_FILE = "prepare_data.json"
+STAGING_PREFIX = ".prepare_data.tmp-"  # the folder inside --output where a run writes before moving its files up
 SKIP_REASONS = ("undecodable", "too_large")  # the `simmim_hf.data.faults` reasons an image can be skipped for here
 _PARQUET_ROWS_PER_GROUP = 256
 
@@ -279,8 +280,23 @@ def _check_output(output: Path, source: str, overwrite: bool) -> None:
             raise UsageError(f"--output {output}: must not be the source folder or inside it ({source})")
         if resolved in source_path.parents:
             raise UsageError(f"--output {output}: holds the source {source}; choose a folder outside it")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    if output.is_dir() and _contents(output) and not overwrite:
         raise UsageError(f"--output {output}: the folder is not empty; pass --overwrite to replace its contents")
+
+
+def _contents(output: Path) -> list[Path]:
+    """What `output` holds, leaving out the staging folders of runs that were killed."""
+    return [path for path in output.iterdir() if not path.name.startswith(STAGING_PREFIX)]
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Replaces the contents of `output` (empty, or --overwrite) by the complete files of `staging`, inside it: the
+    folder itself (a link, a mount point, its permissions) stays; the summary goes last, as it marks a finished run."""
+    for path in _contents(output):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for path in sorted(staging.iterdir(), key=lambda path: path.name == SUMMARY_FILE):
+        path.rename(output / path.name)
+    staging.rmdir()
 
 
 def _open_source(args: PrepareDataArguments) -> tuple[Iterator[_Record], list[str] | None, str, int | None]:
@@ -324,8 +340,8 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
     """Writes the shards and `prepare_data.json` (a summary, also returned) into `args.output`.
 
     Everything the arguments say is checked before the first image is read (`UsageError`); the files are written into
-    a staging folder beside `args.output` and moved into place when complete (removed on any failure, with the
-    parent folders this call created).
+    a staging folder inside `args.output` and moved up when complete, replacing the old contents only then. On any
+    failure the staging folder goes, and so do `args.output` and its parents when this call created them.
     """
     output = Path(args.output)
     _check_output(output, args.source, args.overwrite)
@@ -341,16 +357,15 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
     if first is None:
         raise UsageError(f"--source {args.source}: the source has no examples")
 
-    created = _first_missing(output.parent)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    created = _first_missing(output)
+    output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob(f"{STAGING_PREFIX}*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = output / f"{STAGING_PREFIX}{os.getpid()}"
     staging.mkdir()
     try:
         summary = _write_shards(args, first, records, class_names, source_type, total, staging, output)
-        if output.is_dir():  # empty, or --overwrite: replaced only now that the new shards are complete
-            shutil.rmtree(output)
-        staging.rename(output)
+        _move_into_place(staging, output)  # the old contents (--overwrite) go only now that the new ones are complete
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created is not None:
