@@ -42,11 +42,12 @@ done
 # FSDP2 with the shipped config (SHARDED_STATE_DICT checkpoints): 4 steps, then resume to 6 from the sharded
 # checkpoint; the final save must be a full model the job can export (encoder/, card). Noise images: a save check.
 SCRATCH=$(mktemp -d)
+mkdir "$SCRATCH/images"
 python -c "
 import numpy as np; from PIL import Image
 rng = np.random.default_rng(0)
-[Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(f'$SCRATCH/{i}.png') for i in range(128)]"
-python scripts/prepare_data.py --source "$SCRATCH" --output "$SCRATCH/shards" --num_shards 2 >/dev/null
+[Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(f'$SCRATCH/images/{i}.png') for i in range(128)]"
+python scripts/prepare_data.py --source "$SCRATCH/images" --output "$SCRATCH/shards" --num_shards 2 >/dev/null
 FSDP=(accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 scripts/pretrain.py
   --preset demo --dataset_name webdataset --data_files "$SCRATCH"/shards/*.tar --streaming true --shuffle_buffer_size 1
   --output_dir "$SCRATCH/run" --per_device_train_batch_size 16 --save_steps 2 --logging_steps 1 --report_to none
