@@ -293,7 +293,10 @@ def _move_into_place(staging: Path, output: Path) -> None:
     """Replaces the contents of `output` (empty, or --overwrite) by the complete files of `staging`, inside it: the
     folder itself (a link, a mount point, its permissions) stays; the summary goes last, as it marks a finished run."""
     for path in _contents(output):
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     for path in sorted(staging.iterdir(), key=lambda path: path.name == SUMMARY_FILE):
         path.rename(output / path.name)
     staging.rmdir()
