@@ -227,6 +227,32 @@ def test_an_old_format_state_starts_the_next_pass_for_local_shards(shards, caplo
     assert loader.epoch == 1 and "an older simmim_hf" in caplog.text
 
 
+def test_a_broken_shard_resumes_exactly_and_is_counted_once(copied):
+    data = copied[1].read_bytes()
+    copied[1].write_bytes(data[: len(data) // 2])  # cut in the middle of a member: the rest of that file is lost
+
+    def loader() -> StreamLoader:
+        return digest_loader(copied)
+
+    reference = loader()
+    expected = passes(reference, 1)[0]
+    assert reference.fault_counts()["broken_file"] == 1 and 128 < len(expected) < NUM_IMAGES
+    for k in (2, len(expected) // BATCH - 1):
+        interrupted = loader()
+        before = [d for batch in take(interrupted, k) for d in batch["digests"]]
+        resumed = loader()
+        resumed.load_state_dict(interrupted.state_dict())
+        assert before + rest_of_pass(resumed) == expected
+        assert resumed.fault_counts()["broken_file"] == 1
+
+
+def test_too_few_shards_for_the_ranks_is_a_usage_error(shards):
+    from simmim_hf.errors import UsageError
+
+    with pytest.raises(UsageError, match="--data_files: 1 shard file"):
+        load_pretrain_dataset(data_args(shards[:1], 4), world_size=2, transform=IDENTITY)
+
+
 # --- datasets' own streams (Hub, save_to_disk, the embedded corpus): the buffer is skipped, as before ----------
 
 

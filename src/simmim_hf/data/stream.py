@@ -256,6 +256,11 @@ def load_pretrain_dataset(
     shard_source = getattr(dataset, "simmim_shard_source", None)
     if shard_source is not None:  # local shards: our own resumable shuffle (simmim_hf.data.shard_stream)
         kind, files, column = shard_source
+        if len(files) < world_size:
+            raise UsageError(
+                f"--data_files: {len(files)} shard file(s) for {world_size} ranks; each rank reads whole shards and "
+                "needs at least one (write more with `scripts/prepare_data.py --num_shards N`)"
+            )
         stream = ShardStream(
             kind,
             files,
