@@ -1,22 +1,28 @@
-"""Fault-tolerant streaming of local WebDataset tar shards and parquet files.
+"""Fault-tolerant reading of local WebDataset tar shards and parquet files, by position and by key.
 
-`shard_stream(kind, files)` is what `simmim_hf.data.sources` opens for `--dataset_name webdataset|parquet
---data_files ...` when every data file is local: a `datasets.IterableDataset.from_generator` over the list of files, so `datasets` still deals the files out
-across ranks (`split_dataset_by_node`) and DataLoader workers, shuffles their order each pass, and saves/restores the
-stream position (`state_dict`) exactly as for its own builders. Unlike the stock builders, a broken file never
-crashes the run or drops data silently:
+`iter_tar` / `iter_parquet` (`iter_shard`) read one file from a position (a tar byte offset, a parquet row) and
+yield each example with its KEY (the byte where the sample's first member header starts, or its row) and the
+position after it; `read_tar_samples` / `read_parquet_rows` (`read_shard_examples`) read examples back by key (a
+seek; a row-group read). `simmim_hf.data.shard_stream.ShardStream` builds the pretraining stream on them (its
+resumable shuffle saves keys and positions). `shard_stream(kind, files)` is what `simmim_hf.data.sources` opens for
+`--dataset_name webdataset|parquet --data_files ...` when every data file is local: a plain
+`datasets.IterableDataset.from_generator` over the files (used as is for image statistics), tagged with
+`simmim_shard_source` so that `simmim_hf.data.stream.load_pretrain_dataset` streams the same files with
+`ShardStream`. Unlike the stock builders, a broken file never crashes the run or drops data silently:
 
 * a tar file that cannot be opened, ends in the middle of a member, stops at a corrupt header, or lacks its
   end-of-archive marker, and a parquet file that cannot be opened or fails while reading, ends THAT file's read: the
-  examples before the fault are kept, and one `broken_file` fault marker naming the file is emitted;
+  examples before the fault are kept, and one `broken_file` fault marker naming the file is emitted (read from a
+  later position, the same file gives the same marker; an example that cannot be read back by key is one too);
 * the image of a WebDataset sample is its first member that PIL recognises as an image, whatever its extension (a
   JPEG stored as `.png`, a member with no extension); a sample with none is a `no_image` marker (so is an empty
   parquet cell).
 
 Examples are `{"pixel_values": {"bytes", "path"} | None, "_fault": reason | "", "_detail": str}`. Markers carry no
 image; they travel through the shuffle buffer like examples and are counted and dropped after it by
-`ImageDecoder.decode_example`, so a fault is counted once even when a resume re-reads a file up to its saved
-position (the generator has no side effects).
+`ImageDecoder.decode_example`, so a fault is counted once per pass, resumed or not (reading has no side effects).
+Compressed tars (`.gz`, `.bz2`, `.xz`) are read through their decompressor: a seek there re-reads the file up to
+the position, so resuming inside one is slow; `prepare_data.py` writes plain tars.
 """
 
 from __future__ import annotations

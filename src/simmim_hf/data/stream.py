@@ -1,46 +1,62 @@
 """The pretraining data pipeline: which images to read, and how to stream them to the DataLoader.
 
-`load_pretrain_dataset` returns a `datasets` dataset whose examples are `{"pixel_values": (C, H, W) float tensor}`
-(uint8 with `uint8=True`, normalised later on the training device).
-Streaming (the default) goes: `load_dataset(..., streaming=True)` -> keep the image column, cast it to
-`Image(decode=False)` (bytes only) -> `shuffle(seed, buffer_size)` -> `split_dataset_by_node(rank, world_size)` ->
-`map(decode + transform)` -> drop undecodable images. Decoding and augmentation therefore run lazily inside the
-DataLoader workers. Local `webdataset`/`parquet` shards are read by `simmim_hf.data.shards` instead of the stock
-builders, so a broken file costs that file's remainder (counted, one warning) instead of the run; every data fault is
-counted per reason (`simmim_hf.data.faults`). Each example's augmentation is seeded from (seed, pass, image bytes), so a
-resumed stream draws the same crops as an uninterrupted one (`simmim_hf.data.images`). Sources and their aliases
-are `simmim_hf.data.sources`.
+`load_pretrain_dataset` returns a stream whose examples are `{"pixel_values": (C, H, W) float tensor}` (uint8 with
+`uint8=True`, normalised later on the training device). Two kinds of stream, both decoded lazily inside the
+DataLoader workers (`simmim_hf.data.images`: one decode, the augmentation), undecodable images dropped and every data
+fault counted per reason (`simmim_hf.data.faults`):
 
-`StreamLoader` wraps a torch DataLoader around a `datasets.IterableDataset` and
+  * local `webdataset`/`parquet` shards (what `scripts/prepare_data.py` writes, the job's usual input):
+    `simmim_hf.data.shard_stream.ShardStream`. The files are read by the fault-tolerant `simmim_hf.data.shards`
+    (a broken file costs that file's remainder, counted, one warning), dealt out by whole shards to the readers
+    (ranks x DataLoader workers) in an order seeded per pass, and shuffled by our own seeded buffer, whose content
+    (the KEYS of the buffered examples: shard and tar byte offset or parquet row) is part of the stream position.
+    Resuming is therefore exact, with any buffer size, and with another number of ranks or workers the rest of the
+    pass is dealt out anew (each image of the pass still read once). The state records the shard list (name, size,
+    mtime): a shard that is gone or changed size is dropped from the resumed pass (logged with the count), a new one
+    joins at the next pass (logged); positions follow the shard's name, never its index;
+  * any other source (Hub datasets, `save_to_disk` folders, the embedded Fashion-MNIST, imagefolder):
+    `datasets.load_dataset(..., streaming=True)` -> keep the image column, cast to `Image(decode=False)` ->
+    `shuffle(seed, buffer_size)` (datasets' buffer) -> `split_dataset_by_node(rank, world_size)` -> `map(decode)`.
+    `datasets` does not save its buffer's content: a resume skips what the buffers held (never more than one buffer
+    per worker), logs how many and reads nothing twice; it needs the same `num_workers`, else the next pass starts.
+
+Each example's augmentation is seeded from (seed, pass, image bytes), so a resumed stream draws the same crops as an
+uninterrupted one (`simmim_hf.data.images`). Sources and their aliases are `simmim_hf.data.sources`.
+
+`StreamLoader` wraps a torch DataLoader around either stream and
   * repeats it endlessly, calling `dataset.set_epoch(epoch)` before each pass, so every pass reshuffles the shard order
     and the shuffle buffer (the Trainer's `max_steps` ends the run). Doing the repetition here rather than through the
     Trainer's epoch loop keeps every rank in one long Trainer epoch, so ranks whose shards differ in length never end
     an epoch at different steps (which would misalign gradient accumulation across ranks);
   * forms the batches inside the reading process (`_BatchStream`: each DataLoader worker, or the main process),
-    attaching to each one the reader's `dataset.state_dict()`, its batch index in the pass and its fault counts, all
-    captured right after the batch's last example was read; a worker that finishes its share of the pass sends a last
-    item without images, so nothing it met is left uncounted;
+    attaching to each one the reader's position, its batch index in the pass and its fault counts, all captured
+    right after the batch's last example was read; a worker that finishes its share of the pass sends a last item
+    without images, so nothing it met is left uncounted. A `datasets` stream sends its whole `state_dict()`; a
+    `ShardStream` sends only what changed since its previous batch (`take_delta`: one event per example) and the
+    loader keeps a mirror of each reader's state (`apply_delta`), so no batch carries a copy of the buffer;
   * yields the batches in a fixed order, round robin over the workers starting from worker 0 at the start of a pass
     (skipping those that finished), whatever order the DataLoader delivers them in. `state_dict()` is therefore the
     exact position of what was consumed (in-flight prefetched batches excluded), including whose turn is next, and
-    `load_state_dict()` restores it per worker (with the same `num_workers`).
+    `load_state_dict()` restores it per worker (`all_ranks`: the states of every saved rank, for a changed layout).
 
 Randomness is a pure function of the run seed and the stream position, so a resumed stream continues the
 uninterrupted one exactly:
   * masks: the generator of a batch is seeded from (seed, rank, pass, worker, batch index of that worker in the pass);
-    the batch index is part of the saved state;
+    the batch index is part of the saved state (after a layout change it continues from the largest saved one);
   * augmentation: each example's crop and flip are seeded from (seed, pass, digest of its raw bytes) in the decoder
-    (`simmim_hf.data.images`), which learns the pass from `_BatchStream`.
-With a shuffle buffer of 1, a loader restored from `state_dict()` after k batches yields exactly batches k+1, k+2, ...
-of the uninterrupted loader. With a real buffer, the examples the buffers held when the state was saved are not saved
-(as `datasets` documents): a resume skips them (never more than one buffer per worker), logs how many, and reads
-nothing twice in the pass.
+    (`simmim_hf.data.images`), which learns the pass from `_BatchStream`;
+  * the shard order and the `ShardStream` buffer draws: seeded from (seed, pass) and (seed, pass, deal, reader, draw
+    count); the count is part of the saved state.
+For local shards a loader restored from `state_dict()` after k batches yields exactly batches k+1, k+2, ... of the
+uninterrupted loader, with any buffer size; for `datasets` streams only with a buffer of 1.
 
-A resume position at the end of a pass (e.g. every shard read, only the buffer left) is not an error: the restored
+A resume position at the end of a pass (e.g. every shard read and the buffer drawn out) is not an error: the restored
 pass yields what is left, possibly nothing, and the loader moves on to the next pass. A pass that starts from its
 beginning and yields no batch is an error. So is a pass in which more than `max_bad_fraction` of the examples read
 were faults (`simmim_hf.data.faults.DataFaultError`, naming the counts per reason). `fault_counts()` totals the faults of
 the whole run (all workers, all passes, earlier sessions included: the totals are part of the saved state).
+State versions: 3 (this one); 2 (no shard list) still loads for `datasets` streams with its skip behaviour, and for
+local shards starts the next pass with a warning (its positions are `datasets`' own and cannot be mapped).
 """
 
 from __future__ import annotations
@@ -213,7 +229,7 @@ def load_pretrain_dataset(
     config: Any = None,
     transform: Callable[[PIL.Image.Image], torch.Tensor] | None = None,
     uint8: bool = False,
-) -> datasets.IterableDataset | datasets.Dataset:
+) -> ShardStream | datasets.IterableDataset | datasets.Dataset:
     """The pretraining stream for one rank: examples `{"pixel_values": (C, H, W) float tensor}`.
 
     Args:
@@ -224,12 +240,13 @@ def load_pretrain_dataset(
         config: a SimMIMConfig-like object for `build_pretrain_transform`; or pass `transform` directly.
         transform: PIL image -> tensor; overrides `config`.
         uint8: with the built-in augmentation (`SimMIMAugmentation`), yield uint8 pixels instead of normalised
-            floats, to be normalised on the training device (`transforms.normalize_pixel_values`); the pretraining
-            job does. Other transforms are left as they are.
+            floats, to be normalised on the training device (`simmim_hf.data.images.normalize_pixel_values`);
+            the pretraining job does. Other transforms are left as they are.
 
-    Streaming returns a `datasets.IterableDataset`, decoded and transformed lazily, faulty examples dropped and
-    counted per reason (`dataset.simmim_decoder.fault_counts()` in the process that iterates it; `StreamLoader`
-    totals them over workers and passes). Map-style
+    Streaming returns a `ShardStream` for local webdataset/parquet shards, else a `datasets.IterableDataset`
+    (module docstring), decoded and transformed lazily, faulty examples dropped and counted per reason
+    (`dataset.simmim_decoder.fault_counts()` in the process that iterates it; `StreamLoader` totals them over
+    workers and passes). Map-style
     (`streaming=False`) returns a `datasets.Dataset` whose `with_transform` yields `None` for an undecodable image,
     which `SimMIMCollator` drops; it is not split by rank (the Trainer's distributed sampler does that).
     """
