@@ -63,18 +63,20 @@ def test_two_ranks_read_disjoint_samples_and_keep_identical_weights(shards, tmp_
 def test_resume_continues_the_stream_without_replaying_it(shards, tmp_path):
     straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
     probe_script = [sys.executable, "tests/pretrain_probe.py"]
-    run([*probe_script, str(straight), *pretrain_args(shards, tmp_path / "a", 6)])
-    run([*probe_script, str(first), *pretrain_args(shards, tmp_path / "b", 3, "--save_steps", "3")])
+    buffer = ("--shuffle_buffer_size", "64")  # a real shuffle buffer: its keys are part of the saved position
+    run([*probe_script, str(straight), *pretrain_args(shards, tmp_path / "a", 6, *buffer)])
+    run([*probe_script, str(first), *pretrain_args(shards, tmp_path / "b", 3, "--save_steps", "3", *buffer)])
     checkpoint = tmp_path / "b" / "checkpoint-3"
     assert (checkpoint / "stream_state_rank0.json").is_file()
     assert json.loads((checkpoint / "simmim_wall_time.json").read_text())["wall_time_seconds"] > 0
     (checkpoint / "simmim_wall_time.json").write_text(json.dumps({"wall_time_seconds": 1000.0}))
-    run([*probe_script, str(resumed), *pretrain_args(shards, tmp_path / "b", 6, "--resume_from_checkpoint", str(checkpoint))])  # fmt: skip
+    run([*probe_script, str(resumed), *pretrain_args(shards, tmp_path / "b", 6, "--resume_from_checkpoint", str(checkpoint), *buffer)])  # fmt: skip
     before, after, reference = read_batches(first), read_batches(resumed), read_batches(straight)
     assert len(before) == 3 and len(after) == 3
     seen = {digest for batch in before for digest in batch}
     assert not seen & {digest for batch in after for digest in batch}
     assert before + after == reference  # exactly the uninterrupted run's stream
+    assert json.loads((tmp_path / "b" / "simmim_run.json").read_text())["images_skipped_at_resume"] == 0
     # The card's wall time adds up the sessions: the first session's time (set to 1000 s above) plus the resumed one.
     assert json.loads((tmp_path / "b" / "simmim_run.json").read_text())["wall_time_seconds"] > 1000
 

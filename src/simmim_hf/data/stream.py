@@ -1,54 +1,71 @@
 """The pretraining data pipeline: which images to read, and how to stream them to the DataLoader.
 
-`load_pretrain_dataset` returns a `datasets` dataset whose examples are `{"pixel_values": (C, H, W) float tensor}`
-(uint8 with `uint8=True`, normalised later on the training device).
-Streaming (the default) goes: `load_dataset(..., streaming=True)` -> keep the image column, cast it to
-`Image(decode=False)` (bytes only) -> `shuffle(seed, buffer_size)` -> `split_dataset_by_node(rank, world_size)` ->
-`map(decode + transform)` -> drop undecodable images. Decoding and augmentation therefore run lazily inside the
-DataLoader workers. Local `webdataset`/`parquet` shards are read by `simmim_hf.data.shards` instead of the stock
-builders, so a broken file costs that file's remainder (counted, one warning) instead of the run; every data fault is
-counted per reason (`simmim_hf.data.faults`). Each example's augmentation is seeded from (seed, pass, image bytes), so a
-resumed stream draws the same crops as an uninterrupted one (`simmim_hf.data.images`). Sources and their aliases
-are `simmim_hf.data.sources`.
+`load_pretrain_dataset` returns a stream whose examples are `{"pixel_values": (C, H, W) float tensor}` (uint8 with
+`uint8=True`, normalised later on the training device). Two kinds of stream, both decoded lazily inside the
+DataLoader workers (`simmim_hf.data.images`: one decode, the augmentation), undecodable images dropped and every data
+fault counted per reason (`simmim_hf.data.faults`):
 
-`StreamLoader` wraps a torch DataLoader around a `datasets.IterableDataset` and
+  * local `webdataset`/`parquet` shards (what `scripts/prepare_data.py` writes, the job's usual input):
+    `simmim_hf.data.shard_stream.ShardStream`. The files are read by the fault-tolerant `simmim_hf.data.shards`
+    (a broken file costs that file's remainder, counted, one warning), dealt out by whole shards to the readers
+    (ranks x DataLoader workers) in an order seeded per pass, and shuffled by our own seeded buffer, whose content
+    (the KEYS of the buffered examples: shard and tar byte offset or parquet row) is part of the stream position.
+    Resuming is therefore exact, with any buffer size, and with another number of ranks or workers the rest of the
+    pass is dealt out anew (each image of the pass still read once). The state records the shard list (name, size,
+    mtime): a shard that is gone or changed size is dropped from the resumed pass (logged with the count), a new one
+    joins at the next pass (logged); positions follow the shard's name, never its index;
+  * any other source (Hub datasets, `save_to_disk` folders, the embedded Fashion-MNIST, imagefolder):
+    `datasets.load_dataset(..., streaming=True)` -> keep the image column, cast to `Image(decode=False)` ->
+    `shuffle(seed, buffer_size)` (datasets' buffer) -> `split_dataset_by_node(rank, world_size)` -> `map(decode)`.
+    `datasets` does not save its buffer's content: a resume skips what the buffers held (never more than one buffer
+    per worker), logs how many and reads nothing twice; it needs the same `num_workers`, else the next pass starts.
+
+Each example's augmentation is seeded from (seed, pass, image bytes), so a resumed stream draws the same crops as an
+uninterrupted one (`simmim_hf.data.images`). Sources and their aliases are `simmim_hf.data.sources`.
+
+`StreamLoader` wraps a torch DataLoader around either stream and
   * repeats it endlessly, calling `dataset.set_epoch(epoch)` before each pass, so every pass reshuffles the shard order
     and the shuffle buffer (the Trainer's `max_steps` ends the run). Doing the repetition here rather than through the
     Trainer's epoch loop keeps every rank in one long Trainer epoch, so ranks whose shards differ in length never end
     an epoch at different steps (which would misalign gradient accumulation across ranks);
   * forms the batches inside the reading process (`_BatchStream`: each DataLoader worker, or the main process),
-    attaching to each one the reader's `dataset.state_dict()`, its batch index in the pass and its fault counts, all
-    captured right after the batch's last example was read; a worker that finishes its share of the pass sends a last
-    item without images, so nothing it met is left uncounted;
+    attaching to each one the reader's position, its batch index in the pass and its fault counts, all captured
+    right after the batch's last example was read; a worker that finishes its share of the pass sends a last item
+    without images, so nothing it met is left uncounted. A `datasets` stream sends its whole `state_dict()`; a
+    `ShardStream` sends only what changed since its previous batch (`take_delta`: one event per example) and the
+    loader keeps a mirror of each reader's state (`apply_delta`), so no batch carries a copy of the buffer;
   * yields the batches in a fixed order, round robin over the workers starting from worker 0 at the start of a pass
     (skipping those that finished), whatever order the DataLoader delivers them in. `state_dict()` is therefore the
     exact position of what was consumed (in-flight prefetched batches excluded), including whose turn is next, and
-    `load_state_dict()` restores it per worker (with the same `num_workers`).
+    `load_state_dict()` restores it per worker (`all_ranks`: the states of every saved rank, for a changed layout).
 
 Randomness is a pure function of the run seed and the stream position, so a resumed stream continues the
 uninterrupted one exactly:
   * masks: the generator of a batch is seeded from (seed, rank, pass, worker, batch index of that worker in the pass);
-    the batch index is part of the saved state;
+    the batch index is part of the saved state (after a layout change it continues from the largest saved one);
   * augmentation: each example's crop and flip are seeded from (seed, pass, digest of its raw bytes) in the decoder
-    (`simmim_hf.data.images`), which learns the pass from `_BatchStream`.
-With a shuffle buffer of 1, a loader restored from `state_dict()` after k batches yields exactly batches k+1, k+2, ...
-of the uninterrupted loader. With a real buffer, the examples the buffers held when the state was saved are not saved
-(as `datasets` documents): a resume skips them (never more than one buffer per worker), logs how many, and reads
-nothing twice in the pass.
+    (`simmim_hf.data.images`), which learns the pass from `_BatchStream`;
+  * the shard order and the `ShardStream` buffer draws: seeded from (seed, pass) and (seed, pass, deal, reader, draw
+    count); the count is part of the saved state.
+For local shards a loader restored from `state_dict()` after k batches yields exactly batches k+1, k+2, ... of the
+uninterrupted loader, with any buffer size; for `datasets` streams only with a buffer of 1.
 
-A resume position at the end of a pass (e.g. every shard read, only the buffer left) is not an error: the restored
+A resume position at the end of a pass (e.g. every shard read and the buffer drawn out) is not an error: the restored
 pass yields what is left, possibly nothing, and the loader moves on to the next pass. A pass that starts from its
 beginning and yields no batch is an error. So is a pass in which more than `max_bad_fraction` of the examples read
 were faults (`simmim_hf.data.faults.DataFaultError`, naming the counts per reason). `fault_counts()` totals the faults of
 the whole run (all workers, all passes, earlier sessions included: the totals are part of the saved state).
+State versions: 3 (this one); 2 (no shard list) still loads for `datasets` streams with its skip behaviour, and for
+local shards starts the next pass with a warning (its positions are `datasets`' own and cannot be mapped).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +92,7 @@ from simmim_hf.data.images import (
     SimMIMAugmentation,
     build_pretrain_transform,
 )
+from simmim_hf.data.shard_stream import ShardStream, merged_counts, plan_resume
 from simmim_hf.data.sources import (
     DATA_FILES_HELP,
     FASHION_MNIST,
@@ -88,7 +106,7 @@ from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 @dataclass
@@ -214,7 +232,7 @@ def load_pretrain_dataset(
     config: Any = None,
     transform: Callable[[PIL.Image.Image], torch.Tensor] | None = None,
     uint8: bool = False,
-) -> datasets.IterableDataset | datasets.Dataset:
+) -> ShardStream | datasets.IterableDataset | datasets.Dataset:
     """The pretraining stream for one rank: examples `{"pixel_values": (C, H, W) float tensor}`.
 
     Args:
@@ -225,12 +243,13 @@ def load_pretrain_dataset(
         config: a SimMIMConfig-like object for `build_pretrain_transform`; or pass `transform` directly.
         transform: PIL image -> tensor; overrides `config`.
         uint8: with the built-in augmentation (`SimMIMAugmentation`), yield uint8 pixels instead of normalised
-            floats, to be normalised on the training device (`transforms.normalize_pixel_values`); the pretraining
-            job does. Other transforms are left as they are.
+            floats, to be normalised on the training device (`simmim_hf.data.images.normalize_pixel_values`);
+            the pretraining job does. Other transforms are left as they are.
 
-    Streaming returns a `datasets.IterableDataset`, decoded and transformed lazily, faulty examples dropped and
-    counted per reason (`dataset.simmim_decoder.fault_counts()` in the process that iterates it; `StreamLoader`
-    totals them over workers and passes). Map-style
+    Streaming returns a `ShardStream` for local webdataset/parquet shards, else a `datasets.IterableDataset`
+    (module docstring), decoded and transformed lazily, faulty examples dropped and counted per reason
+    (`dataset.simmim_decoder.fault_counts()` in the process that iterates it; `StreamLoader` totals them over
+    workers and passes). Map-style
     (`streaming=False`) returns a `datasets.Dataset` whose `with_transform` yields `None` for an undecodable image,
     which `SimMIMCollator` drops; it is not split by rank (the Trainer's distributed sampler does that).
     """
@@ -254,6 +273,30 @@ def load_pretrain_dataset(
 
     decoder = ImageDecoder(transform, seed=seed, max_image_pixels=data_args.max_image_pixels)
     check_shard_count(dataset.num_shards, world_size, num_workers, source=data_args.dataset_name)
+    shard_source = getattr(dataset, "simmim_shard_source", None)
+    if shard_source is not None:  # local shards: our own resumable shuffle (simmim_hf.data.shard_stream)
+        kind, files, column = shard_source
+        if len(files) < world_size:
+            raise UsageError(
+                f"--data_files: {len(files)} shard file(s) for {world_size} ranks; each rank reads whole shards and "
+                "needs at least one (write more with `scripts/prepare_data.py --num_shards N`)"
+            )
+        stream = ShardStream(
+            kind,
+            files,
+            column,
+            decoder,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            buffer_size=data_args.shuffle_buffer_size,
+            max_samples=data_args.max_train_samples,
+        )
+        stream.simmim_decoder = decoder
+        stream.simmim_num_workers = num_workers
+        stream.simmim_max_bad_fraction = data_args.max_bad_fraction
+        return stream
     dataset = dataset.map(_add_fault_columns)  # every source gets the fault-marker columns of the shard reader
     dataset = dataset.shuffle(
         seed=seed,
@@ -274,6 +317,11 @@ def load_pretrain_dataset(
     dataset.simmim_max_bad_fraction = data_args.max_bad_fraction
     dataset.simmim_counts_buffer_input = counts_buffer_input  # StreamLoader: how many images a resume skips
     return dataset
+
+
+def is_stream(dataset: Any) -> bool:
+    """Whether `dataset` is a stream that `StreamLoader` takes (a `datasets.IterableDataset` or a `ShardStream`)."""
+    return isinstance(dataset, (datasets.IterableDataset, ShardStream))
 
 
 def _add_fault_columns(example: dict[str, Any]) -> dict[str, str]:
@@ -353,6 +401,8 @@ class _BatchStream(torch.utils.data.IterableDataset):
         decoder = getattr(dataset, "simmim_decoder", None)
         self.key = getattr(decoder, "key", None) or "<no decoder>"
         self.counts_reads = bool(getattr(dataset, "simmim_counts_buffer_input", False))
+        # A ShardStream sends the changes of its state since the last batch; the loader keeps the whole state.
+        self.position = dataset.take_delta if isinstance(dataset, ShardStream) else dataset.state_dict
         self.restore: dict[int, dict[str, Any]] = {}
         self.restore_epoch: int | None = None
 
@@ -378,7 +428,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
                 "worker": worker,
                 "epoch": epoch,
                 "index": index,
-                "state": self.dataset.state_dict(),
+                "state": self.position(),
                 "images": images,
                 "read": int(base["read"] or 0) + read_count(self.key) - read_start if self.counts_reads else None,
                 "skipped": int(base["skipped"]),
@@ -434,8 +484,8 @@ class StreamLoader:
         endless: bool = True,
         max_bad_fraction: float | None = None,
     ) -> None:
-        if not isinstance(dataset, datasets.IterableDataset):
-            raise TypeError(f"StreamLoader needs a datasets.IterableDataset, got {type(dataset).__name__}")
+        if not is_stream(dataset):
+            raise TypeError(f"StreamLoader needs a datasets.IterableDataset or a ShardStream, got {type(dataset)}")
         expected = getattr(dataset, "simmim_num_workers", None)
         if expected is not None and expected != num_workers:
             raise ValueError(
@@ -443,6 +493,7 @@ class StreamLoader:
                 f"{num_workers}; pass the same number to both, or resuming the stream position fails"
             )
         self.dataset = dataset
+        self.shards = isinstance(dataset, ShardStream)  # positions are mirrored reader states (`apply_delta`)
         self.num_workers = int(num_workers)
         self.endless = endless
         self.max_bad_fraction = float(
@@ -484,6 +535,8 @@ class StreamLoader:
                 worker = self._next_worker
                 item = pending[worker].popleft()
                 batch = item.pop("batch")
+                if self.shards:
+                    item["state"] = ShardStream.apply_delta(self._progress[worker]["state"], item["state"])
                 self._progress[worker] = item
                 if item["end"]:
                     finished.add(worker)
@@ -500,6 +553,8 @@ class StreamLoader:
         while True:
             self.dataset.set_epoch(self.epoch)
             restored = self._stream.restore_epoch == self.epoch
+            if self.shards and not restored:
+                self._progress = {worker: self._fresh_progress(worker) for worker in range(max(1, self.num_workers))}
             num_batches = 0
             for batch in self._ordered_batches():
                 num_batches += 1
@@ -508,6 +563,19 @@ class StreamLoader:
             if not self.endless:
                 return
             self.epoch += 1
+
+    def _fresh_progress(self, worker: int, state: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
+        return {
+            "worker": worker,
+            "epoch": self.epoch,
+            "index": index,
+            "state": state if state is not None else self.dataset.start_state(worker),
+            "images": 0,
+            "read": None,
+            "skipped": 0,
+            "faults": add_counts(),
+            "end": False,
+        }
 
     def _pass_faults(self) -> dict[str, int]:
         return add_counts(*(progress["faults"] for progress in self._progress.values()))
@@ -542,45 +610,57 @@ class StreamLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch yielded, and the fault totals: JSON-serialisable."""
-        return {
+        state = {
             "version": STATE_VERSION,
             "epoch": self.epoch,
             "num_workers": self.num_workers,
             "next_worker": self._next_worker,
-            "workers": {str(worker): progress for worker, progress in sorted(self._progress.items())},
+            "workers": copy.deepcopy({str(worker): progress for worker, progress in sorted(self._progress.items())}),
             "faults_before_pass": dict(self._faults_before_pass),
             "skipped_at_resume": self.skipped_at_resume,
         }
+        if self.shards:
+            state["stream"] = "shards"
+            state["layout"] = {"world_size": self.dataset.world_size, "rank": self.dataset.rank}
+            state["shards"] = copy.deepcopy(self.dataset.shards)
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], all_ranks: Sequence[dict[str, Any] | None] = ()) -> None:
         """Resumes from `state_dict()`: the next iteration continues the saved pass where it stopped.
 
-        With a different `num_workers` the shards are dealt out differently, so the position cannot be mapped: the
-        loader then warns and starts the next pass (fresh shuffle) instead of replaying the saved one; so it does for
-        a state saved by an older version (which held no fault counts).
+        `all_ranks`: the saved states of every rank of the saved run (index = rank; `state` is this rank's, or None
+        when the saved run had fewer ranks). Local shards (`ShardStream`) resume exactly, and with another number of
+        ranks or workers deal the rest of the pass out anew (that needs `all_ranks`), a changed shard list
+        included (`simmim_hf.data.shard_stream.plan_resume`). Other streams (`datasets`) resume per worker with the
+        same `num_workers` only, skipping what sat in the shuffle buffers; with a different `num_workers`, or a
+        state that cannot be mapped (an older format for local shards), the loader warns and starts the next pass.
         """
+        if state is None:
+            state = next((value for value in all_ranks if value), None)
+            if state is None:
+                raise ValueError("load_state_dict needs this rank's state or those of all ranks")
+            own = None
+        else:
+            own = state
         version = state.get("version")
-        if version not in (1, STATE_VERSION):
+        if version not in (1, 2, STATE_VERSION):
             raise ValueError(f"Unknown stream state version {version!r} (expected {STATE_VERSION})")
         epoch = int(state["epoch"])
-        self._faults_before_pass = add_counts(state.get("faults_before_pass", {}))
-        self.skipped_at_resume = int(state.get("skipped_at_resume", 0))
         self._progress, self._next_worker = {}, 0
         self._stream.restore, self._stream.restore_epoch = {}, None
-        if int(state["num_workers"]) != self.num_workers or version != STATE_VERSION:
-            mismatch = int(state["num_workers"]) != self.num_workers
-            why = f"num_workers={state['num_workers']}" if mismatch else "an older simmim_hf"
-            logger.warning(
-                "Stream state was saved with %s but this loader has num_workers=%d; starting pass %d from its start",
-                why,
-                self.num_workers,
-                epoch + 1,
-            )
-            self._faults_before_pass = add_counts(
-                self._faults_before_pass, *(p.get("faults", {}) for p in state.get("workers", {}).values())
-            )
-            self.epoch = epoch + 1
+        self._faults_before_pass = add_counts(state.get("faults_before_pass", {}) if own else {})
+        self.skipped_at_resume = int(state.get("skipped_at_resume", 0)) if own else 0
+        if self.shards and state.get("stream") == "shards":
+            self._resume_shards(own, list(all_ranks))
             return
+        if own is None:
+            return self._next_pass(state, "no stream position for this rank")
+        if self.shards:
+            return self._next_pass(state, "an older simmim_hf (a datasets position)")
+        if int(state["num_workers"]) != self.num_workers:
+            return self._next_pass(state, f"num_workers={state['num_workers']}")
+        if version != STATE_VERSION and version != 2:
+            return self._next_pass(state, "an older simmim_hf")
         self.epoch = epoch
         progress = {int(worker): dict(value) for worker, value in state["workers"].items()}
         skipped = 0
@@ -603,3 +683,87 @@ class StreamLoader:
             )
         self._progress, self._next_worker = progress, int(state["next_worker"])
         self._stream.restore, self._stream.restore_epoch = progress, epoch
+
+    def _next_pass(self, state: dict[str, Any], why: str) -> None:
+        """The saved position cannot be mapped: start the pass after the saved one (faults carried over)."""
+        epoch = int(state["epoch"])
+        logger.warning(
+            "Stream state was saved with %s; this loader (num_workers=%d) cannot continue its pass: starting pass %d "
+            "from its start",
+            why,
+            self.num_workers,
+            epoch + 1,
+        )
+        self._faults_before_pass = add_counts(
+            self._faults_before_pass, *(p.get("faults", {}) for p in state.get("workers", {}).values())
+        )
+        self.epoch = epoch + 1
+
+    def _resume_shards(self, own: dict[str, Any] | None, all_ranks: list[dict[str, Any] | None]) -> None:
+        """`load_state_dict` for local shards (`plan_resume`): exact, or dealt out anew, and the changed shards."""
+        base = own if own is not None else next(value for value in all_ranks if value)
+        planned = plan_resume(self.dataset, own, all_ranks)
+        layout = base.get("layout", {})
+        saved = f"{layout.get('world_size', '?')} rank(s) x num_workers={base.get('num_workers')}"
+        if planned is None:
+            return self._next_pass(base, f"{saved} and not every rank's state at hand")
+        epoch, readers, notes = planned
+        self.epoch = epoch
+        if notes["dealt"]:
+            states = [value for value in all_ranks if value]
+            if self.dataset.rank == 0:  # the run's totals live on one rank (the Trainer sums over ranks)
+                self._faults_before_pass, self.skipped_at_resume = merged_counts(states)
+            else:
+                self._faults_before_pass, self.skipped_at_resume = add_counts(), 0
+            index = 1 + max(
+                (
+                    int(p["index"])
+                    for value in states
+                    if int(value["epoch"]) == epoch
+                    for p in value["workers"].values()
+                ),
+                default=-1,
+            )
+            self._progress = {worker: self._fresh_progress(worker, readers[worker], index) for worker in readers}
+            logger.warning(
+                "Stream state saved with %s, resumed with %d rank(s) x num_workers=%d: the rest of pass %d (%d "
+                "buffered or listed image(s), %d partly read and %d unread shard(s)) is dealt out anew; each image of "
+                "the pass is still read once",
+                saved,
+                self.dataset.world_size,
+                self.num_workers,
+                epoch,
+                notes["keys"],
+                notes["partial"],
+                notes["unread"],
+            )
+            if notes["behind"]:
+                logger.warning(
+                    "%d rank(s) were a pass behind: the rest of their pass %d is skipped", notes["behind"], epoch - 1
+                )
+        else:
+            progress = {}
+            for worker, reader in readers.items():
+                value = (own.get("workers") or {}).get(str(worker))
+                progress[worker] = {**value, "state": reader} if value else self._fresh_progress(worker, reader)
+            self._progress, self._next_worker = progress, int(own["next_worker"])
+        lost = notes["lost"] if (not notes["dealt"] or self.dataset.rank == 0) else 0
+        self.skipped_at_resume += lost
+        if notes["dropped"]:
+            logger.warning(
+                "%d shard(s) of the saved pass are gone or changed size (%s): dropped from the resumed pass %d "
+                "(their unread rest is lost, %d buffered image(s) of them included); the shard list of the run "
+                "is now the current one",
+                len(notes["dropped"]),
+                ", ".join(notes["dropped"][:3]) + (", ..." if len(notes["dropped"]) > 3 else ""),
+                epoch,
+                notes["lost"],
+            )
+        if notes["added"]:
+            logger.warning(
+                "%d new shard(s) (%s) join at pass %d",
+                len(notes["added"]),
+                ", ".join(notes["added"][:3]) + (", ..." if len(notes["added"]) > 3 else ""),
+                epoch + 1,
+            )
+        self._stream.restore, self._stream.restore_epoch = self._progress, epoch

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 import transformers
 from transformers import HfArgumentParser, set_seed
@@ -26,7 +25,7 @@ from simmim_hf.cli import parse_arguments
 from simmim_hf.configuration_simmim import SimMIMConfig
 from simmim_hf.data.collate import SimMIMCollator
 from simmim_hf.data.stats import data_provenance, resolve_image_stats
-from simmim_hf.data.stream import DataArguments, StreamLoader, load_pretrain_dataset
+from simmim_hf.data.stream import DataArguments, StreamLoader, is_stream, load_pretrain_dataset
 from simmim_hf.errors import TrainingDiverged, UsageError
 from simmim_hf.masking import SimMIMMaskGenerator
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
@@ -178,7 +177,7 @@ def build_data(data_args: DataArguments, args: SimMIMTrainingArguments, config: 
     )
     collator = SimMIMCollator(SimMIMMaskGenerator.from_config(config), seed=args.seed, rank=args.process_index)
     loader = None
-    if isinstance(dataset, datasets.IterableDataset):
+    if is_stream(dataset):
         loader = StreamLoader(
             dataset,
             collator,

@@ -146,9 +146,13 @@ class SimMIMTrainer(Trainer):
         """Before training from `checkpoint` (or from scratch, None): restores this rank's stream position and the
         earlier sessions' wall time saved in it, and starts this session's clock."""
         if checkpoint and self.stream_loader is not None:
-            path = RunDir.stream_state_file(checkpoint, self.args.process_index)
-            if path.is_file():
-                self.stream_loader.load_state_dict(json.loads(path.read_text()))
+            # Every rank's state: with another number of ranks, the rest of the pass is dealt out anew.
+            states = []
+            while RunDir.stream_state_file(checkpoint, len(states)).is_file():
+                states.append(json.loads(RunDir.stream_state_file(checkpoint, len(states)).read_text()))
+            if states:
+                own = states[self.args.process_index] if self.args.process_index < len(states) else None
+                self.stream_loader.load_state_dict(own, all_ranks=states)
             else:
                 logger.warning("No stream position in %s; the stream restarts from a fresh shuffle", checkpoint)
         wall_time = RunDir.wall_time_file(checkpoint) if checkpoint else None
