@@ -53,7 +53,7 @@ def run(request, monkeypatch, tmp_path) -> RunDir:
 
 def test_every_reader_finds_the_files_of_a_run_folder_under_any_names(run, tmp_path):
     assert validate_run_dir(run.path, include_full_checkpoint=True) == run.path
-    assert run.read_summary() == SUMMARY and finished_run(run.path, 3) == SUMMARY
+    assert run.read_summary() == SUMMARY and finished_run(run.path, 3) is None  # no card yet: not finished
     assert RunDir.containing(run.path) == run and RunDir.containing(run.encoder) == run
     assert RunDir.containing(tmp_path) is None
     assert resolve_encoder_path(str(run.path), tmp_path / "work") == str(run.encoder)
@@ -61,6 +61,7 @@ def test_every_reader_finds_the_files_of_a_run_folder_under_any_names(run, tmp_p
     card = render_model_card(run.path)
     assert f"]({RunDir.RECONSTRUCTION_NAME})" in card.text and str(run.encoder) in card.text
     assert write_model_card(run.path) == run.card and run.card.is_file()
+    assert finished_run(run.path, 3) == SUMMARY and not list(run.path.glob(".*tmp-*"))
 
     files = dict(_collect_files(run.path, include_full_checkpoint=True))
     assert files[RunDir.RECONSTRUCTION_NAME] == run.reconstruction
@@ -86,6 +87,7 @@ def test_checkpoint_files_are_named_by_rank_inside_the_checkpoint(tmp_path):
 def _spelled_names(tree: ast.AST) -> list[tuple[int, str]]:
     """(line, name) of every run-folder file name written as a literal, and of every `path / "encoder"`."""
     files = {RunDir.SUMMARY_NAME, RunDir.RECONSTRUCTION_NAME, RunDir.CARD_NAME, RunDir.WALL_TIME_NAME}
+    files.add(RunDir.SETTINGS_NAME)
     files.add(RunDir.STREAM_STATE_NAME)
     found = [(node.lineno, node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant)]
     found = [(line, value) for line, value in found if value in files]

@@ -501,6 +501,10 @@ class StreamLoader:
         )
         self.epoch = 0
         self.skipped_at_resume = 0
+        # Images of one pass on this rank: measured at the end of each pass (kept across resumes), or until then an
+        # estimate the job may set; `run_epoch` divides by it.
+        self.pass_images: int | None = None
+        self.expected_pass_images: int | None = None
         self._progress: dict[int, dict[str, Any]] = {}
         self._next_worker = 0
         self._faults_before_pass = add_counts()
@@ -596,6 +600,7 @@ class StreamLoader:
         if num_batches == 0:
             logger.info("The resumed pass %d had no full batch left; starting pass %d", self.epoch, self.epoch + 1)
         self._faults_before_pass = add_counts(self._faults_before_pass, faults)
+        self.pass_images = sum(progress["images"] for progress in self._progress.values()) or self.pass_images
         self._progress, self._next_worker = {}, 0
         self._stream.restore, self._stream.restore_epoch = {}, None
 
@@ -603,6 +608,16 @@ class StreamLoader:
         """Called by the Trainer at each of its epochs; endless loaders count their own passes and ignore it."""
         if not self.endless:
             self.epoch = int(epoch)
+
+    def run_epoch(self) -> float:
+        """Passes over the data so far, earlier sessions included: the passes completed plus the fraction of this one
+        consumed (its images over `pass_images`, or `expected_pass_images` during the first pass; 0 when neither is
+        known). What the Trainer logs as `epoch`."""
+        length = self.pass_images or self.expected_pass_images
+        if not length:
+            return float(self.epoch)
+        images = sum(progress["images"] for progress in self._progress.values())
+        return self.epoch + min(1.0, images / length)
 
     def fault_counts(self) -> dict[str, int]:
         """Data faults per reason for the whole run so far (this rank: all workers, passes and earlier sessions)."""
@@ -618,6 +633,7 @@ class StreamLoader:
             "workers": copy.deepcopy({str(worker): progress for worker, progress in sorted(self._progress.items())}),
             "faults_before_pass": dict(self._faults_before_pass),
             "skipped_at_resume": self.skipped_at_resume,
+            "pass_images": self.pass_images,
         }
         if self.shards:
             state["stream"] = "shards"
@@ -646,6 +662,7 @@ class StreamLoader:
         if version not in (1, 2, STATE_VERSION):
             raise ValueError(f"Unknown stream state version {version!r} (expected {STATE_VERSION})")
         epoch = int(state["epoch"])
+        self.pass_images = state.get("pass_images") or self.pass_images
         self._progress, self._next_worker = {}, 0
         self._stream.restore, self._stream.restore_epoch = {}, None
         self._faults_before_pass = add_counts(state.get("faults_before_pass", {}) if own else {})

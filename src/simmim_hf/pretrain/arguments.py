@@ -135,6 +135,15 @@ class SimMIMTrainingArguments(TrainingArguments):
             "help": "Linear warmup: steps (>= 1) or a fraction of max_steps (< 1). Default: --default_warmup_ratio."
         },
     )
+    allow_changed_settings: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a run with settings other than those it was recorded with (model, masking, global batch, "
+            "seed, optimisation, data source): the change starts a new segment, recorded in the summary and card. "
+            "Without it such a resume stops with the differences. A raised --max_steps or a changed --data_files "
+            "list needs no flag."
+        },
+    )
     default_warmup_ratio: float = field(
         default=0.1, metadata={"help": "Warmup as a fraction of max_steps when --warmup_steps is not given."}
     )

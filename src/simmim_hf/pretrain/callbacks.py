@@ -1,4 +1,5 @@
-"""Trainer callbacks of the pretraining job: the NaN/Inf step guard, reconstruction pictures during training."""
+"""Trainer callbacks of the pretraining job: the NaN/Inf step guard, the run's epoch, reconstruction pictures during
+training."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer.skip_nonfinite_step()
+
+
+class RunEpoch(TrainerCallback):
+    """Sets the Trainer's `epoch` (logged with every loss, saved in `trainer_state.json`) to the passes over the data
+    of the whole run (`StreamLoader.run_epoch`). With `max_steps` over a stream, the Trainer's own value is the
+    fraction of `max_steps` done in this session, which restarts at every resume."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def on_step_end(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
+        state.epoch = round(self.loader.run_epoch(), 6)
 
 
 class ReconstructionCallback(TrainerCallback):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from simmim_hf.publish.run_dir import RunDir, has_safetensors_weights
+from simmim_hf.publish.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +126,21 @@ def load_weights_strictly(model: torch.nn.Module, checkpoint: str | Path) -> int
 
 
 def finished_run(output_dir: str | Path, max_steps: int) -> dict[str, Any] | None:
-    """The run summary when `output_dir` holds a finished run of `max_steps` steps (final model and summary written),
-    else None."""
+    """The run summary when `output_dir` holds a finished run of `max_steps` steps: summary, final weights, `encoder/`,
+    picture and card all written and readable (`RunDir.finish_missing`); else None. A run whose finish was cut short
+    (killed, disk full) is not finished: its rerun resumes from the last checkpoint, trains nothing more and writes
+    the finish again."""
     run = RunDir(output_dir)
-    if not (run.summary.is_file() and has_safetensors_weights(run.path)):  # a sharded final save counts too
+    if not run.summary.is_file():
         return None
     try:
         summary = run.read_summary()
     except (OSError, ValueError):
         return None
-    return summary if summary.get("steps_completed") == max_steps else None
+    if summary.get("steps_completed") != max_steps:
+        return None
+    missing = run.finish_missing()
+    if missing:
+        logger.warning("%s: the finish of the run is incomplete (%s): writing it again", run.path, ", ".join(missing))
+        return None
+    return summary

@@ -29,6 +29,7 @@ from simmim_hf.data.stream import DataArguments, StreamLoader, is_stream, load_p
 from simmim_hf.errors import TrainingDiverged, UsageError
 from simmim_hf.masking import SimMIMMaskGenerator
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
+from simmim_hf.pretrain import run_settings
 from simmim_hf.pretrain.arguments import ModelArguments, SimMIMTrainingArguments
 from simmim_hf.pretrain.callbacks import ReconstructionCallback
 from simmim_hf.pretrain.checkpoints import (
@@ -43,7 +44,7 @@ from simmim_hf.pretrain.trainer import SimMIMTrainer
 from simmim_hf.publish.convert import export_encoder
 from simmim_hf.publish.hub import push_run_to_hub
 from simmim_hf.publish.model_card import write_model_card
-from simmim_hf.publish.run_dir import RunDir
+from simmim_hf.publish.run_dir import RunDir, staged_file, staged_folder, write_atomic
 from simmim_hf.visualization import save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ def run_pretraining(
 ) -> dict[str, Any]:
     """Pretrains, then leaves in `args.output_dir`: the SimMIM checkpoint, `encoder/` (stock transformers),
     `reconstruction.png`, `simmim_run.json` and the model card `README.md`. Returns the run summary."""
+    with run_settings.no_new_folder_on_usage_error(args.output_dir):
+        return _run_pretraining(model_args, data_args, args)
+
+
+def _run_pretraining(
+    model_args: ModelArguments, data_args: DataArguments, args: SimMIMTrainingArguments
+) -> dict[str, Any]:
     check_launch(args)
     done = finished_summary(args)
     if done is not None:
@@ -72,10 +80,14 @@ def run_pretraining(
     model = build_model(model_args, config)
     data = build_data(data_args, args, config)
     resume = resume_checkpoint(args, data)
+    session = run_settings.settle(model_args, data_args, args, config, resume, checkpoint_step(resume or "") or 0)
     hub_push = take_over_hub_push(args)
     trainer = build_trainer(model, args, data)
+    trainer.run_settings = session.record
     if trainer.is_world_process_zero():
-        logger.info(run_header(model_args, data_args, args, config, model, data.dataset, stats_source, resume))
+        run_settings.save_record(args.output_dir, session.record)
+        header = run_header(model_args, data_args, args, config, model, data.dataset, stats_source, resume)
+        logger.info("\n".join(filter(None, [header, run_settings.schedule_line(session, args)])))
     train(trainer, resume)
     summary = run_summary(model_args, data_args, args, config, trainer, stats_source)
     finish(trainer, data.preview, summary, hub_push)
@@ -89,6 +101,7 @@ def check_launch(args: SimMIMTrainingArguments) -> None:
     write the same folder: refuse."""
     if args.max_steps is None or args.max_steps <= 0:
         raise UsageError("max_steps: a streaming run needs a positive --max_steps")
+    run_settings.check_numeric_flags(args)
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and args.world_size != launched:
         raise UsageError(
@@ -185,6 +198,9 @@ def build_data(data_args: DataArguments, args: SimMIMTrainingArguments, config: 
             num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory and args.device.type == "cuda",
             prefetch_factor=args.dataloader_prefetch_factor,
+        )
+        loader.expected_pass_images = run_settings.pass_length_hint(
+            data_provenance(data_args)["num_source_images"], data_args.max_train_samples, args.world_size
         )
     # Preview images from a read with no shuffle buffer (a buffered stream would first fill it); shard order and
     # the random crop still depend on the seed.
@@ -316,6 +332,8 @@ def run_summary(
         [entry["step"], finite_or_none(entry["loss"])] for entry in trainer.state.log_history if "loss" in entry
     ]
     faults, skipped = trainer.stream_totals()
+    record = getattr(trainer, "run_settings", None)
+    segments = run_settings.segments_summary(record, trainer.state.global_step, args.global_batch_size)
     arguments = {
         "model": dataclasses.asdict(model_args),
         "data": dataclasses.asdict(data_args),
@@ -350,7 +368,8 @@ def run_summary(
         **data_provenance(data_args),
         # What happened.
         "steps_completed": trainer.state.global_step,
-        "images_seen": trainer.state.global_step * args.global_batch_size,
+        "images_seen": sum(segment["images"] for segment in segments),
+        "settings_segments": segments,
         "final_loss": loss_curve[-1][1] if loss_curve else None,
         "loss_curve": loss_curve,
         "nonfinite_steps": trainer.nonfinite_steps,
@@ -401,9 +420,13 @@ def finish_run(
     run = RunDir(output_dir)
     model = SimMIMForMaskedImageModeling.from_pretrained(output_dir).eval()
     refuse_nonfinite(model)
-    export_encoder(model, run.encoder)
-    save_reconstruction_grid(model, preview["pixel_values"], preview["bool_masked_pos"], run.reconstruction)
-    run.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    # Each piece replaces its file (folder) atomically; the card comes last (it renders the summary), and a finished
+    # run needs all of them (`checkpoints.finished_run`), so a rerun after a kill here writes them again.
+    with staged_folder(run.encoder) as staging:
+        export_encoder(model, staging)
+    with staged_file(run.reconstruction) as staging:
+        save_reconstruction_grid(model, preview["pixel_values"], preview["bool_masked_pos"], staging)
+    write_atomic(run.summary, json.dumps(summary, indent=2) + "\n")
     write_model_card(output_dir)
     logger.info("Wrote %s (checkpoint, encoder/, reconstruction.png, model card)", output_dir)
     if push:

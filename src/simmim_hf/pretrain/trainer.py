@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import SchedulerType, Trainer
+from transformers import SchedulerType, Trainer, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from simmim_hf.backbones import flops_per_image, no_weight_decay_names
@@ -28,7 +28,7 @@ from simmim_hf.data.images import normalize_pixel_values
 from simmim_hf.data.stream import StreamLoader
 from simmim_hf.errors import TrainingDiverged
 from simmim_hf.pretrain.arguments import parse_milestones
-from simmim_hf.pretrain.callbacks import NonFiniteGuard
+from simmim_hf.pretrain.callbacks import NonFiniteGuard, RunEpoch
 from simmim_hf.pretrain.checkpoints import (
     STAGING_PREFIX,
     find_resume_checkpoint,
@@ -110,7 +110,11 @@ class SimMIMTrainer(Trainer):
         # Training time of earlier sessions of this run (restored on resume), so the card's wall time is the total.
         self.earlier_wall_time = 0.0
         self.session_start = time.perf_counter()
+        # The run's settings record, saved in every checkpoint (set by `pretrain.run`; None: not saved).
+        self.run_settings: dict[str, Any] | None = None
         self.add_callback(NonFiniteGuard(self))
+        if stream_loader is not None:
+            self.add_callback(RunEpoch(stream_loader))
 
     # -- the stream -----------------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> Any:
@@ -170,6 +174,14 @@ class SimMIMTrainer(Trainer):
         logger.info("Restored all %d weight tensors from %s", count, folder)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        self._load_saved_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and not self.is_deepspeed_enabled:
+            changed = realign_schedule(self.optimizer, self.lr_scheduler, self.args.learning_rate)
+            if changed is not None:
+                logger.info("LR at step %d: %.3g from the checkpoint -> %.3g on this schedule", self.state.global_step,
+                            *changed)  # fmt: skip
+
+    def _load_saved_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         # transformers < 5.2x maps the optimizer state to `args.device` when world_size > 1; on CPU processes that is
         # "cpu:0", which torch cannot restore to. Load plain DDP-on-CPU states here, on "cpu".
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
@@ -299,6 +311,8 @@ class SimMIMTrainer(Trainer):
             path.write_text(json.dumps(self.stream_loader.state_dict()))
         if self.is_world_process_zero():
             RunDir.wall_time_file(folder).write_text(json.dumps({"wall_time_seconds": self.wall_time()}))
+            if self.run_settings is not None:  # the settings that made this checkpoint (`pretrain.run_settings`)
+                RunDir.settings_file(folder).write_text(json.dumps(self.run_settings, indent=1))
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         step = self.state.global_step
@@ -373,22 +387,59 @@ class SimMIMTrainer(Trainer):
     def create_scheduler(
         self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
     ) -> torch.optim.lr_scheduler.LRScheduler:
-        args = self.args
-        if self.lr_scheduler is not None:
-            return self.lr_scheduler
-        optimizer = optimizer if optimizer is not None else self.optimizer
-        warmup = args.get_warmup_steps(num_training_steps)
-        milestones = parse_milestones(args.lr_milestones) if getattr(args, "lr_milestones", None) else None
-        floor = getattr(args, "min_learning_rate_ratio", 0.0)
-        if milestones:
-            factor = warmup_multistep_lambda(warmup, milestones, args.lr_gamma)
-        elif SchedulerType(args.lr_scheduler_type) == SchedulerType.COSINE and floor > 0:  # an enum after parsing
-            factor = warmup_cosine_lambda(warmup, num_training_steps, floor)
-        else:
-            return super().create_scheduler(num_training_steps, optimizer)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        self._created_lr_scheduler = True
+        if self.lr_scheduler is None:
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            self.lr_scheduler = build_lr_scheduler(self.args, optimizer, num_training_steps)
+            self._created_lr_scheduler = True
         return self.lr_scheduler
+
+
+def build_lr_scheduler(
+    args: Any, optimizer: torch.optim.Optimizer, num_training_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The run's LR schedule over `num_training_steps`: warmup then multistep (`--lr_milestones`), SimMIM's cosine with
+    a floor (`--min_learning_rate_ratio` > 0), or else the stock transformers schedule `--lr_scheduler_type`."""
+    warmup = args.get_warmup_steps(num_training_steps)
+    milestones = parse_milestones(args.lr_milestones) if getattr(args, "lr_milestones", None) else None
+    floor = getattr(args, "min_learning_rate_ratio", 0.0)
+    if milestones:
+        factor = warmup_multistep_lambda(warmup, milestones, args.lr_gamma)
+    elif SchedulerType(args.lr_scheduler_type) == SchedulerType.COSINE and floor > 0:  # an enum after parsing
+        factor = warmup_cosine_lambda(warmup, num_training_steps, floor)
+    else:
+        return get_scheduler(
+            args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def realign_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: Any, learning_rate: float
+) -> tuple[float, float] | None:
+    """After a resume: makes the restored optimizer and LR scheduler follow this session's schedule from the
+    restored step. A checkpoint restores the peak LR it was saved with (`base_lrs`) and the LR of its step under its
+    own schedule; when the peak changed (another global batch) or the schedule did (a raised `max_steps`), the next
+    step would still run at the old value. Returns (old LR, new LR) of the first group when anything changed, else
+    None (nothing is touched, so an unchanged resume stays bitwise)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return None
+    step = scheduler.last_epoch
+    old = optimizer.param_groups[0]["lr"]
+    targets = [learning_rate * factor(step) for factor in scheduler.lr_lambdas]
+    if (
+        scheduler.base_lrs == [learning_rate] * len(scheduler.base_lrs)
+        and [group["lr"] for group in optimizer.param_groups] == targets
+    ):
+        return None
+    scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+    for group, target in zip(optimizer.param_groups, targets, strict=True):
+        group["initial_lr"], group["lr"] = learning_rate, target
+    scheduler._last_lr = list(targets)
+    return old, targets[0]
 
 
 # Dense bf16 peak FLOP/s per GPU, for MFU (matched on the CUDA device name).

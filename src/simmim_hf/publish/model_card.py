@@ -19,7 +19,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from simmim_hf.data.sources import FASHION_MNIST, FASHION_MNIST_HUB_ID, LOCAL_BUILDERS, is_fashion_mnist
-from simmim_hf.publish.run_dir import RunDir, read_json
+from simmim_hf.publish.run_dir import RunDir, read_json, write_atomic
 
 TEMPLATE_NAME = "simmim_model_card.md"
 SIMMIM_ARXIV_ID = "2111.09886"
@@ -213,6 +213,7 @@ def _hyperparameter_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
         ("Wall time", _format_duration(run.get("wall_time_seconds"))),
         ("Final reconstruction loss", _fmt(run.get("final_loss"))),
         *_data_fault_rows(run),
+        *_segment_rows(run),
         (
             "Software",
             f"transformers {_fmt(run.get('transformers_version'))}, torch {_fmt(run.get('torch_version'))}, "
@@ -229,6 +230,30 @@ def _data_fault_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
     from simmim_hf.data.faults import format_counts
 
     return [("Skipped data (faults)", format_counts(faults))]
+
+
+def _segment_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
+    """One row listing the run's segments when its settings changed at a resume (`--allow_changed_settings`, a
+    changed file list, a raised `max_steps`): from which step to which, what changed, its global batch."""
+    segments = run.get("settings_segments") or []
+    if len(segments) < 2:
+        return []
+    parts = []
+    for segment in segments:
+        changed = "; ".join(
+            f"{name} {_setting_text(name, before)} -> {_setting_text(name, after)}"
+            for name, (before, after) in (segment.get("changed") or {}).items()
+        )
+        text = f"steps {segment['from_step']}-{segment['to_step']}, global batch {segment['global_batch_size']}"
+        parts.append(text + (f" ({changed})" if changed else ""))
+    return [("Settings by segment", "<br>".join(parts))]
+
+
+def _setting_text(name: str, value: Any) -> str:
+    """A recorded setting for the card: a file list by its length, the rest as `_fmt` writes it."""
+    if name == "data_files" and isinstance(value, list):
+        return f"{len(value)} file(s)"
+    return _fmt(value)
 
 
 def _normalisation_text(run: dict[str, Any]) -> str:
@@ -358,7 +383,7 @@ def write_model_card(
         include_full_checkpoint=include_full_checkpoint,
     )
     path = RunDir(run_dir).card
-    card.save(path)
+    write_atomic(path, str(card))  # a kill or a full disk leaves the old card (or none), never a cut one
     return path
 
 

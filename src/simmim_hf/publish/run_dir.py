@@ -7,8 +7,14 @@
       reconstruction.png              .reconstruction, original / masked / reconstruction rows
       README.md                       .card, the model card
       eval_results.json               .eval_results, every evaluation of this run (`merge_eval_results`)
-      checkpoint-N/                   Trainer checkpoints, each with `stream_state_file(checkpoint, rank)` and
-                                      `wall_time_file(checkpoint)` beside the Trainer's own files
+      simmim_settings.json            .settings, the settings that define the run and its segments
+                                      (`pretrain.run_settings`)
+      checkpoint-N/                   Trainer checkpoints, each with `stream_state_file(checkpoint, rank)`,
+                                      `wall_time_file(checkpoint)` and `settings_file(checkpoint)` beside the
+                                      Trainer's own files
+
+Every file of the run folder is replaced atomically (`write_atomic`: a temporary file, then `os.replace`; `encoder/`
+through `staged_folder`), so a kill or a full disk leaves the old file or none, never a cut one.
 
 Pretraining writes these files, the model card, the Hub push, evaluation and the scripts read them, all through
 `RunDir`: renaming one here renames it everywhere. Reads JSON only (no torch/transformers import), so that the push
@@ -20,6 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +52,54 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+@contextmanager
+def staged_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write to; when the block ends without an error, the file is synced
+    and renamed onto `path` (`os.replace`), so readers see the old file or the complete new one, never a partial one.
+    On any error (a full disk, an interrupt) the temporary file is removed and the old file stays."""
+    path = Path(path)
+    staging = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix kept: PIL reads it
+    for leftover in path.parent.glob(f".{path.stem}.tmp-*{path.suffix}"):  # of a write that was killed
+        leftover.unlink(missing_ok=True)
+    try:
+        yield staging
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Writes `data` (text as UTF-8) to `path` through `staged_file`."""
+    with staged_file(path) as staging:
+        staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields an empty staging folder beside `path`; when the block ends without an error, the staging folder
+    replaces `path` (a folder) in two renames, so `path` is always absent, the old folder or the complete new one.
+    On an error the staging folder is removed and `path` is left as it was."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    for leftover in path.parent.glob(f".{path.name}.[to][ml][pd]-*"):  # .tmp-* / .old-* of a write that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if path.exists():
+            os.replace(path, old)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def has_safetensors_weights(folder: Path) -> bool:
     """Whether `folder` holds safetensors weights (one file or a sharded index)."""
     return any((folder / name).is_file() for name in _WEIGHT_FILES)
@@ -59,6 +116,7 @@ class RunDir:
     RECONSTRUCTION_NAME: ClassVar[str] = "reconstruction.png"
     CARD_NAME: ClassVar[str] = "README.md"
     EVAL_RESULTS_NAME: ClassVar[str] = "eval_results.json"
+    SETTINGS_NAME: ClassVar[str] = "simmim_settings.json"
     FULL_CONFIG_NAME: ClassVar[str] = "config.json"
     # What a stock `AutoModel`/`AutoImageProcessor.from_pretrained(run.encoder)` needs besides the weights.
     ENCODER_REQUIRED_FILES: ClassVar[tuple[str, ...]] = ("config.json", "preprocessor_config.json")
@@ -92,6 +150,10 @@ class RunDir:
         return self.path / self.EVAL_RESULTS_NAME
 
     @property
+    def settings(self) -> Path:
+        return self.path / self.SETTINGS_NAME
+
+    @property
     def full_config(self) -> Path:
         return self.path / self.FULL_CONFIG_NAME
 
@@ -106,6 +168,11 @@ class RunDir:
         return Path(checkpoint) / cls.WALL_TIME_NAME
 
     @classmethod
+    def settings_file(cls, checkpoint: str | os.PathLike) -> Path:
+        """Where the run's settings record (as of that checkpoint) is saved inside a checkpoint folder."""
+        return Path(checkpoint) / cls.SETTINGS_NAME
+
+    @classmethod
     def containing(cls, model: str | os.PathLike) -> RunDir | None:
         """The pretraining run behind `model` (the run folder itself or its `encoder/`), or None when it is neither."""
         folder = Path(model)
@@ -117,6 +184,23 @@ class RunDir:
     def read_summary(self) -> dict[str, Any]:
         """The run summary (`simmim_run.json`) as a dict."""
         return read_json(self.summary)
+
+    def finish_missing(self) -> list[str]:
+        """What the end of a pretraining run leaves that is absent or unreadable here (empty: the run's outputs are
+        complete): the final weights, `encoder/` (weights, config, processor), the picture, a readable summary and a
+        non-empty card."""
+        missing = [] if has_safetensors_weights(self.path) else ["model.safetensors"]
+        encoder_files = [self.encoder / name for name in self.ENCODER_REQUIRED_FILES]
+        if not (has_safetensors_weights(self.encoder) and all(path.is_file() for path in encoder_files)):
+            missing.append(f"{self.ENCODER_NAME}/")
+        for path in (self.reconstruction, self.card):
+            if not (path.is_file() and path.stat().st_size > 0):
+                missing.append(path.name)
+        try:
+            self.read_summary()
+        except (OSError, ValueError):
+            missing.append(self.SUMMARY_NAME)
+        return missing
 
     def read_eval_results(self) -> dict[str, Any] | None:
         """The run's stored evaluation results (`eval_results.json`), or None before its first evaluation."""
@@ -137,9 +221,7 @@ class RunDir:
         earlier = self.read_eval_results() or {}
         kept = [row for row in earlier.get("results") or [] if key(row) not in new_keys]
         merged = {**payload, "results": kept + new_rows}
-        staging = self.eval_results.with_name(f".{self.EVAL_RESULTS_NAME}.tmp-{os.getpid()}")
-        staging.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
-        os.replace(staging, self.eval_results)
+        write_atomic(self.eval_results, json.dumps(merged, indent=2) + "\n")
         return merged
 
     def read_encoder_config(self) -> dict[str, Any]:
