@@ -423,7 +423,6 @@ class SimMIMConfig(PretrainedConfig):
     def _validate(self) -> None:
         height, width = to_pair(self.image_size)
         self._validate_windows(height, width)
-        self._validate_reconstruction()
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.mask_patch_size <= 0:
@@ -455,6 +454,7 @@ class SimMIMConfig(PretrainedConfig):
                 f"image_mean/image_std need one value per channel (num_channels={self.num_channels}), got "
                 f"{len(self.image_mean)}/{len(self.image_std)}"
             )
+        self._validate_reconstruction()
 
     def _validate_reconstruction(self) -> None:
         """The ConvNet masking mode, the decoder and the loss: known values, and combinations that work."""
