@@ -304,6 +304,10 @@ def test_config_mistakes_name_the_field():
         ValueError, match=r"unknown encoder type 'regnet'; supported: .*'convnext', 'convnextv2', 'resnet'"
     ):
         SimMIMConfig(encoder_config={"model_type": "regnet"})
+    with pytest.raises(
+        ValueError, match="depths/hidden_sizes/num_stages: the convnext encoder needs one entry per stage"
+    ):
+        tiny_convnet_config("convnext").with_overrides(depths=[1, 1])
     # The ViT/Swin defaults keep the paper's head and loss.
     vit = tiny_simmim_config("vit")
     assert (vit.conv_masking, vit.decoder_type, vit.loss_type, vit.norm_target) == (None, "linear", "l1", False)
@@ -394,3 +398,57 @@ def test_pretrain_script_runs_a_convnext_preset(tmp_path, shards):
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
     encoder = AutoModel.from_pretrained(output_dir / "encoder")
     assert type(encoder).__name__ == "ConvNextV2Model"
+
+
+def test_reconstruction_pictures_of_normalised_targets_are_denormalised_per_cell():
+    from simmim_hf.visualization import denormalize, reconstruction_rows
+
+    config = tiny_convnet_config("convnextv2", norm_target=True)
+    model = SimMIMForMaskedImageModeling(config).eval()
+    pixel_values, mask, masked_pixels = inputs(config)
+    rows = reconstruction_rows(model, pixel_values, mask)
+    with torch.no_grad():
+        predicted = model(pixel_values, bool_masked_pos=mask).reconstruction  # in units of each cell's statistics
+    cell = config.mask_patch_size
+    expected = pixel_values.clone()
+    for n in range(2):
+        for i in range(0, 32, cell):
+            for j in range(0, 32, cell):
+                if masked_pixels[n, 0, i, j]:
+                    block = pixel_values[n, :, i : i + cell, j : j + cell]
+                    window = (n, slice(None), slice(i, i + cell), slice(j, j + cell))
+                    expected[window] = predicted[window] * (block.var() + 1e-6).sqrt() + block.mean()
+    reference = denormalize(expected, config.image_mean, config.image_std)
+    torch.testing.assert_close(rows[2], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_classes_carry_the_encoder_tensors(exported):
+    from simmim_hf.eval.dense import load_backbone
+
+    root, models = exported
+    for family, model in models.items():
+        backbone = load_backbone(root / family)
+        assert type(backbone).__name__ == {"convnext": "ConvNextBackbone", "convnextv2": "ConvNextV2Backbone"}.get(
+            family, "ResNetBackbone"
+        )
+        ours = model.simmim.encoder.state_dict()
+        shared = [key for key in backbone.state_dict() if key in ours]
+        assert len(shared) > 10 and all(torch.equal(backbone.state_dict()[key], ours[key]) for key in shared), family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_encoder_starts_from_a_stock_classifier(tmp_path, family):
+    from transformers import AutoModelForImageClassification
+
+    encoder_config = tiny_convnet_config(family).encoder_config
+    classifier = AutoModelForImageClassification.from_config(encoder_config)
+    classifier.save_pretrained(tmp_path)
+    model = SimMIMForMaskedImageModeling.from_encoder(str(tmp_path), decoder_hidden_size=16)
+    assert (model.config.encoder_type, model.config.conv_masking, model.config.mask_patch_size) == (
+        family,
+        "sparse",
+        8,
+    )
+    stock = getattr(classifier, classifier.base_model_prefix).state_dict()
+    ours = model.simmim.encoder.state_dict()
+    assert set(ours) == set(stock) and all(torch.equal(ours[key], stock[key]) for key in stock)

@@ -459,6 +459,16 @@ class SimMIMConfig(PretrainedConfig):
     def _validate_reconstruction(self) -> None:
         """The ConvNet masking mode, the decoder and the loss: known values, and combinations that work."""
         convnet = is_convnet(self.encoder_type)
+        if convnet:
+            encoder = self.encoder_config
+            stages = {"depths": len(encoder.depths), "hidden_sizes": len(encoder.hidden_sizes)}
+            if hasattr(encoder, "num_stages"):  # ConvNeXt builds num_stages stages from the two lists
+                stages["num_stages"] = int(encoder.num_stages)
+            if len(set(stages.values())) != 1:
+                raise ValueError(
+                    f"{'/'.join(stages)}: the {self.encoder_type} encoder needs one entry per stage, got "
+                    + ", ".join(f"{key}={value}" for key, value in stages.items())
+                )
         if self.conv_masking is not None and not convnet:
             raise ValueError(
                 f"conv_masking: applies to ConvNet encoders ({', '.join(CONV_ENCODERS)}), not {self.encoder_type!r} "
