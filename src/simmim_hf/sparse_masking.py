@@ -152,10 +152,13 @@ def visible_batch_norm(module: nn.BatchNorm2d, features: torch.Tensor, keep: tor
     """BatchNorm over visible positions only (SparK's sparse BatchNorm, densely): in training, the mean and the biased
     variance of the positions where `keep` is 1 normalise, and the running statistics move towards that mean and the
     unbiased variance (PyTorch's rule, momentum or cumulative average); in evaluation the running statistics.
-    Masked positions of the result are 0.
+    Masked positions of the result are 0. Statistics are computed in float32 whatever the input's dtype (as cuDNN's
+    BatchNorm does under autocast); the result has the input's dtype.
 
     features: (N, C, h, w); keep: (N, 1, h, w), 1 = visible. Returns (N, C, h, w).
     """
+    dtype = features.dtype
+    features, keep = features.float(), keep.float()
     use_batch = module.training or not module.track_running_stats
     if use_batch:
         count = keep.sum()
@@ -176,11 +179,11 @@ def visible_batch_norm(module: nn.BatchNorm2d, features: torch.Tensor, keep: tor
                     unbiased.detach().to(module.running_var.dtype), alpha=momentum
                 )
     else:
-        mean, var = module.running_mean.to(features.dtype), module.running_var.to(features.dtype)
+        mean, var = module.running_mean.float(), module.running_var.float()
     normed = (features - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + module.eps)
     if module.affine:
-        normed = normed * module.weight.view(1, -1, 1, 1) + module.bias.view(1, -1, 1, 1)
-    return normed * keep
+        normed = normed * module.weight.float().view(1, -1, 1, 1) + module.bias.float().view(1, -1, 1, 1)
+    return (normed * keep).to(dtype)
 
 
 class SparseBatchNorm2d(nn.BatchNorm2d):
