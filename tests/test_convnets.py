@@ -345,18 +345,27 @@ def exported(tmp_path_factory):
         model(*inputs(config)[:2]).loss.backward()
         model.eval()
         export_encoder(model, root / family)
+        torch.save(inputs(config)[1], root / family / "mask.pt")  # this family's patch grid
+        model.save_pretrained(root / f"{family}-simmim")  # the full checkpoint, with its remote code
         models[family] = model
     return root, models
 
 
-def test_export_loads_as_the_stock_model_in_a_fresh_process(exported):
+def test_export_and_remote_code_load_in_a_fresh_process(exported):
     root, models = exported
     out = run_python(f"""
         import json, torch
         from transformers import AutoModel
         result = {{}}
+        from transformers import AutoModelForMaskedImageModeling
         x = torch.load({str(root / "x.pt")!r}, weights_only=True)
         for family in {FAMILIES!r}:
+            mask = torch.load({str(root)!r} + "/" + family + "/mask.pt", weights_only=True)
+            full = AutoModelForMaskedImageModeling.from_pretrained(
+                {str(root)!r} + "/" + family + "-simmim", trust_remote_code=True
+            ).eval()
+            with torch.no_grad():
+                torch.save(full(x, bool_masked_pos=mask).loss, {str(root)!r} + "/" + family + "/remote_loss.pt")
             model = AutoModel.from_pretrained({str(root)!r} + "/" + family).eval()
             torch.save(model.state_dict(), {str(root)!r} + "/" + family + "/reloaded.pt")
             with torch.no_grad():
@@ -381,6 +390,10 @@ def test_export_loads_as_the_stock_model_in_a_fresh_process(exported):
         with torch.no_grad():  # unmasked, the hooks do nothing: the stock model's features
             features = model.simmim(x).last_hidden_state
         assert torch.equal(torch.load(root / family / "features.pt"), features), family
+        # The full checkpoint through its remote code (sparse hooks included) gives the same masked loss.
+        with torch.no_grad():
+            loss = model(x, bool_masked_pos=torch.load(root / family / "mask.pt")).loss
+        assert torch.equal(torch.load(root / family / "remote_loss.pt"), loss), family
 
 
 def test_pretrain_script_runs_a_convnext_preset(tmp_path, shards):
