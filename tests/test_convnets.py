@@ -465,3 +465,18 @@ def test_from_encoder_starts_from_a_stock_classifier(tmp_path, family):
     stock = getattr(classifier, classifier.base_model_prefix).state_dict()
     ours = model.simmim.encoder.state_dict()
     assert set(ours) == set(stock) and all(torch.equal(ours[key], stock[key]) for key in stock)
+
+
+def test_a_deep_copy_masks_with_its_own_state():
+    """Trainer utilities (EMA, model copies) deep-copy models: the copy's hooks must read the copy's mask state."""
+    import copy
+
+    config = tiny_convnet_config("resnet")
+    model = SimMIMModel(config).train()
+    clone = copy.deepcopy(model)
+    hook = next(iter(clone.encoder.embedder._forward_hooks.values()))
+    assert hook.state is clone._mask_state is clone.encoder.embedder.embedder.normalization._mask_state
+    assert clone._mask_state is not model._mask_state
+    pixel_values, mask, _ = inputs(config)
+    a = model(pixel_values, bool_masked_pos=mask).last_hidden_state
+    assert torch.equal(a, clone(pixel_values, bool_masked_pos=mask).last_hidden_state)
