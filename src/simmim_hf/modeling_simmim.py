@@ -412,7 +412,7 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
     ) -> SimMIMForMaskedImageModeling:
         """SimMIM over a stock encoder's pretrained weights, to continue pretraining it (e.g. on domain images).
 
-        `name_or_path`: Hub id or folder of a ViT, DeiT, BEiT, Swin or Swinv2 model, bare (`ViTModel`) or with a head
+        `name_or_path`: Hub id or folder of a ViT, DeiT, BEiT, Swin, Swinv2, ConvNeXt, ConvNeXt V2 or ResNet model, bare (`ViTModel`) or with a head
         (`ViTForImageClassification`, `BeitForMaskedImageModeling`, ...). The encoder is loaded with the stock
         class's `from_pretrained` (so transformers' own key conversions apply); a head in the checkpoint is dropped
         (logged). The checkpoint's mask token is kept where it has one; otherwise one is added (truncated normal, std
