@@ -64,7 +64,8 @@ def test_remote_code_loads_without_simmim_hf(tmp_path):
     with torch.no_grad():
         expected = model(pixel_values, bool_masked_pos=mask).loss.item()
     # The encoder-family description travels with the checkpoint (a relative import of both core files).
-    assert {"configuration_simmim.py", "modeling_simmim.py", "backbones.py"} <= {p.name for p in tmp_path.iterdir()}
+    core = {"configuration_simmim.py", "modeling_simmim.py", "backbones.py", "sparse_masking.py"}
+    assert core <= {p.name for p in tmp_path.iterdir()}
     families = {
         "exempt": sorted(model.no_weight_decay()),
         "ids": [model.layer_id(n) for n, _ in model.named_parameters()],

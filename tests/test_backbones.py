@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from tiny_configs import ENCODERS, PLAIN_TINY
+from tiny_configs import CONVNETS, ENCODERS, PLAIN_TINY
 from transformers import AutoModel, AutoModelForImageClassification, DeiTConfig, Swinv2Config
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMModel
@@ -14,6 +14,7 @@ from simmim_hf.backbones import (
     SUPPORTED_ENCODERS,
     encoder_structure,
     get_layer_id,
+    is_convnet,
     is_hierarchical,
     num_prefix_tokens,
     output_width,
@@ -23,6 +24,7 @@ from simmim_hf.pretrain.trainer import optimizer_groups
 
 TINY = {
     **ENCODERS,
+    **CONVNETS,
     "deit": lambda: DeiTConfig(**PLAIN_TINY, encoder_stride=4),
     "swinv2": lambda: Swinv2Config(
         image_size=32, patch_size=2, num_channels=3, embed_dim=16, depths=[1, 2], num_heads=[2, 2], window_size=4
@@ -119,6 +121,11 @@ def test_prefix_tokens_and_output_width_match_the_stock_model(family):
     with torch.no_grad():
         for model, encoder in ((stock, stock), (ours, ours.encoder)):
             hidden = model(pixel_values).last_hidden_state
-            assert hidden.shape == (2, num_prefix_tokens(encoder) + grid, output_width(config)), type(model)
-    assert num_prefix_tokens(stock) == {"vit": 1, "beit": 1, "deit": 2, "swin": 0, "swinv2": 0}[family]
+            if is_convnet(family):  # a feature map (N, C, h, w)
+                side = 32 // config.encoder_stride
+                assert hidden.shape == (2, output_width(config), side, side), type(model)
+            else:
+                assert hidden.shape == (2, num_prefix_tokens(encoder) + grid, output_width(config)), type(model)
+    prefix = {"vit": 1, "beit": 1, "deit": 2, "swin": 0, "swinv2": 0, "convnext": 0, "convnextv2": 0, "resnet": 0}
+    assert num_prefix_tokens(stock) == prefix[family]
     assert output_width(config) == output_width(config.encoder_config)

@@ -17,7 +17,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "simmim_hf"
 LAYERS = {"core": 0, "data": 1, "publish": 2, "pretrain": 3, "eval": 3}
 # Files saved beside every checkpoint as Hub remote code: they may import only each other (relatively), torch and
 # transformers, since the machine that loads them may not have simmim_hf.
-REMOTE_CODE = {"simmim_hf.configuration_simmim", "simmim_hf.modeling_simmim", "simmim_hf.backbones"}
+REMOTE_CODE = {
+    "simmim_hf.configuration_simmim",
+    "simmim_hf.modeling_simmim",
+    "simmim_hf.backbones",
+    "simmim_hf.sparse_masking",
+}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:

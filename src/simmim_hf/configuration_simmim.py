@@ -9,17 +9,41 @@ import copy
 import dataclasses
 from typing import Any
 
-from transformers import AutoConfig, AutoImageProcessor, BeitConfig, PretrainedConfig, SwinConfig, ViTConfig
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    BeitConfig,
+    ConvNextV2Config,
+    PretrainedConfig,
+    ResNetConfig,
+    SwinConfig,
+    ViTConfig,
+)
 
 from .backbones import (
+    CONV_ENCODERS,
     OFFICIAL_ENCODERS,
     SUPPORTED_ENCODERS,
+    SWIN_LIKE,
     WEIGHT_DECAY_EXEMPTIONS,
     default_weight_decay_exemptions,
-    is_hierarchical,
+    is_convnet,
+    output_stride,
+    patch_stride,
 )
 
 INITIALIZERS = ("official", "stock")
+# How a ConvNet encoder sees the mask: "sparse" (masked pixels zeroed, the keep-mask re-applied after every operation
+# that mixes positions, visible-only BatchNorm/GRN statistics; the mask token enters in the decoder) or "token"
+# (SimMIM's mask token replaces masked positions at the stem output, dense convolutions after it).
+CONV_MASKING = ("sparse", "token")
+# "linear": the paper's 1x1 convolution + PixelShuffle. "conv": FCMAE's light decoder (1x1 projection to
+# `decoder_hidden_size`, the mask token at masked positions, `decoder_depth` ConvNeXt V2 blocks, 1x1 conv + PixelShuffle).
+DECODER_TYPES = ("linear", "conv")
+LOSS_TYPES = ("l1", "l2", "smooth_l1")
+# Default width and depth of the "conv" decoder (FCMAE: 512 and 1).
+DECODER_HIDDEN_SIZE = 512
+DECODER_DEPTH = 1
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -33,6 +57,7 @@ def _preset_encoders() -> dict[str, tuple[PretrainedConfig, dict[str, Any]]]:
     """Preset name -> (encoder config, SimMIM settings). Built on demand so no config object is shared."""
     swin_base = dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])
     imagenet = dict(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    fashion_mnist = dict(image_mean=[FASHION_MNIST_MEAN] * 3, image_std=[FASHION_MNIST_STD] * 3)
     return {
         # Tiny ViT for Fashion-MNIST on a CPU: 28px images are resized to 32px, 4px patches (8x8 grid), 8px mask
         # cells (4x4 = 16 cells, 10 masked). Greyscale is replicated to 3 channels so that stock image processors
@@ -49,11 +74,22 @@ def _preset_encoders() -> dict[str, tuple[PretrainedConfig, dict[str, Any]]]:
                 qkv_bias=True,
                 encoder_stride=4,
             ),
-            dict(
-                mask_patch_size=8,
-                image_mean=[FASHION_MNIST_MEAN] * 3,
-                image_std=[FASHION_MNIST_STD] * 3,
+            dict(mask_patch_size=8, **fashion_mnist),
+        ),
+        # A CPU-size ConvNeXt V2 for Fashion-MNIST (32 px images), sparse masking and FCMAE's light decoder. A 2 px
+        # stem and 3 stages give an output stride of 8, so the last feature map is 4x4 (the ImageNet layout, 4 px
+        # stem and 4 stages, would leave 1x1 at 32 px) and the 8 px mask cells (4x4 = 16 cells, 10 masked, as the
+        # ViT demo) stay whole down to it.
+        "convnextv2-demo": (
+            ConvNextV2Config(
+                image_size=32,
+                patch_size=2,
+                num_channels=3,
+                num_stages=3,
+                depths=[2, 2, 2],
+                hidden_sizes=[32, 64, 128],
             ),
+            dict(mask_patch_size=8, decoder_hidden_size=64, **fashion_mnist),
         ),
         "vit-base-patch16-224": (
             ViTConfig(image_size=224, patch_size=16, encoder_stride=16, qkv_bias=True),
@@ -88,7 +124,25 @@ def _preset_encoders() -> dict[str, tuple[PretrainedConfig, dict[str, Any]]]:
             ),
             dict(mask_patch_size=32, **imagenet),
         ),
+        # ConvNets as SparK and FCMAE pretrain them: 32 px mask cells (the output stride), ratio 0.6, sparse masking,
+        # the light decoder (512 wide, 1 block), no stochastic depth.
+        "convnextv2-tiny-224": (
+            ConvNextV2Config(image_size=224, depths=[3, 3, 9, 3], hidden_sizes=[96, 192, 384, 768]),
+            dict(mask_patch_size=32, **imagenet),
+        ),
+        "convnextv2-base-224": (
+            ConvNextV2Config(image_size=224, depths=[3, 3, 27, 3], hidden_sizes=[128, 256, 512, 1024]),
+            dict(mask_patch_size=32, **imagenet),
+        ),
+        "resnet50-224": (
+            ResNetConfig(image_size=224, depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048]),
+            dict(mask_patch_size=32, **imagenet),
+        ),
     }
+
+
+# Presets whose statistics are Fashion-MNIST's (kept per channel when `num_channels` is overridden).
+FASHION_MNIST_PRESETS = ("demo", "convnextv2-demo")
 
 
 PRESETS = tuple(_preset_encoders())
@@ -111,6 +165,12 @@ SIMMIM_FIELDS = (
     "image_std",
     "initializer",
     "weight_decay_exemptions",
+    "conv_masking",
+    "decoder_type",
+    "decoder_hidden_size",
+    "decoder_depth",
+    "loss_type",
+    "norm_target",
 )
 
 
@@ -157,6 +217,7 @@ def encoder_config_fields(config: PretrainedConfig) -> set[str]:
         names = set(present)
     aliases = getattr(cls, "attribute_map", {})
     names |= {alias for alias, target in aliases.items() if target in names}
+    names.add("image_size")  # SimMIM's image size, kept on the encoder config even where it is no field (ResNet)
     return {name for name in names if not name.startswith("_") and name not in ("model_type", "transformers_version")}
 
 
@@ -188,11 +249,9 @@ def rebuild_encoder_config(encoder_config: PretrainedConfig, **overrides: Any) -
 
 
 def encoder_stride_of(encoder_config: PretrainedConfig) -> int:
-    """Pixels per output token side: the patch size, times 2 per Swin stage after the first."""
-    patch = to_pair(encoder_config.patch_size)[0]
-    if is_hierarchical(encoder_config.model_type):
-        return patch * 2 ** (len(encoder_config.depths) - 1)
-    return patch
+    """Pixels per output token side: the patch size, times 2 per Swin / ConvNet stage after the first
+    (`backbones.output_stride`)."""
+    return output_stride(encoder_config)
 
 
 # The paper's grids are 6x6 (192 px) and 7x7 (224 px) cells; the demo's 32 px images use 4x4.
@@ -201,9 +260,10 @@ MIN_MASK_CELLS = 4
 
 def default_mask_patch_size(encoder_config: PretrainedConfig) -> int:
     """32 px as in the paper when the image allows it, else the coarsest cell that tiles the image with at least
-    `MIN_MASK_CELLS` cells per side (a 32 px image in 32 px cells would be masked whole), a multiple of the patch."""
+    `MIN_MASK_CELLS` cells per side (a 32 px image in 32 px cells would be masked whole), a multiple of the patch
+    (ConvNets: of the output stride, so that every cell stays whole down to the last feature map)."""
     height, width = to_pair(encoder_config.image_size)
-    patch = to_pair(encoder_config.patch_size)[0]
+    patch = output_stride(encoder_config) if is_convnet(encoder_config.model_type) else patch_stride(encoder_config)
     for size in (32, 16, 8, 4, 2, 1):
         tiles = size % patch == 0 and height % size == 0 and width % size == 0
         if tiles and min(height, width) // size >= MIN_MASK_CELLS:
@@ -227,7 +287,8 @@ def _processor_statistics(name_or_path: str, channels: int) -> tuple[list[float]
 
 class SimMIMConfig(PretrainedConfig):
     r"""Configuration of a SimMIM model: `encoder_config` (a stock `ViTConfig`, `SwinConfig`, `Swinv2Config`,
-    `DeiTConfig` or `BeitConfig`) plus masking and reconstruction settings.
+    `DeiTConfig`, `BeitConfig`, `ConvNextConfig`, `ConvNextV2Config` or `ResNetConfig`) plus masking and
+    reconstruction settings.
 
     Args:
         encoder_config: the encoder's config, or its dict (with `model_type`). Defaults to the `demo` preset's
@@ -245,6 +306,17 @@ class SimMIMConfig(PretrainedConfig):
             microsoft/SimMIM's per-backbone lists (plain ViT: CLS token and absolute positions; Swin: mask token,
             absolute positions, relative position tables); "all-tokens": every token, position embedding, relative
             table and layer scale. Default: "official" for BEiT and Swin encoders, "all-tokens" otherwise.
+        conv_masking: ConvNet encoders only: "sparse" (default; masked pixels zeroed, the keep-mask re-applied after
+            every operation that mixes positions, BatchNorm and GRN statistics over visible positions only, the mask
+            token in the decoder) or "token" (the mask token replaces masked positions at the stem output).
+        decoder_type: "linear" (the paper's 1x1 conv + PixelShuffle; default except for sparse ConvNets) or "conv"
+            (FCMAE's light decoder: 1x1 projection to `decoder_hidden_size`, the mask token at masked positions,
+            `decoder_depth` ConvNeXt V2 blocks, 1x1 conv + PixelShuffle; default for sparse ConvNets).
+        decoder_hidden_size / decoder_depth: width and blocks of the "conv" decoder (512 / 1, as FCMAE).
+        loss_type: "l1" (default, the paper), "l2" (squared error) or "smooth_l1" (Huber, beta 1), over masked pixels
+            only: `sum(loss * mask) / (sum(mask) + 1e-5) / C`.
+        norm_target: reconstruct each mask cell's pixels normalised by that cell's own mean and standard deviation
+            (over its pixels and channels; MAE's norm_pix_loss and FCMAE) rather than the pixels themselves.
 
     Derived, read-only: `model_patch_size` (encoder patch side), `encoder_stride` (pixels per output token side).
     """
@@ -264,6 +336,12 @@ class SimMIMConfig(PretrainedConfig):
         preset: str | None = None,
         initializer: str | None = None,
         weight_decay_exemptions: str | None = None,
+        conv_masking: str | None = None,
+        decoder_type: str | None = None,
+        decoder_hidden_size: int = DECODER_HIDDEN_SIZE,
+        decoder_depth: int = DECODER_DEPTH,
+        loss_type: str = "l1",
+        norm_target: bool = False,
         **kwargs: Any,
     ) -> None:
         if encoder_config is None:
@@ -281,6 +359,8 @@ class SimMIMConfig(PretrainedConfig):
                 f"encoder_config: unknown encoder type {encoder_config.model_type!r}; supported: {SUPPORTED_ENCODERS}"
             )
         changes: dict[str, Any] = {}
+        if image_size is None and getattr(encoder_config, "image_size", None) is None:
+            image_size = 224  # ResNet configs have no image size; the stock ResNets' processors crop 224 px
         if image_size is not None:
             changes["image_size"] = list(image_size) if isinstance(image_size, (list, tuple)) else int(image_size)
         if num_channels is not None:
@@ -289,7 +369,7 @@ class SimMIMConfig(PretrainedConfig):
         if encoder_config.model_type == "beit":
             changes["use_mask_token"] = True
         changes = {
-            key: value for key, value in changes.items() if _plain(getattr(encoder_config, key)) != _plain(value)
+            key: value for key, value in changes.items() if _plain(getattr(encoder_config, key, None)) != _plain(value)
         }
         encoder_config = rebuild_encoder_config(encoder_config, **changes)  # a copy either way
         # Configs with an `encoder_stride` field (ViT, DeiT, Swin, Swinv2) state the one the SimMIM head uses.
@@ -308,6 +388,13 @@ class SimMIMConfig(PretrainedConfig):
         self.weight_decay_exemptions = weight_decay_exemptions or default_weight_decay_exemptions(
             encoder_config.model_type
         )
+        convnet = is_convnet(encoder_config.model_type)
+        self.conv_masking = (conv_masking or "sparse") if convnet else conv_masking
+        self.decoder_type = decoder_type or ("conv" if self.conv_masking == "sparse" else "linear")
+        self.decoder_hidden_size = int(decoder_hidden_size)
+        self.decoder_depth = int(decoder_depth)
+        self.loss_type = loss_type
+        self.norm_target = bool(norm_target)
         super().__init__(**kwargs)
         self._validate()
 
@@ -322,7 +409,8 @@ class SimMIMConfig(PretrainedConfig):
 
     @property
     def model_patch_size(self) -> int:
-        return to_pair(self.encoder_config.patch_size)[0]
+        """Pixels per side of one position of `bool_masked_pos` (the encoder's patch; ResNet: its stem's 4)."""
+        return patch_stride(self.encoder_config)
 
     @property
     def encoder_stride(self) -> int:
@@ -348,6 +436,11 @@ class SimMIMConfig(PretrainedConfig):
                 f"mask_patch_size={self.mask_patch_size} must be a multiple of the encoder's patch_size="
                 f"{self.model_patch_size}"
             )
+        if is_convnet(self.encoder_type) and self.mask_patch_size % self.encoder_stride:
+            raise ValueError(
+                f"mask_patch_size={self.mask_patch_size} must be a multiple of the {self.encoder_type} encoder's output "
+                f"stride {self.encoder_stride}, so that every mask cell stays whole down to the last feature map"
+            )
         if height % self.encoder_stride or width % self.encoder_stride:
             raise ValueError(f"image_size {self.image_size} must be divisible by encoder_stride={self.encoder_stride}")
         if self.initializer not in INITIALIZERS:
@@ -361,13 +454,56 @@ class SimMIMConfig(PretrainedConfig):
                 f"image_mean/image_std need one value per channel (num_channels={self.num_channels}), got "
                 f"{len(self.image_mean)}/{len(self.image_std)}"
             )
+        self._validate_reconstruction()
+
+    def _validate_reconstruction(self) -> None:
+        """The ConvNet masking mode, the decoder and the loss: known values, and combinations that work."""
+        convnet = is_convnet(self.encoder_type)
+        if convnet:
+            encoder = self.encoder_config
+            stages = {"depths": len(encoder.depths), "hidden_sizes": len(encoder.hidden_sizes)}
+            if hasattr(encoder, "num_stages"):  # ConvNeXt builds num_stages stages from the two lists
+                stages["num_stages"] = int(encoder.num_stages)
+            if len(set(stages.values())) != 1:
+                raise ValueError(
+                    f"{'/'.join(stages)}: the {self.encoder_type} encoder needs one entry per stage, got "
+                    + ", ".join(f"{key}={value}" for key, value in stages.items())
+                )
+        if self.conv_masking is not None and not convnet:
+            raise ValueError(
+                f"conv_masking: applies to ConvNet encoders ({', '.join(CONV_ENCODERS)}), not {self.encoder_type!r} "
+                "(transformers always replace masked patches by the mask token)"
+            )
+        if convnet and self.conv_masking not in CONV_MASKING:
+            raise ValueError(f"conv_masking must be one of {CONV_MASKING}, got {self.conv_masking!r}")
+        if self.decoder_type not in DECODER_TYPES:
+            raise ValueError(f"decoder_type must be one of {DECODER_TYPES}, got {self.decoder_type!r}")
+        if self.decoder_type == "linear" and self.conv_masking == "sparse":
+            raise ValueError(
+                "decoder_type='linear' cannot reconstruct with conv_masking='sparse': a sparse encoder's features are "
+                "exactly zero at masked positions, and a 1x1 head maps zeros to one constant; use decoder_type='conv' "
+                "(its mask token fills them) or conv_masking='token'"
+            )
+        if self.decoder_type == "conv":
+            if self.decoder_hidden_size <= 0 or self.decoder_depth < 0:
+                raise ValueError(
+                    f"decoder_hidden_size must be positive and decoder_depth >= 0, got {self.decoder_hidden_size} / "
+                    f"{self.decoder_depth}"
+                )
+            if self.mask_patch_size % self.encoder_stride:
+                raise ValueError(
+                    f"decoder_type='conv' puts its mask token on the encoder's output grid: mask_patch_size="
+                    f"{self.mask_patch_size} must be a multiple of the encoder stride {self.encoder_stride}"
+                )
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
 
     def _validate_windows(self, height: int, width: int) -> None:
         """transformers' Swin uses one `window_size` for every stage and fails in the forward pass on a stage whose
         grid is smaller than the window (the official code shrinks that stage's window instead, e.g. Swin-L at 192 px
         with window 12: stage 4 is 6x6). Refuse such a config here, naming the field."""
         encoder = self.encoder_config
-        if not is_hierarchical(encoder.model_type):
+        if encoder.model_type not in SWIN_LIKE:
             return
         window = encoder.window_size
         patch = self.model_patch_size
@@ -390,7 +526,7 @@ class SimMIMConfig(PretrainedConfig):
         overrides = dict(overrides)
         if "num_channels" in overrides and "image_mean" not in overrides:
             channels = int(overrides["num_channels"])
-            if name == "demo":
+            if name in FASHION_MNIST_PRESETS:
                 overrides["image_mean"] = [FASHION_MNIST_MEAN] * channels
                 overrides["image_std"] = [FASHION_MNIST_STD] * channels
             else:
@@ -444,6 +580,12 @@ class SimMIMConfig(PretrainedConfig):
             "preset": self.preset,
             "initializer": self.initializer,
             "weight_decay_exemptions": self.weight_decay_exemptions,
+            "conv_masking": self.conv_masking,
+            "decoder_type": self.decoder_type,
+            "decoder_hidden_size": self.decoder_hidden_size,
+            "decoder_depth": self.decoder_depth,
+            "loss_type": self.loss_type,
+            "norm_target": self.norm_target,
             **changes,
         }
         encoder_config = rebuild_encoder_config(self.encoder_config, **encoder_overrides)

@@ -1,13 +1,15 @@
 """SimMIM (Xie et al., CVPR 2022) over stock transformers encoders.
 
 The encoder is an unmodified transformers model (`ViTModel`, `SwinModel`, `Swinv2Model`, `DeiTModel`, `BeitModel`)
-with its mask token switched on, so the checkpoint layout is the stock one under a `simmim.encoder.` prefix, the
+with its mask token switched on, or a stock ConvNet (`ConvNextModel`, `ConvNextV2Model`, `ResNetModel`) masked by
+forward hooks (`sparse_masking`), so the checkpoint layout is the stock one under a `simmim.encoder.` prefix, the
 attention kernel is whatever `attn_implementation` selects (eager, sdpa, flash, flex), and export is a key strip.
-The head is the paper's: a 1x1 convolution to `stride**2 * C` channels and a PixelShuffle back to pixels; the loss
-is L1 over masked pixels only.
+The head is the paper's (`decoder_type="linear"`: a 1x1 convolution to `stride**2 * C` channels and a PixelShuffle
+back to pixels) or FCMAE's light decoder (`"conv"`, `SimMIMConvDecoder`); the loss is L1 (or L2, smooth L1) over
+masked pixels only, optionally against per-cell normalised pixels (`norm_target`).
 
-Self-contained (imports only torch, transformers, the config module and `backbones`) so it also works as Hub remote
-code.
+Self-contained (imports only torch, transformers, the config module, `backbones` and `sparse_masking`) so it also
+works as Hub remote code.
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, ConvNextV2Config, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedImageModelingOutput
+from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer
 
 from .backbones import (
     encoder_kwargs,
     encoder_structure,
     get_layer_id,
+    is_convnet,
     no_weight_decay_names,
     num_prefix_tokens,
     output_width,
 )
 from .configuration_simmim import SimMIMConfig
+from .sparse_masking import MaskState, install
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +117,18 @@ def init_official_weights(encoder: nn.Module, model_type: str, decoder: nn.Modul
                 module.reset_parameters()
 
 
-def _init_after_post_init(config: SimMIMConfig, encoder: nn.Module, decoder: nn.Module | None = None) -> None:
-    """Runs after `post_init` (whose stock encoder init zeroes the mask token): the configured initializer."""
+def _init_after_post_init(config: SimMIMConfig, base: SimMIMModel, decoder: nn.Module | None = None) -> None:
+    """Runs after `post_init` (whose stock encoder init zeroes the mask token): the configured initializer; the mask
+    tokens of a ConvNet (token mode) and of the "conv" decoder start as the paper's (truncated normal, std 0.02)."""
+    encoder = base.encoder
     if getattr(config, "initializer", "stock") == "official":
         init_official_weights(encoder, config.encoder_config.model_type, decoder)
-    else:
+    elif not is_convnet(config.encoder_config.model_type):
         init_mask_token(encoder)
+    with torch.no_grad():
+        for token in (getattr(base, "mask_token", None), getattr(decoder, "mask_token", None)):
+            if isinstance(token, nn.Parameter):
+                nn.init.trunc_normal_(token, std=0.02)
 
 
 def upsample_mask(bool_masked_pos: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -135,9 +146,98 @@ def masked_l1_loss(pixel_values: torch.Tensor, reconstruction: torch.Tensor, pix
 
     pixel_values, reconstruction: (N, C, H, W); pixel_mask: (N, 1, H, W), 1 = masked.
     """
+    return masked_reconstruction_loss(pixel_values, reconstruction, pixel_mask, "l1")
+
+
+_PIXEL_LOSSES = {
+    "l1": nn.functional.l1_loss,
+    "l2": nn.functional.mse_loss,
+    "smooth_l1": nn.functional.smooth_l1_loss,  # beta 1
+}
+
+
+def masked_reconstruction_loss(
+    target: torch.Tensor, reconstruction: torch.Tensor, pixel_mask: torch.Tensor, loss_type: str = "l1"
+) -> torch.Tensor:
+    """A per-pixel distance (`loss_type`: "l1", "l2" squared error, "smooth_l1" Huber with beta 1) summed over masked
+    pixels, divided by (masked pixels + 1e-5) and by the channels (the paper's normalisation).
+
+    target, reconstruction: (N, C, H, W); pixel_mask: (N, 1, H, W), 1 = masked. Returns a scalar.
+    """
+    if loss_type not in _PIXEL_LOSSES:
+        raise ValueError(f"loss_type must be one of {tuple(_PIXEL_LOSSES)}, got {loss_type!r}")
     mask = pixel_mask.to(reconstruction.dtype)
-    loss = nn.functional.l1_loss(pixel_values.to(reconstruction.dtype), reconstruction, reduction="none")
-    return (loss * mask).sum() / (mask.sum() + 1e-5) / pixel_values.shape[1]
+    loss = _PIXEL_LOSSES[loss_type](target.to(reconstruction.dtype), reconstruction, reduction="none")
+    return (loss * mask).sum() / (mask.sum() + 1e-5) / target.shape[1]
+
+
+def cell_statistics(pixel_values: torch.Tensor, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each `cell x cell` mask cell over its pixels and channels (MAE's norm_pix:
+    unbiased variance, + 1e-6 under the root), broadcast back to pixels.
+
+    pixel_values: (N, C, H, W) with H, W multiples of `cell`. Returns two (N, 1, H, W) tensors.
+    """
+    batch, channels, height, width = pixel_values.shape
+    cells = pixel_values.reshape(batch, channels, height // cell, cell, width // cell, cell)
+    cells = cells.permute(0, 2, 4, 1, 3, 5).reshape(batch, height // cell, width // cell, -1)
+    mean = cells.mean(dim=-1)
+    std = (cells.var(dim=-1) + 1e-6).sqrt()
+
+    def to_pixels(values: torch.Tensor) -> torch.Tensor:
+        return values.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2).unsqueeze(1)
+
+    return to_pixels(mean), to_pixels(std)
+
+
+def normalized_target(pixel_values: torch.Tensor, cell: int) -> torch.Tensor:
+    """The `norm_target` reconstruction target: each mask cell's pixels minus the cell's mean, over its standard
+    deviation (`cell_statistics`). pixel_values: (N, C, H, W). Returns (N, C, H, W)."""
+    mean, std = cell_statistics(pixel_values, cell)
+    return (pixel_values - mean) / std
+
+
+class SimMIMConvDecoder(nn.Module):
+    """FCMAE's light decoder (`decoder_type="conv"`): a 1x1 projection of the encoder's feature map to `hidden_size`
+    channels, the learnable mask token at masked positions, `depth` ConvNeXt V2 blocks (7x7 depthwise conv, LayerNorm,
+    MLP with GRN), then a 1x1 convolution to `stride**2 * out_channels` and a PixelShuffle back to pixels.
+
+    forward: features (N, D, h, w), masked (N, 1, h, w) with 1 = masked, or None. Returns (N, out_channels, h * stride,
+    w * stride).
+    """
+
+    def __init__(self, in_channels: int, hidden_size: int, depth: int, stride: int, out_channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=1)
+        self.mask_token = nn.Parameter(torch.zeros(1, hidden_size, 1, 1))
+        block_config = ConvNextV2Config(hidden_act="gelu")
+        self.blocks = nn.ModuleList(ConvNextV2Layer(block_config, dim=hidden_size) for _ in range(depth))
+        self.pred = nn.Conv2d(hidden_size, stride**2 * out_channels, kernel_size=1)
+        self.shuffle = nn.PixelShuffle(stride)
+
+    def forward(self, features: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.proj(features)
+        if masked is not None:
+            masked = masked.to(hidden.dtype)
+            hidden = hidden * (1.0 - masked) + self.mask_token.to(hidden.dtype) * masked
+        for block in self.blocks:
+            hidden = block(hidden)
+        return self.shuffle(self.pred(hidden))
+
+
+def build_decoder(config: SimMIMConfig) -> nn.Module:
+    """The reconstruction head `config.decoder_type` names (parameter names `decoder.0.*` for "linear", the paper's
+    and transformers' layout)."""
+    stride, channels, width = config.encoder_stride, config.num_channels, output_width(config)
+    if getattr(config, "decoder_type", "linear") == "conv":
+        return SimMIMConvDecoder(width, config.decoder_hidden_size, config.decoder_depth, stride, channels)
+    return nn.Sequential(nn.Conv2d(width, stride**2 * channels, kernel_size=1), nn.PixelShuffle(stride))
+
+
+def stem_width(encoder_config: Any) -> int:
+    """Channels of a ConvNet's stem output (where token mode puts the mask token)."""
+    if encoder_config.model_type == "resnet":
+        return int(encoder_config.embedding_size)
+    return int(encoder_config.hidden_sizes[0])
 
 
 class SimMIMPreTrainedModel(PreTrainedModel):
@@ -156,10 +256,16 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         # The stock encoder initialises itself (transformers dispatches to each sub-model's own init); here only the
         # 1x1 head. The mask token (and, with `initializer="official"`, everything) is set after post_init
         # (`_init_after_post_init`), since the encoder's init zeroes it.
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, ConvNextV2GRN):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters trained without weight decay (timm style), as `backbones.no_weight_decay_names` says
@@ -182,7 +288,8 @@ class SimMIMPreTrainedModel(PreTrainedModel):
 
 
 class SimMIMModel(SimMIMPreTrainedModel):
-    """The SimMIM encoder: a stock transformers encoder whose mask token replaces masked patch embeddings."""
+    """The SimMIM encoder: a stock transformers encoder whose mask token replaces masked patch embeddings, or a stock
+    ConvNet masked sparsely or with a mask token at its stem (`config.conv_masking`, `sparse_masking`)."""
 
     # Loading a full SimMIM checkpoint as the bare encoder leaves the reconstruction head out, by design.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
@@ -190,12 +297,21 @@ class SimMIMModel(SimMIMPreTrainedModel):
     def __init__(self, config: SimMIMConfig) -> None:
         super().__init__(config)
         self.encoder = build_encoder(config)
+        self._convnet = is_convnet(config.encoder_config.model_type)
+        if self._convnet:
+            # The hooks read the mask of the pass in progress from here (a plain attribute: no parameters).
+            self._mask_state = MaskState()
+            install(self.encoder, self._mask_state)
+            if config.conv_masking == "token":
+                self.mask_token = nn.Parameter(torch.zeros(stem_width(config.encoder_config)))
         # FSDP auto-wrapping and `device_map` read the block classes from the top-level model.
         self._no_split_modules = list(self.encoder._no_split_modules or [])
         self.post_init()
-        _init_after_post_init(config, self.encoder)
+        _init_after_post_init(config, self)
 
     def get_input_embeddings(self) -> nn.Module:
+        if hasattr(self.encoder, "embedder"):  # ResNet
+            return self.encoder.embedder.embedder.convolution
         return self.encoder.embeddings.patch_embeddings
 
     def forward(
@@ -226,6 +342,8 @@ class SimMIMModel(SimMIMPreTrainedModel):
         """
         if bool_masked_pos is not None:
             bool_masked_pos = bool_masked_pos.to(torch.bool)
+        if self._convnet:
+            return self._forward_convnet(pixel_values, bool_masked_pos, output_hidden_states, return_dict, **kwargs)
         outputs = self.encoder(
             pixel_values,
             bool_masked_pos=bool_masked_pos,
@@ -241,25 +359,45 @@ class SimMIMModel(SimMIMPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
+    def _forward_convnet(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None,
+        output_hidden_states: bool | None,
+        return_dict: bool | None,
+        **kwargs: Any,
+    ) -> BaseModelOutput | tuple:
+        """A ConvNet pass: `last_hidden_state` is the last feature map `(N, C, h, w)`, `hidden_states` the stock
+        model's (stem and stage outputs). Sparse mode zeroes masked pixels here; the hooks do the rest."""
+        keep = None
+        if bool_masked_pos is not None:
+            patch = self.config.model_patch_size
+            grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+            keep = ~upsample_mask(bool_masked_pos, grid, patch)
+        mode = self.config.conv_masking
+        if keep is not None and mode == "sparse":
+            pixel_values = pixel_values * keep.to(pixel_values.dtype)
+        token = getattr(self, "mask_token", None) if mode == "token" else None
+        with self._mask_state.active(keep, mode, token):
+            outputs = self.encoder(pixel_values, output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+        output = BaseModelOutput(last_hidden_state=outputs.last_hidden_state, hidden_states=outputs.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
 
 class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
-    """SimMIM: encoder + 1x1 conv + PixelShuffle head, L1 loss on masked pixels."""
+    """SimMIM: encoder + reconstruction head (the paper's 1x1 conv + PixelShuffle, or FCMAE's light decoder), a pixel
+    loss on masked pixels only."""
 
     def __init__(self, config: SimMIMConfig) -> None:
         super().__init__(config)
         self.simmim = SimMIMModel(config)
         self._no_split_modules = self.simmim._no_split_modules
-        stride = config.encoder_stride
-        hidden_size = output_width(config)
-        self.decoder = nn.Sequential(
-            nn.Conv2d(hidden_size, stride**2 * config.num_channels, kernel_size=1),
-            nn.PixelShuffle(stride),
-        )
+        self.decoder = build_decoder(config)
         # Tokens before the patch tokens in the encoder's output (CLS, distillation), dropped before the head.
         self._prefix_tokens = num_prefix_tokens(self.simmim.encoder)
         self.post_init()
         # transformers re-runs the stock encoder's own init (which zeroes its mask token) inside post_init.
-        _init_after_post_init(config, self.simmim.encoder, self.decoder)
+        _init_after_post_init(config, self.simmim, self.decoder)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.simmim.get_input_embeddings()
@@ -274,7 +412,7 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
     ) -> SimMIMForMaskedImageModeling:
         """SimMIM over a stock encoder's pretrained weights, to continue pretraining it (e.g. on domain images).
 
-        `name_or_path`: Hub id or folder of a ViT, DeiT, BEiT, Swin or Swinv2 model, bare (`ViTModel`) or with a head
+        `name_or_path`: Hub id or folder of a ViT, DeiT, BEiT, Swin, Swinv2, ConvNeXt, ConvNeXt V2 or ResNet model, bare (`ViTModel`) or with a head
         (`ViTForImageClassification`, `BeitForMaskedImageModeling`, ...). The encoder is loaded with the stock
         class's `from_pretrained` (so transformers' own key conversions apply); a head in the checkpoint is dropped
         (logged). The checkpoint's mask token is kept where it has one; otherwise one is added (truncated normal, std
@@ -352,9 +490,9 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
                 Return a `MaskedImageModelingOutput` rather than a tuple (default: `config.use_return_dict`).
 
         Returns:
-            `MaskedImageModelingOutput`: `loss` (L1 over masked pixels, when `bool_masked_pos` is given),
-            `reconstruction` of shape `(N, C, H, W)` in normalised pixel units, and `hidden_states` / `attentions`
-            when asked.
+            `MaskedImageModelingOutput`: `loss` (`config.loss_type` over masked pixels, when `bool_masked_pos` is
+            given), `reconstruction` of shape `(N, C, H, W)` in normalised pixel units (with `norm_target`: in units
+            of each mask cell's own statistics, `cell_statistics`), and `hidden_states` / `attentions` when asked.
         """
         batch_size, _, height, width = pixel_values.shape
         outputs = self.simmim(
@@ -367,15 +505,28 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         )
         stride = self.config.encoder_stride
         grid = (height // stride, width // stride)
-        tokens = outputs.last_hidden_state[:, self._prefix_tokens :]  # (N, grid_h * grid_w, D)
-        feature_map = tokens.transpose(1, 2).reshape(batch_size, -1, grid[0], grid[1])
-        reconstruction = self.decoder(feature_map)
-
-        loss = None
+        if self.simmim._convnet:
+            feature_map = outputs.last_hidden_state  # (N, D, grid_h, grid_w)
+        else:
+            tokens = outputs.last_hidden_state[:, self._prefix_tokens :]  # (N, grid_h * grid_w, D)
+            feature_map = tokens.transpose(1, 2).reshape(batch_size, -1, grid[0], grid[1])
+        pixel_mask = None
         if bool_masked_pos is not None:
             patch = self.config.model_patch_size
-            pixel_mask = upsample_mask(bool_masked_pos, (height // patch, width // patch), patch)
-            loss = masked_l1_loss(pixel_values, reconstruction, pixel_mask)
+            pixel_mask = upsample_mask(bool_masked_pos.to(torch.bool), (height // patch, width // patch), patch)
+        if isinstance(self.decoder, SimMIMConvDecoder):
+            # mask cells are multiples of the stride: one pixel per output position says whether it is masked
+            masked = None if pixel_mask is None else pixel_mask[:, :, ::stride, ::stride]
+            reconstruction = self.decoder(feature_map, masked)
+        else:
+            reconstruction = self.decoder(feature_map)
+
+        loss = None
+        if pixel_mask is not None:
+            target = pixel_values
+            if getattr(self.config, "norm_target", False):
+                target = normalized_target(pixel_values.to(reconstruction.dtype), self.config.mask_patch_size)
+            loss = masked_reconstruction_loss(target, reconstruction, pixel_mask, self.config.loss_type)
 
         output = MaskedImageModelingOutput(
             loss=loss,
@@ -386,4 +537,4 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
-__all__ = ["SimMIMPreTrainedModel", "SimMIMModel", "SimMIMForMaskedImageModeling"]
+__all__ = ["SimMIMPreTrainedModel", "SimMIMModel", "SimMIMForMaskedImageModeling", "SimMIMConvDecoder"]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .modeling_simmim import SimMIMForMaskedImageModeling, upsample_mask
+from .modeling_simmim import SimMIMForMaskedImageModeling, cell_statistics, upsample_mask
 
 
 def denormalize(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -24,7 +24,8 @@ def reconstruction_rows(
     model: SimMIMForMaskedImageModeling, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor
 ) -> torch.Tensor:
     """Three rows per image, in [0, 1]: original, masked input (masked cells greyed), reconstruction pasted into
-    the masked cells (visible pixels are the original, as the loss only asks for the masked ones).
+    the masked cells (visible pixels are the original, as the loss only asks for the masked ones). A `norm_target`
+    model predicts each cell in units of its own statistics: shown de-normalised with the cell's mean and std.
 
     pixel_values: (N, C, H, W), normalised; bool_masked_pos: (N, num_patches), 1 = masked.
     Returns (3, N, C, H, W).
@@ -38,6 +39,9 @@ def reconstruction_rows(
     reconstruction = model(pixel_values, bool_masked_pos=bool_masked_pos).reconstruction
     model.train(was_training)
     config = model.config
+    if getattr(config, "norm_target", False):
+        mean, std = cell_statistics(pixel_values, config.mask_patch_size)
+        reconstruction = reconstruction * std + mean
     height, width = pixel_values.shape[-2:]
     patch = config.model_patch_size
     pixel_mask = upsample_mask(bool_masked_pos, (height // patch, width // patch), patch).to(dtype)
