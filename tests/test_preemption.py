@@ -195,3 +195,70 @@ def test_sigint_to_the_launcher_stops_both_ranks(two_processes):
 def test_two_processes_rerun_continues_the_uninterrupted_run_bitwise(two_processes):
     assert f"Resuming from {two_processes.base / 'run' / f'checkpoint-{STOPS[2]}'}" in two_processes.finish.stderr
     assert_same_as(two_processes.reference, two_processes.base, 2)
+
+
+# -- in process: the handler, the restore, a signal after the last step, the exit codes --------------------------------
+def fake_trainer(output_dir: Path, **args) -> SimpleNamespace:
+    saved = []
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(world_size=1, output_dir=str(output_dir), max_steps=5, device="cpu", **args),
+        callback_handler=SimpleNamespace(callbacks=[]),
+        is_world_process_zero=lambda: True,
+        is_local_process_zero=lambda: True,
+        model=None,
+        saved=saved,
+    )
+    trainer._save_checkpoint = lambda model, trial: saved.append(trial)
+    return trainer
+
+
+def test_handlers_record_the_first_signal_and_are_restored_after(tmp_path):
+    import os
+    import signal
+
+    from simmim_hf.pretrain.preemption import PreemptionGuard
+
+    before = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: before.append(signum))
+    try:
+        guard = PreemptionGuard(fake_trainer(tmp_path))
+        with guard.installed():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)  # not the default action: recorded, the first one counts
+            assert guard.received == signal.SIGUSR1 and guard.agree() == signal.SIGUSR1
+        assert before == [] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert before == [signal.SIGUSR1]  # the handler of before is back
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("signum, code, expected", [("SIGUSR1", 143, 143), ("SIGTERM", 99, 99), ("SIGINT", 99, 130)])
+def test_a_signal_after_the_last_step_stops_at_the_final_checkpoint(tmp_path, signum, code, expected):
+    import signal
+
+    from simmim_hf.errors import Preempted
+    from simmim_hf.pretrain.preemption import PreemptionGuard
+
+    checkpoint = tmp_path / "checkpoint-5"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"")
+    trainer = fake_trainer(tmp_path, preemption_exit_code=code)
+    guard = PreemptionGuard(trainer)
+    guard.received = getattr(signal, signum)
+    with pytest.raises(Preempted) as stop:
+        guard.on_train_end(trainer.args, SimpleNamespace(global_step=5), SimpleNamespace())
+    assert stop.value.exit_code == expected and trainer.saved == []  # already saved: not twice
+    assert str(stop.value) == (
+        f"{signum} after step 5 of 5; checkpoint written: {checkpoint}; rerun the same command to resume "
+        f"(exit status {expected})"
+    )
+
+
+def test_preemption_exit_code_is_checked(tmp_path):
+    from simmim_hf.errors import UsageError
+    from simmim_hf.pretrain.arguments import SimMIMTrainingArguments
+
+    with pytest.raises(UsageError, match="preemption_exit_code must be in 1-255, got 0"):
+        SimMIMTrainingArguments(output_dir=str(tmp_path), preemption_exit_code=0)
