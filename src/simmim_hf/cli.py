@@ -184,8 +184,9 @@ def run_script(main: Callable[[], Any]) -> None:
             print(f"stopped: {' '.join(redact(str(stop), secrets).split())}", file=sys.stderr)
         sys.exit(stop.exit_code)
     except KeyboardInterrupt:
-        print("stopped: interrupted (Ctrl-C) outside the training steps; rerun the same command to resume from the "
-              "newest checkpoint", file=sys.stderr)  # fmt: skip
+        # Training steps catch SIGINT themselves (`Preempted` above); this is Ctrl-C anywhere else, in any script.
+        print("stopped: interrupted (Ctrl-C); a rerun of the same command starts again (pretraining resumes from "
+              "its newest checkpoint)", file=sys.stderr)  # fmt: skip
         sys.exit(130)
 
 
