@@ -8,7 +8,12 @@
 * Faults, from the environment: SIMMIM_PROBE_KILL_AT_STEP=k (SIGKILL at the end of step k, before its checkpoint),
   SIMMIM_PROBE_KILL_IN_SAVE=k (SIGKILL while checkpoint k is written: weights and optimizer on disk, no trainer
   state yet), SIMMIM_PROBE_NAN_AT=3,4 (the loss of those steps is multiplied by NaN before the backward pass),
-  SIMMIM_PROBE_DIGESTS=1 (`digests-rank{R}.txt`: step, weights digest, optimizer-state digest after every step).
+  SIMMIM_PROBE_DIGESTS=1 (`digests-rank{R}.txt`: step, weights digest, optimizer-state digest after every step),
+  SIMMIM_PROBE_SIGNAL_AT_STEP=k:SIGTERM[:rank[:launcher]] (during step k, before its optimizer step, that rank
+  (default 0) sends the signal to itself, or with `launcher` to its parent, the launcher, and waits until the
+  launcher has forwarded it), SIMMIM_PROBE_SIGNAL_IN_SAVE=SIGTERM (that signal to itself, once, while the
+  preemption checkpoint is written).
+* Each rank writes its exit status to `exit-rank{R}.txt`.
 
 Usage: python tests/pretrain_probe.py PROBE_DIR <pretrain.py arguments>  (also under `accelerate launch`).
 """
@@ -17,6 +22,7 @@ import hashlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -102,7 +108,30 @@ def optimizer_tensors(optimizer):
     return [(f"{index}.{key}", value) for index in sorted(state) for key, value in sorted(state[index].items())]
 
 
+def signal_at_step():
+    """(step, signal, rank, to the launcher) from SIMMIM_PROBE_SIGNAL_AT_STEP, or None."""
+    text = os.environ.get("SIMMIM_PROBE_SIGNAL_AT_STEP")
+    if not text:
+        return None
+    step, name, *rest = text.split(":")
+    rank = int(rest[0]) if rest else 0
+    return int(step), getattr(signal, name), rank, len(rest) > 1 and rest[1] == "launcher"
+
+
 class FaultProbe(TrainerCallback):
+    def __init__(self, trainer=None):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        planned = signal_at_step()
+        if planned is None or planned[0] != state.global_step + 1 or planned[2] != RANK:
+            return
+        step, signum, _, to_launcher = planned
+        os.kill(os.getppid() if to_launcher else os.getpid(), signum)
+        deadline = time.monotonic() + 60
+        while not self.trainer.preemption.received and time.monotonic() < deadline:
+            time.sleep(0.01)  # the launcher forwards it asynchronously
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step > 0:  # resumed: what was restored, before any step
             from safetensors.torch import save_file
@@ -126,7 +155,7 @@ original_init = training.SimMIMTrainer.__init__
 
 def init_with_probe(self, *args, **kwargs):
     original_init(self, *args, **kwargs)
-    self.add_callback(FaultProbe())
+    self.add_callback(FaultProbe(self))
 
 
 original_compute_loss = training.SimMIMTrainer.compute_loss
@@ -145,6 +174,10 @@ original_save_rng = training.SimMIMTrainer._save_rng_state
 def save_rng_or_die(self, output_dir):
     if self.state.global_step in env_steps("SIMMIM_PROBE_KILL_IN_SAVE"):
         os.kill(os.getpid(), signal.SIGKILL)
+    again = os.environ.get("SIMMIM_PROBE_SIGNAL_IN_SAVE")
+    if again and self.preemption.stop_signal and not getattr(self, "_probe_signalled_in_save", False):
+        self._probe_signalled_in_save = True
+        os.kill(os.getpid(), getattr(signal, again))
     original_save_rng(self, output_dir)
 
 
@@ -169,4 +202,9 @@ if __name__ == "__main__":
     training.SimMIMTrainer.train = train_and_fingerprint
     from simmim_hf.cli import run_script
 
-    run_script(pretrain.main)
+    try:
+        run_script(pretrain.main)
+    except SystemExit as done:
+        (PROBE / f"exit-rank{RANK}.txt").write_text(str(done.code))
+        raise
+    (PROBE / f"exit-rank{RANK}.txt").write_text("0")

@@ -38,7 +38,7 @@ def sources(tmp_path_factory):
         import json
         import torch
         import transformers
-        from transformers import AutoConfig, ConvNextConfig, ConvNextModel, ViTImageProcessor
+        from transformers import AutoConfig, RegNetConfig, RegNetModel, ViTImageProcessor
         root = {str(root)!r}
         for name, (cls, config, mask_token, processor) in json.load(open(root + "/specs.json")).items():
             config = json.loads(config)
@@ -53,8 +53,8 @@ def sources(tmp_path_factory):
                 ViTImageProcessor(image_mean={PROCESSOR_MEAN}, image_std={PROCESSOR_STD}).save_pretrained(
                     root + "/" + name
                 )
-        ConvNextModel(ConvNextConfig(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1])).save_pretrained(
-            root + "/convnext"
+        RegNetModel(RegNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], groups_width=8)).save_pretrained(
+            root + "/regnet"
         )
         """)
     return root
@@ -94,12 +94,12 @@ def test_from_encoder_keeps_every_encoder_tensor(sources, name, caplog):
 def test_overrides_and_unsupported_types(sources):
     config = SimMIMConfig.from_encoder(str(sources / "swin"), mask_ratio=0.5, drop_path_rate=0.2, image_mean=[0.4] * 3)
     assert (config.mask_ratio, config.encoder_config.drop_path_rate, config.image_mean) == (0.5, 0.2, [0.4] * 3)
-    with pytest.raises(ValueError, match=r"'convnext'.*vit, deit, beit, swin, swinv2"):
-        SimMIMConfig.from_encoder(str(sources / "convnext"))
+    with pytest.raises(ValueError, match=r"'regnet'.*vit, deit, beit, swin, swinv2, convnext"):
+        SimMIMConfig.from_encoder(str(sources / "regnet"))
     with pytest.raises(UsageError, match="init_encoder_from.*model_name_or_path"):
         build_config(ModelArguments(init_encoder_from=str(sources / "vit"), model_name_or_path=str(sources / "vit")))
-    with pytest.raises(UsageError, match="convnext"):
-        build_config(ModelArguments(init_encoder_from=str(sources / "convnext")))
+    with pytest.raises(UsageError, match="regnet"):
+        build_config(ModelArguments(init_encoder_from=str(sources / "regnet")))
 
 
 @pytest.mark.parametrize("name", ["vit_classifier", "beit"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import TrainingDiverged, UsageError
+from .errors import Preempted, TrainingDiverged, UsageError
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # A flag that carries a secret (--hub_token, --token, --hub-token=...), and what a Hugging Face token looks like.
@@ -166,7 +166,10 @@ def _script_argv(parser: Any, argv: list[str], positional_config: bool, secrets:
 
 def run_script(main: Callable[[], Any]) -> None:
     """Runs an entry script's `main`: a `UsageError` is printed as one line, `error: ...`, and exits with status 2;
-    a run stopped by `TrainingDiverged` exits with status 1 the same way. Tokens never reach the message."""
+    a run stopped by `TrainingDiverged` exits with status 1 the same way. A run stopped by a signal (`Preempted`,
+    after its checkpoint) prints one `stopped: ...` line and exits with its code (130 for Ctrl-C, else
+    `--preemption_exit_code`); a Ctrl-C outside training is one line and 130 too, never a traceback. Tokens never
+    reach the message."""
     secrets = secrets_in(sys.argv[1:])
     try:
         main()
@@ -176,6 +179,15 @@ def run_script(main: Callable[[], Any]) -> None:
     except TrainingDiverged as problem:
         print(f"error: {' '.join(redact(str(problem), secrets).split())}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as stop:
+        if stop.report:
+            print(f"stopped: {' '.join(redact(str(stop), secrets).split())}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        # Training steps catch SIGINT themselves (`Preempted` above); this is Ctrl-C anywhere else, in any script.
+        print("stopped: interrupted (Ctrl-C); a rerun of the same command starts again (pretraining resumes from "
+              "its newest checkpoint)", file=sys.stderr)  # fmt: skip
+        sys.exit(130)
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:

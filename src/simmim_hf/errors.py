@@ -22,3 +22,13 @@ class HubPublishError(RuntimeError):
 
 class NotARunDirError(HubPublishError, ValueError):
     """The folder given is not the output of a SimMIM pretraining run."""
+
+
+class Preempted(RuntimeError):
+    """Training stopped by a signal (SIGTERM, SIGINT, SIGUSR1) after writing a checkpoint. Scripts print the message
+    as one `stopped: ...` line (where `report`: one process per machine) and exit with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int, report: bool = True) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.report = report

@@ -125,6 +125,13 @@ class SimMIMTrainingArguments(TrainingArguments):
             "counted; after this many in a row the run stops with an error, its last good checkpoint intact."
         },
     )
+    preemption_exit_code: int = field(
+        default=143,
+        metadata={
+            "help": "Exit status after SIGTERM or SIGUSR1 (SLURM's --signal) stopped training with a checkpoint "
+            "(143 = 128 + SIGTERM, what schedulers and requeue scripts read as preempted). Ctrl-C (SIGINT) exits 130."
+        },
+    )
     logging_nan_inf_filter: bool = field(
         default=False,
         metadata={"help": "Always off here: a non-finite loss is logged as nan, never replaced by an average or 0."},
@@ -156,6 +163,8 @@ class SimMIMTrainingArguments(TrainingArguments):
             self.logging_nan_inf_filter = False
         if self.max_nonfinite_steps < 1:
             raise UsageError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        if not 1 <= self.preemption_exit_code <= 255:
+            raise UsageError(f"preemption_exit_code must be in 1-255, got {self.preemption_exit_code}")
         # Why the warmup is what it is, for the run header: "given" or "default".
         self.warmup_origin = "given" if self.warmup_steps is not None else "default"
         if not 0 <= self.default_warmup_ratio < 1:

@@ -289,7 +289,8 @@ def train(trainer: SimMIMTrainer, resume: str | None) -> None:
         load_weights_strictly(trainer.model, resume)
         trainer.state = trainer.state.load_from_json(str(Path(resume) / TRAINER_STATE_FILE))
     else:
-        trainer.train(resume_from_checkpoint=resume)
+        with trainer.preemption.installed():  # SIGTERM/SIGINT/SIGUSR1: stop after a step, with its checkpoint
+            trainer.train(resume_from_checkpoint=resume)
     if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):  # sharded: checked by finish_run
         refuse_nonfinite(trainer.accelerator.unwrap_model(trainer.model))
 

@@ -35,6 +35,7 @@ from simmim_hf.pretrain.checkpoints import (
     load_weights_strictly,
     rotate_checkpoints,
 )
+from simmim_hf.pretrain.preemption import PreemptionGuard
 from simmim_hf.publish.run_dir import RunDir, has_safetensors_weights
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class SimMIMTrainer(Trainer):
     * checkpoints are written under `.tmp-checkpoint-N/` and renamed to `checkpoint-N` once every process is done;
     * a step whose loss or gradient norm is NaN/Inf is skipped (no update), logged and counted; `max_nonfinite_steps`
       in a row raise `TrainingDiverged`, and no checkpoint is written from a non-finite step;
-    * the arguments are saved as token-free `training_args.json`, never as the `training_args.bin` pickle.
+    * the arguments are saved as token-free `training_args.json`, never as the `training_args.bin` pickle;
+    * SIGTERM, SIGINT and SIGUSR1 stop all ranks after the same step, with its checkpoint (`pretrain.preemption`).
     """
 
     def __init__(self, *args: Any, stream_loader: StreamLoader | None = None, **kwargs: Any) -> None:
@@ -113,6 +115,8 @@ class SimMIMTrainer(Trainer):
         # The run's settings record, saved in every checkpoint (set by `pretrain.run`; None: not saved).
         self.run_settings: dict[str, Any] | None = None
         self.add_callback(NonFiniteGuard(self))
+        self.preemption = PreemptionGuard(self)
+        self.add_callback(self.preemption)
         if stream_loader is not None:
             self.add_callback(RunEpoch(stream_loader))
 
@@ -202,10 +206,12 @@ class SimMIMTrainer(Trainer):
 
     def _nonfinite_step(self) -> str:
         """What was not finite in the step about to be taken: "" (nothing), "loss" (any micro-batch, any process),
-        "gradient norm", or both. One device sync and, with several processes, one tiny all-reduce per step."""
+        "gradient norm", or both. One device sync and, with several processes, one tiny all-reduce per step, which
+        also carries the preemption flag (`PreemptionGuard.take_agreement`)."""
         loss_flag = self._nonfinite_flag
         self._nonfinite_flag = None
-        flags = torch.zeros(2, dtype=torch.int32, device=self.args.device)
+        flags = torch.zeros(3, dtype=torch.int32, device=self.args.device)
+        flags[2] = self.preemption.local_flag()
         if loss_flag is not None:
             flags[0] = loss_flag.reshape(()).to(torch.int32)
         clipped_norm, self._clipped_grad_norm = getattr(self, "_clipped_grad_norm", None), None
@@ -224,7 +230,8 @@ class SimMIMTrainer(Trainer):
                     flags[1] = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).to(flags.device, torch.int32)
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        loss_bad, grad_bad = flags.tolist()
+        loss_bad, grad_bad, stop_signal = flags.tolist()
+        self.preemption.take_agreement(stop_signal)
         return " and ".join(name for name, bad in (("loss", loss_bad), ("gradient norm", grad_bad)) if bad)
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
