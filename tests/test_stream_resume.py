@@ -309,3 +309,31 @@ def test_parquet_shards_resume_exactly(tmp_path, fashion_mnist_dir):
     for batch, expected in zip(take(resumed, 7), reference[3:]):
         assert torch.equal(batch["pixel_values"], expected["pixel_values"])
         assert torch.equal(batch["bool_masked_pos"], expected["bool_masked_pos"])
+
+
+def test_a_stop_signal_sent_to_every_process_leaves_the_dataloader_workers_running(shards):
+    """SLURM at its time limit and Ctrl-C in a terminal signal every process of the job: the workers must ignore it,
+    so that the training process alone stops (agree, checkpoint, exit) instead of dying of a killed worker."""
+    import multiprocessing
+    import subprocess
+    import time
+
+    loader = simmim_loader(shards, 0, 1, 1)
+    batches = iter(loader)
+    next(batches)
+    workers = multiprocessing.active_children()  # the DataLoader's worker process
+    assert len(workers) == 1 and workers[0].is_alive()
+    for name in ("TERM", "INT", "USR1"):  # sent by another process, as a scheduler or a terminal does
+        subprocess.run(["kill", f"-{name}", str(workers[0].pid)], check=True)
+    time.sleep(0.5)
+    assert workers[0].is_alive()
+    assert len([next(batches) for _ in range(4)]) == 4  # the stream goes on
+    from simmim_hf.data.stream import _parent_exiting
+
+    _parent_exiting().set()  # what this process does at exit, before multiprocessing terminates its workers
+    try:
+        workers[0].terminate()  # then the parent's SIGTERM ends the worker at once
+        workers[0].join(timeout=10)
+        assert not workers[0].is_alive()
+    finally:
+        _parent_exiting().clear()

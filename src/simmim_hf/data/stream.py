@@ -62,8 +62,11 @@ local shards starts the next pass with a warning (its positions are `datasets`' 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
+import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -374,6 +377,38 @@ def _is_decoded(example: dict[str, Any]) -> bool:
     return example["pixel_values"] is not None
 
 
+_PARENT_EXITING: Any = None  # a multiprocessing Event, set when this (training) process exits
+
+
+def _parent_exiting() -> Any:
+    """The event that tells DataLoader workers that the SIGTERM they get is their parent's own (its exit)."""
+    global _PARENT_EXITING
+    if _PARENT_EXITING is None:
+        import atexit
+        import multiprocessing
+
+        _PARENT_EXITING = multiprocessing.Event()
+        # Registered after multiprocessing's own exit handler, so it runs before that one terminates the workers.
+        atexit.register(_PARENT_EXITING.set)
+    return _PARENT_EXITING
+
+
+def ignore_stop_signals(parent_exiting: Any, worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn` (bound to `_parent_exiting()`): a stop signal sent to every process of a job
+    (SLURM at the time limit, Ctrl-C in a terminal, `kill` of a process group) is left to the training process
+    (`pretrain.preemption`: agree, checkpoint, exit), which then shuts its workers down. SIGINT and SIGUSR1 are
+    ignored; SIGTERM, which is also how a parent ends its workers at exit (`multiprocessing`), ends the worker only
+    once its parent is exiting, and is ignored before. A worker whose parent died still ends (torch's watchdog)."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if parent_exiting.is_set():
+            os._exit(0)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def _identity(item: Any) -> Any:
     return item
 
@@ -517,6 +552,7 @@ class StreamLoader:
             pin_memory=pin_memory,
             persistent_workers=persistent_workers and self.num_workers > 0,
             prefetch_factor=prefetch_factor if self.num_workers > 0 else None,
+            worker_init_fn=functools.partial(ignore_stop_signals, _parent_exiting()) if self.num_workers > 0 else None,
         )
 
     def _following(self, worker: int, finished: set[int]) -> int:
