@@ -8,15 +8,19 @@
 * Faults, from the environment: SIMMIM_PROBE_KILL_AT_STEP=k (SIGKILL at the end of step k, before its checkpoint),
   SIMMIM_PROBE_KILL_IN_SAVE=k (SIGKILL while checkpoint k is written: weights and optimizer on disk, no trainer
   state yet), SIMMIM_PROBE_NAN_AT=3,4 (the loss of those steps is multiplied by NaN before the backward pass),
-  SIMMIM_PROBE_DIGESTS=1 (`digests-rank{R}.txt`: step, weights digest, optimizer-state digest after every step).
+  SIMMIM_PROBE_DIGESTS=1 (`digests-rank{R}.txt`: step, weights digest, optimizer-state digest after every step),
+  SIMMIM_PROBE_ENOSPC_IN_SAVE=k (OSError ENOSPC while checkpoint k is written, after its weights and optimizer),
+  SIMMIM_PROBE_PAUSE_AT_STEP=k (at the end of step k: writes `paused-rank{R}`, waits for a file `go` in PROBE_DIR).
 
 Usage: python tests/pretrain_probe.py PROBE_DIR <pretrain.py arguments>  (also under `accelerate launch`).
 """
 
+import errno
 import hashlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -119,6 +123,11 @@ class FaultProbe(TrainerCallback):
                 handle.write(line + "\n")
         if state.global_step in env_steps("SIMMIM_PROBE_KILL_AT_STEP"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if state.global_step in env_steps("SIMMIM_PROBE_PAUSE_AT_STEP"):
+            (PROBE / f"paused-rank{RANK}").touch()
+            deadline = time.monotonic() + 120
+            while not (PROBE / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 original_init = training.SimMIMTrainer.__init__
@@ -145,6 +154,8 @@ original_save_rng = training.SimMIMTrainer._save_rng_state
 def save_rng_or_die(self, output_dir):
     if self.state.global_step in env_steps("SIMMIM_PROBE_KILL_IN_SAVE"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if self.state.global_step in env_steps("SIMMIM_PROBE_ENOSPC_IN_SAVE"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output_dir))
     original_save_rng(self, output_dir)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import TrainingDiverged, UsageError
+from .errors import RunFault, TrainingDiverged, UsageError
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # A flag that carries a secret (--hub_token, --token, --hub-token=...), and what a Hugging Face token looks like.
@@ -166,14 +166,15 @@ def _script_argv(parser: Any, argv: list[str], positional_config: bool, secrets:
 
 def run_script(main: Callable[[], Any]) -> None:
     """Runs an entry script's `main`: a `UsageError` is printed as one line, `error: ...`, and exits with status 2;
-    a run stopped by `TrainingDiverged` exits with status 1 the same way. Tokens never reach the message."""
+    a run stopped by `TrainingDiverged` or a `RunFault` exits with status 1 the same way. Tokens never reach the
+    message."""
     secrets = secrets_in(sys.argv[1:])
     try:
         main()
     except UsageError as problem:
         print(f"error: {' '.join(redact(str(problem), secrets).split())}", file=sys.stderr)
         sys.exit(2)
-    except TrainingDiverged as problem:
+    except (TrainingDiverged, RunFault) as problem:
         print(f"error: {' '.join(redact(str(problem), secrets).split())}", file=sys.stderr)
         sys.exit(1)
 

@@ -8,7 +8,9 @@
       README.md                       .card, the model card
       eval_results.json               .eval_results, every evaluation of this run (`merge_eval_results`)
       checkpoint-N/                   Trainer checkpoints, each with `stream_state_file(checkpoint, rank)` and
-                                      `wall_time_file(checkpoint)` beside the Trainer's own files
+                                      `wall_time_file(checkpoint)` beside the Trainer's own files, and
+                                      `manifest_file(checkpoint)` (every file's size and SHA-256), written last
+      .simmim_job.lock                .lock, held by the job running in the folder (host, PID, start time)
 
 Pretraining writes these files, the model card, the Hub push, evaluation and the scripts read them, all through
 `RunDir`: renaming one here renames it everywhere. Reads JSON only (no torch/transformers import), so that the push
@@ -67,6 +69,10 @@ class RunDir:
     # Written by the job into each checkpoint-N folder, next to the Trainer's files.
     STREAM_STATE_NAME: ClassVar[str] = "stream_state_rank{rank}.json"
     WALL_TIME_NAME: ClassVar[str] = "simmim_wall_time.json"
+    # Written last into each checkpoint-N folder: size and SHA-256 of every file (`pretrain.manifest`).
+    MANIFEST_NAME: ClassVar[str] = "simmim_manifest.json"
+    # Held in the run folder while a job runs in it (`pretrain.lock`).
+    LOCK_NAME: ClassVar[str] = ".simmim_job.lock"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))  # a str or os.PathLike is welcome too
@@ -104,6 +110,16 @@ class RunDir:
     def wall_time_file(cls, checkpoint: str | os.PathLike) -> Path:
         """Where the training wall time so far is saved inside a checkpoint folder."""
         return Path(checkpoint) / cls.WALL_TIME_NAME
+
+    @classmethod
+    def manifest_file(cls, checkpoint: str | os.PathLike) -> Path:
+        """The manifest of a checkpoint folder: every file's size and SHA-256, written last."""
+        return Path(checkpoint) / cls.MANIFEST_NAME
+
+    @property
+    def lock(self) -> Path:
+        """The lock file of the job running in this folder (host, PID, start time)."""
+        return self.path / self.LOCK_NAME
 
     @classmethod
     def containing(cls, model: str | os.PathLike) -> RunDir | None:
