@@ -1,13 +1,17 @@
 """Checkpoints that verify themselves, one job per folder, a full disk during a checkpoint.
 
-Two shared subprocess runs of tests/pretrain_probe.py (a tiny ViT, one checkpoint per step): `killed` is SIGKILLed
-at the end of step 9 (checkpoints 1-8, its lock left behind), `contested` is the uninterrupted run of the same command
-while two more jobs try the same folder. Every corruption case works on a copy of `killed`.
+Two shared subprocess runs of tests/pretrain_probe.py (a tiny ViT, one checkpoint per step): `interrupted` stops on
+a full disk (an injected ENOSPC) while checkpoint 9 is written, leaving checkpoints 1-8; `contested` is the
+uninterrupted run of the same command while two more jobs try its folder. Every corruption case works on a copy of
+`interrupted`.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +28,7 @@ from simmim_hf.pretrain.manifest import LEGACY, manifest_problem, seal_checkpoin
 from simmim_hf.publish.run_dir import RunDir
 
 MAX_STEPS = 10
-KILL_STEP = 9  # checkpoints 1..8 are complete, step 9 is lost
+FULL_AT = 9  # the disk is full while checkpoint 9 is written: checkpoints 1..8 are complete
 
 
 def command(shards, output: Path, probe: Path, *extra: str) -> list[str]:
@@ -42,13 +46,25 @@ def digests(probe: Path) -> dict[int, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def killed(shards, tmp_path_factory):
-    base = tmp_path_factory.mktemp("killed")
-    env = {"SIMMIM_PROBE_DIGESTS": "1", "SIMMIM_PROBE_KILL_AT_STEP": str(KILL_STEP)}
+def interrupted(shards, tmp_path_factory):
+    base = tmp_path_factory.mktemp("interrupted")
+    env = {"SIMMIM_PROBE_DIGESTS": "1", "SIMMIM_PROBE_ENOSPC_IN_SAVE": str(FULL_AT)}
     result = launch(command(shards, base / "run", base / "probe"), env)
-    assert result.returncode != 0 and not (base / "run" / RunDir.SUMMARY_NAME).exists()
-    assert [checkpoint_of(base / "run", step).is_dir() for step in range(1, KILL_STEP)] == [True] * (KILL_STEP - 1)
-    return SimpleNamespace(run=base / "run", probe=base / "probe", command=lambda *a: command(shards, *a))
+    return SimpleNamespace(
+        run=base / "run", probe=base / "probe", result=result, command=lambda *a: command(shards, *a)
+    )
+
+
+def in_process(argv: list[str]) -> tuple[int, str]:
+    """scripts/pretrain.py's `main` under `cli.run_script`, in this process (no interpreter start-up): exit status,
+    stderr."""
+    from simmim_hf.cli import run_script
+    from simmim_hf.pretrain.run import main
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: main(argv))
+    return exit_info.value.code, stderr.getvalue()
 
 
 def checkpoint_of(run_dir: Path, step: int) -> Path:
@@ -75,11 +91,11 @@ def contested(shards, tmp_path_factory):
     winner = next(name for name in jobs if (base / name / "paused-rank0").exists())
     loser = "b" if winner == "a" else "a"
     lost = finished(jobs[loser], timeout=120)
-    staggered = launch(command(shards, output, base / "c"))  # the winner is still paused at step 3
+    staggered = in_process(pretrain_args(shards, output, MAX_STEPS, "--save_steps", "1"))  # the winner is paused
     (base / winner / "go").touch()
     won = finished(jobs[winner], timeout=300)
     return SimpleNamespace(output=output, winner=base / winner, pid=jobs[winner].pid, won=won, lost=lost,
-                           staggered=staggered)  # fmt: skip
+                           staggered=subprocess.CompletedProcess([], staggered[0], "", staggered[1]))  # fmt: skip
 
 
 def finished(process: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
@@ -140,17 +156,19 @@ CORRUPTIONS = {  # checkpoint step -> (what is done to it, what the log must say
 
 
 @pytest.fixture(scope="module")
-def every_corruption(killed, tmp_path_factory):
-    """A copy of `killed` with checkpoints 2-8 each damaged one way, rerun: it must resume from checkpoint-1."""
+def every_corruption(interrupted, tmp_path_factory):
+    """A copy of `interrupted` with checkpoints 2-8 each damaged one way and the lock of a dead process of this host
+    left behind (a SIGKILLed job), rerun: it must resume from checkpoint-1."""
     base = tmp_path_factory.mktemp("every_corruption")
-    shutil.copytree(killed.run, base / "run")
+    shutil.copytree(interrupted.run, base / "run")
     for step, (corrupt, _) in CORRUPTIONS.items():
         corrupt(checkpoint_of(base / "run", step))
-    result = launch(killed.command(base / "run", base / "probe"), {"SIMMIM_PROBE_DIGESTS": "1"})
+    RunDir(base / "run").lock.write_text(json.dumps(dead_holder()))
+    result = launch(interrupted.command(base / "run", base / "probe"), {"SIMMIM_PROBE_DIGESTS": "1"})
     return SimpleNamespace(run=base / "run", probe=base / "probe", result=result)
 
 
-def test_a_rerun_passes_over_every_corrupt_checkpoint_and_continues_the_run(every_corruption, killed, contested):
+def test_a_rerun_passes_over_every_corrupt_checkpoint_and_continues_the_run(every_corruption, interrupted, contested):
     result = every_corruption.result
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -158,7 +176,7 @@ def test_a_rerun_passes_over_every_corrupt_checkpoint_and_continues_the_run(ever
         line = f"Not resuming from {checkpoint_of(every_corruption.run, step)} ({why}"
         assert line in result.stderr, (line, result.stderr[-3000:])
     assert f"Resuming from {checkpoint_of(every_corruption.run, 1)}" in result.stderr
-    # The SIGKILLed job left its lock behind: a dead process of this host, taken over with a warning.
+    # The lock of a dead process of this host, taken over with a warning.
     assert "Taking over the lock" in result.stderr and "no longer runs" in result.stderr
     # Steps 2-10 again, identical to the uninterrupted run: weights and optimizer state after every step, the loss
     # of every step, the final weights.
@@ -166,7 +184,7 @@ def test_a_rerun_passes_over_every_corrupt_checkpoint_and_continues_the_run(ever
     resumed = digests(every_corruption.probe)
     assert sorted(resumed) == list(range(2, MAX_STEPS + 1))
     assert all(resumed[step] == reference[step] for step in resumed)
-    assert digests(killed.probe) == {step: reference[step] for step in range(1, KILL_STEP + 1)}
+    assert digests(interrupted.probe) == {step: reference[step] for step in range(1, FULL_AT + 1)}
     losses = zip(loss_curve(every_corruption.run), loss_curve(contested.output), strict=True)
     assert all(a[0] == b[0] and abs(a[1] - b[1]) <= 1e-6 for a, b in losses)
     assert (every_corruption.probe / "weights-rank0.txt").read_text() == (
@@ -176,10 +194,10 @@ def test_a_rerun_passes_over_every_corrupt_checkpoint_and_continues_the_run(ever
 
 
 @pytest.mark.parametrize("step", sorted(CORRUPTIONS))
-def test_each_corruption_is_named_and_the_older_checkpoint_chosen(killed, tmp_path, step):
+def test_each_corruption_is_named_and_the_older_checkpoint_chosen(interrupted, tmp_path, step):
     folder = tmp_path / "run"
     for kept in (step - 1, step):
-        shutil.copytree(checkpoint_of(killed.run, kept), checkpoint_of(folder, kept))
+        shutil.copytree(checkpoint_of(interrupted.run, kept), checkpoint_of(folder, kept))
     corrupt, why = CORRUPTIONS[step]
     corrupt(checkpoint_of(folder, step))
     chosen, passed_over = find_resume_checkpoint(folder)
@@ -189,10 +207,10 @@ def test_each_corruption_is_named_and_the_older_checkpoint_chosen(killed, tmp_pa
         check_resume_argument(str(checkpoint_of(folder, step)))
 
 
-def test_nan_weights_count_as_corrupt_even_without_a_manifest(killed, tmp_path, caplog):
+def test_nan_weights_count_as_corrupt_even_without_a_manifest(interrupted, tmp_path, caplog):
     folder = tmp_path / "run"
     for step in (1, 2, 3):
-        shutil.copytree(checkpoint_of(killed.run, step), checkpoint_of(folder, step))
+        shutil.copytree(checkpoint_of(interrupted.run, step), checkpoint_of(folder, step))
         RunDir.manifest_file(checkpoint_of(folder, step)).unlink()  # as written before checkpoints had one
     nan_bytes(checkpoint_of(folder, 3))
     cut_header(checkpoint_of(folder, 2))
@@ -205,9 +223,9 @@ def test_nan_weights_count_as_corrupt_even_without_a_manifest(killed, tmp_path, 
 
 
 # -- the manifest ----------------------------------------------------------------------------------------------------
-def test_manifest_lists_every_file_and_fails_on_any_change(killed, tmp_path):
+def test_manifest_lists_every_file_and_fails_on_any_change(interrupted, tmp_path):
     folder = tmp_path / "checkpoint-1"
-    shutil.copytree(checkpoint_of(killed.run, 1), folder)
+    shutil.copytree(checkpoint_of(interrupted.run, 1), folder)
     manifest = json.loads(RunDir.manifest_file(folder).read_text())
     names = sorted(p.name for p in folder.iterdir() if p.name != RunDir.MANIFEST_NAME)
     assert sorted(manifest["files"]) == names and "optimizer.pt" in names
@@ -242,7 +260,7 @@ def test_manifest_lists_every_file_and_fails_on_any_change(killed, tmp_path):
 
 
 # -- one job per folder ----------------------------------------------------------------------------------------------
-def test_a_second_job_on_the_folder_stops_at_start_and_the_first_finishes(contested, killed):
+def test_a_second_job_on_the_folder_stops_at_start_and_the_first_finishes(contested, interrupted):
     for second in (contested.lost, contested.staggered):
         assert second.returncode == 2, second.stderr[-3000:]
         assert "Traceback" not in second.stderr
@@ -254,25 +272,31 @@ def test_a_second_job_on_the_folder_stops_at_start_and_the_first_finishes(contes
     assert won.returncode == 0, won.stderr[-3000:]
     summary = RunDir(contested.output).read_summary()
     assert summary["steps_completed"] == MAX_STEPS and summary["seed"] == 7
-    # Untouched: every step equals the killed run's (the same command, alone in its folder), no lock left behind.
-    assert {step: digests(contested.winner)[step] for step in range(1, KILL_STEP + 1)} == digests(killed.probe)
+    # Untouched: every step equals the interrupted run's (the same command, alone in its folder), no lock left behind.
+    assert {step: digests(contested.winner)[step] for step in range(1, FULL_AT + 1)} == digests(interrupted.probe)
     assert not RunDir(contested.output).lock.exists() and not list(contested.output.glob(".tmp-*"))
 
 
-def test_a_stale_lock_is_taken_over_and_a_foreign_one_is_not(tmp_path, caplog):
+def dead_holder() -> dict:
+    """What the lock of a process of this host that has ended holds."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    return {"host": socket.gethostname(), "pid": dead.pid, "started": "2026-01-01T00:00:00+0000"}
+
+
+def test_a_stale_lock_is_taken_over_and_a_foreign_one_is_not(tmp_path, caplog):
     folder = tmp_path / "run"
     folder.mkdir()
     lock_file = RunDir(folder).lock
-    lock_file.write_text(json.dumps({"host": RunLock(lock_file, False).holder["host"], "pid": dead.pid}))
+    holder = dead_holder()
+    lock_file.write_text(json.dumps(holder))
     with RunLock.acquire(folder):
-        assert f"PID {dead.pid}" in caplog.text and "no longer runs" in caplog.text
+        assert f"PID {holder['pid']}" in caplog.text and "no longer runs" in caplog.text
         assert json.loads(lock_file.read_text())["pid"] == os.getpid()
         with pytest.raises(UsageError, match=f"is in use by another job .*PID {os.getpid()}"):
             RunLock.acquire(folder)
     assert not lock_file.exists() and folder.is_dir()
-    lock_file.write_text(json.dumps({"host": "elsewhere", "pid": dead.pid, "started": "2026-01-01T00:00:00"}))
+    lock_file.write_text(json.dumps({**holder, "host": "elsewhere"}))
     with pytest.raises(UsageError, match=f"another machine .*elsewhere.* delete {lock_file}"):
         RunLock.acquire(folder)
     # A folder the lock created is removed again when the job leaves nothing in it.
@@ -284,28 +308,25 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_one_is_not(tmp_path, caplog):
 # -- a wrong --resume_from_checkpoint, a full disk ---------------------------------------------------------------------
 def test_a_wrong_resume_path_is_one_line_and_leaves_no_folder(shards, tmp_path):
     output = tmp_path / "run"
-    args = pretrain_args(shards, output, 2, "--resume_from_checkpoint", "/nope/checkpoint-5")
-    result = launch([sys.executable, "scripts/pretrain.py", *args])
-    assert result.returncode == 2
-    assert error_lines(result) == ["error: --resume_from_checkpoint /nope/checkpoint-5: no such checkpoint folder"]
-    assert "Traceback" not in result.stderr and not output.exists()
+    status, stderr = in_process(pretrain_args(shards, output, 2, "--resume_from_checkpoint", "/nope/checkpoint-5"))
+    assert status == 2
+    assert stderr == "error: --resume_from_checkpoint /nope/checkpoint-5: no such checkpoint folder\n"
+    assert not output.exists()
 
 
-def assert_disk_full_stop(result: subprocess.CompletedProcess, output: Path) -> None:
+def assert_disk_full_stop(result: subprocess.CompletedProcess, output: Path, step: int, last: int) -> None:
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     (line,) = error_lines(result)
-    assert line.startswith(f"error: cannot write checkpoint-4 in {output}: no space left on device."), line
-    assert f"the last complete checkpoint, {output / 'checkpoint-2'}, is intact" in line
-    assert not list(output.glob(".tmp-*")) and not (output / "checkpoint-4").exists()
-    assert verify_checkpoint(output / "checkpoint-2") is None
-    assert not RunDir(output).lock.exists()
+    assert line.startswith(f"error: cannot write checkpoint-{step} in {output}: no space left on device."), line
+    assert f"the last complete checkpoint, {checkpoint_of(output, last)}, is intact" in line
+    assert not list(output.glob(".tmp-*")) and not checkpoint_of(output, step).exists()
+    assert verify_checkpoint(checkpoint_of(output, last)) is None
+    assert not RunDir(output).lock.exists() and not RunDir(output).summary.exists()
 
 
-def test_no_space_left_during_a_checkpoint_is_one_line_and_keeps_the_last_one(shards, tmp_path):
-    output = tmp_path / "run"
-    args = [*PROBE, str(tmp_path / "probe"), *pretrain_args(shards, output, 6, "--save_steps", "2")]
-    assert_disk_full_stop(launch(args, {"SIMMIM_PROBE_ENOSPC_IN_SAVE": "4"}), output)
+def test_no_space_left_during_a_checkpoint_is_one_line_and_keeps_the_last_one(interrupted):
+    assert_disk_full_stop(interrupted.result, interrupted.run, FULL_AT, FULL_AT - 1)
 
 
 @pytest.fixture
@@ -326,4 +347,4 @@ def test_a_real_full_disk_during_a_checkpoint(shards, small_tmpfs, tmp_path):
     output = small_tmpfs / "run"
     args = pretrain_args(shards, output, 6, "--save_steps", "2", "--visualize_steps", "0")
     result = launch([sys.executable, "scripts/pretrain.py", *args])
-    assert_disk_full_stop(result, output)  # the real thing: torch's zip writer reports it without an errno
+    assert_disk_full_stop(result, output, 4, 2)  # the real thing: torch's zip writer reports it without an errno

@@ -1,8 +1,9 @@
 """Checkpoints that verify themselves: a manifest of every file (size, SHA-256), written last and fsynced.
 
 `seal_checkpoint` runs on the main process once every process has written its files into the staging folder: it
-hashes every file, fsyncs each one, writes the manifest (`RunDir.MANIFEST_NAME`) last, and fsyncs it and the folders,
-so that the rename that publishes the checkpoint comes after everything it names is on disk. `verify_checkpoint`
+fsyncs every file, hashes it (SHA-256 of each 32 MiB block, all blocks in parallel: a small file's one digest is its
+`sha256sum`), writes the manifest (`RunDir.MANIFEST_NAME`) last, and fsyncs it and the folders, so that the rename
+that publishes the checkpoint comes after everything it names is on disk. `verify_checkpoint`
 re-hashes a checkpoint against its manifest and reads its safetensors weights for NaN/Inf; `pretrain.checkpoints`
 uses it to choose the checkpoint to resume from.
 
@@ -21,23 +22,34 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from simmim_hf.publish.run_dir import RunDir
 
 MANIFEST_FORMAT = 1
 LEGACY = "no manifest (written before checkpoints carried one)"
-# hashlib releases the GIL on large buffers: files are hashed in parallel, a few at a time.
-_HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
+# Each file is hashed in blocks of this size, every block of every file on its own thread (hashlib releases the GIL),
+# so that a checkpoint of 1 GB is hashed by all cores at once. A file no larger than one block has one digest, its
+# plain SHA-256 (what `sha256sum` prints).
+BLOCK_BYTES = 32 << 20
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, hex. Maps the file (no copy through a read buffer); an empty file hashes b""."""
+def _threads() -> int:
+    try:
+        return max(1, min(32, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not Linux
+        return max(1, min(32, os.cpu_count() or 1))
+
+
+def block_sha256(path: str | os.PathLike, index: int, block_bytes: int = BLOCK_BYTES) -> str:
+    """SHA-256 (hex) of block `index` of a file, read through a memory map (no copy into a read buffer)."""
     with open(path, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
             return hashlib.sha256(b"").hexdigest()
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return hashlib.sha256(mapped).hexdigest()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            with view[index * block_bytes : (index + 1) * block_bytes] as block:
+                return hashlib.sha256(block).hexdigest()
 
 
 def checkpoint_files(folder: Path) -> list[str]:
@@ -49,17 +61,20 @@ def checkpoint_files(folder: Path) -> list[str]:
     )
 
 
-def _hash_all(folder: Path, names: Iterable[str], fsync: bool = False) -> dict[str, str]:
-    """SHA-256 of each named file of `folder` (fsynced first with `fsync`), several files at a time."""
-
-    def digest(name: str) -> str:
-        if fsync:
-            fsync_path(folder / name)
-        return file_sha256(folder / name)
-
+def file_digests(folder: Path, names: Iterable[str], fsync: bool = False) -> dict[str, list[str]]:
+    """The SHA-256 of every `BLOCK_BYTES` block of each named file of `folder` (one digest for a small or empty
+    file), every block on a thread of its own; with `fsync`, each file is flushed to disk first."""
     names = list(names)
-    with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        return dict(zip(names, pool.map(digest, names)))
+    with ThreadPoolExecutor(_threads()) as pool:
+        if fsync:
+            list(pool.map(lambda name: fsync_path(folder / name), names))
+        sizes = {name: (folder / name).stat().st_size for name in names}
+        blocks = [(name, index) for name in names for index in range(max(1, -(-sizes[name] // BLOCK_BYTES)))]
+        digests = list(pool.map(lambda block: block_sha256(folder / block[0], block[1]), blocks))
+    result: dict[str, list[str]] = {name: [] for name in names}
+    for (name, _), digest in zip(blocks, digests):
+        result[name].append(digest)
+    return result
 
 
 def fsync_path(path: Path) -> None:
@@ -76,9 +91,10 @@ def seal_checkpoint(folder: Path) -> dict:
     every folder inside and `folder`'s parent fsynced. Main process only, once every process has written its files.
     Returns the manifest."""
     names = checkpoint_files(folder)
-    digests = _hash_all(folder, names, fsync=True)
+    digests = file_digests(folder, names, fsync=True)
     manifest = {
         "format": MANIFEST_FORMAT,
+        "block_bytes": BLOCK_BYTES,
         "files": {name: {"size": (folder / name).stat().st_size, "sha256": digests[name]} for name in names},
     }
     path = RunDir.manifest_file(folder)
@@ -101,7 +117,11 @@ def manifest_problem(folder: Path) -> str | None:
         return LEGACY
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        listed = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+        if manifest.get("format") != MANIFEST_FORMAT or manifest.get("block_bytes") != BLOCK_BYTES:
+            return (
+                f"{RunDir.MANIFEST_NAME} of another format ({manifest.get('format')}, {manifest.get('block_bytes')})"
+            )
+        listed = {name: (int(entry["size"]), list(entry["sha256"])) for name, entry in manifest["files"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return f"unreadable {RunDir.MANIFEST_NAME} ({type(error).__name__})"
     present = set(checkpoint_files(folder))
@@ -115,16 +135,45 @@ def manifest_problem(folder: Path) -> str | None:
         actual = (folder / name).stat().st_size
         if actual != size:
             return f"{name} has {actual} bytes, its manifest says {size}"
-    digests = _hash_all(folder, sorted(listed))
+    digests = file_digests(folder, sorted(listed))
     changed = [name for name, (_, digest) in sorted(listed.items()) if digests[name] != digest]
     if changed:
         return f"{changed[0]} does not match its SHA-256 (corrupt)"
     return None
 
 
+# Bit masks of the exponent of each floating dtype of safetensors: a value is NaN/Inf when all its exponent bits are set.
+_EXPONENT_MASKS = {
+    "F64": (np.uint64, 0x7FF0000000000000),
+    "F32": (np.uint32, 0x7F800000),
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+}
+
+
+def nonfinite_tensor(path: Path) -> str | None:
+    """The name of a floating tensor of safetensors file `path` holding NaN/Inf, or None. Reads the data through a
+    memory map, each tensor as integers of its width (one vectorised test of the exponent bits, no copy of the file).
+    The file must be valid (`safe_open` checks the header and offsets first)."""
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        header_size = int.from_bytes(mapped[:8], "little")
+        header = json.loads(mapped[8 : 8 + header_size])
+        for key, entry in header.items():
+            if key == "__metadata__" or entry["dtype"] not in _EXPONENT_MASKS:
+                continue
+            width, mask = _EXPONENT_MASKS[entry["dtype"]]
+            begin, end = (8 + header_size + offset for offset in entry["data_offsets"])
+            bits = np.frombuffer(mapped, dtype=width, count=(end - begin) // np.dtype(width).itemsize, offset=begin)
+            bad = bool(np.any((bits & width(mask)) == width(mask)))
+            del bits  # the map cannot close while a view of it is alive
+            if bad:
+                return key
+    return None
+
+
 def weights_problem(folder: Path) -> str | None:
     """Why the safetensors weights of `folder` cannot be trusted (unreadable header or data, a NaN/Inf value), or
-    None. Reads the tensors through a memory map, one at a time; folders without safetensors weights pass."""
+    None. Folders without safetensors weights pass."""
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
@@ -139,13 +188,13 @@ def weights_problem(folder: Path) -> str | None:
         return f"unreadable {index.name} ({type(error).__name__})"
     for shard in shards:
         try:
-            with safe_open(str(folder / shard), framework="pt") as weights:
-                for key in weights.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-                    tensor = weights.get_tensor(key)
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        return f"{shard}: {key} holds NaN/Inf"
+            with safe_open(str(folder / shard), framework="pt"):  # validates the header and the data offsets
+                pass
+            bad = nonfinite_tensor(folder / shard)
         except Exception as error:  # safetensors raises its own error type (and OSError) on a cut or garbled file
             return f"unreadable {shard} ({' '.join(str(error).split())[:120]})"
+        if bad is not None:
+            return f"{shard}: {bad} holds NaN/Inf"
     return None
 
 
