@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from pretrain_helpers import PROBE, ROOT, launch, loss_curve, pretrain_args
+from pretrain_helpers import LAUNCH_TWO, PROBE, ROOT, launch, loss_curve, pretrain_args
 
 from simmim_hf.errors import UsageError
 from simmim_hf.pretrain.checkpoints import check_resume_argument, find_resume_checkpoint
@@ -275,6 +275,20 @@ def test_a_second_job_on_the_folder_stops_at_start_and_the_first_finishes(contes
     # Untouched: every step equals the interrupted run's (the same command, alone in its folder), no lock left behind.
     assert {step: digests(contested.winner)[step] for step in range(1, FULL_AT + 1)} == digests(interrupted.probe)
     assert not RunDir(contested.output).lock.exists() and not list(contested.output.glob(".tmp-*"))
+
+
+def test_every_rank_of_a_second_job_stops_with_the_holder_named(shards, tmp_path):
+    folder = tmp_path / "run"
+    with RunLock.acquire(folder) as lock:  # held by this (live) process
+        args = pretrain_args(shards, folder, 2)
+        result = launch([*LAUNCH_TWO, "scripts/pretrain.py", *args], {"ACCELERATE_USE_CPU": "true"})
+        assert result.returncode != 0  # 2 on each rank; the launcher reports its children's failure as 1
+        expected = (
+            f"error: --output_dir {folder} is in use by another job (host {lock.holder['host']}, PID {os.getpid()},"
+        )
+        assert [line.startswith(expected) for line in error_lines(result)] == [True, True], result.stderr[-3000:]
+        assert sorted(p.name for p in folder.iterdir()) == [RunDir.LOCK_NAME]
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
 
 
 def dead_holder() -> dict:

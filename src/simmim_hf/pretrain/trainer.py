@@ -351,10 +351,10 @@ class SimMIMTrainer(Trainer):
             return
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
-        message = checkpoint_write_fault(failure, staging.parent, step)
-        if failure is not None and message is None:
+        message = checkpoint_write_fault(failure, staging.parent, step)  # None only for a failure that is no I/O fault
+        if message is None:
             raise failure
-        raise RunFault(message or f"checkpoint-{step}: another process failed to write it (see its error)")
+        raise RunFault(message)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Pushes a complete checkpoint folder (`--hub_strategy checkpoint|all_checkpoints`); the final model is
