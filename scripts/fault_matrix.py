@@ -135,7 +135,7 @@ def kill_during_checkpoint_write(ctx: Context) -> Row:
     killed = launch(command, {"SIMMIM_PROBE_KILL_IN_SAVE": "4"})
     left = sorted(p.name for p in output.iterdir() if "checkpoint" in p.name)
     resumed = launch(command)
-    passed_over = resumed.stderr.count("Not resuming from incomplete")
+    passed_over = resumed.stderr.count("Not resuming from ")
     steps = RunDir(output).read_summary()["steps_completed"] if resumed.returncode == 0 else 0
     outcome = "resumed from the last complete checkpoint" if resumed.returncode == 0 else "rerun failed"
     return Row(

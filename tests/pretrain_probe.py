@@ -12,12 +12,15 @@
   SIMMIM_PROBE_SIGNAL_AT_STEP=k:SIGTERM[:rank[:launcher]] (during step k, before its optimizer step, that rank
   (default 0) sends the signal to itself, or with `launcher` to its parent, the launcher, and waits until the
   launcher has forwarded it), SIMMIM_PROBE_SIGNAL_IN_SAVE=SIGTERM (that signal to itself, once, while the
-  preemption checkpoint is written).
+  preemption checkpoint is written), SIMMIM_PROBE_ENOSPC_IN_SAVE=k (OSError ENOSPC while checkpoint k is written,
+  after its weights and optimizer), SIMMIM_PROBE_PAUSE_AT_STEP=k (at the end of step k: writes `paused-rank{R}`,
+  waits for a file `go` in PROBE_DIR).
 * Each rank writes its exit status to `exit-rank{R}.txt`.
 
 Usage: python tests/pretrain_probe.py PROBE_DIR <pretrain.py arguments>  (also under `accelerate launch`).
 """
 
+import errno
 import hashlib
 import os
 import signal
@@ -148,6 +151,11 @@ class FaultProbe(TrainerCallback):
                 handle.write(line + "\n")
         if state.global_step in env_steps("SIMMIM_PROBE_KILL_AT_STEP"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if state.global_step in env_steps("SIMMIM_PROBE_PAUSE_AT_STEP"):
+            (PROBE / f"paused-rank{RANK}").touch()
+            deadline = time.monotonic() + 120
+            while not (PROBE / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 original_init = training.SimMIMTrainer.__init__
@@ -178,6 +186,8 @@ def save_rng_or_die(self, output_dir):
     if again and self.preemption.stop_signal and not getattr(self, "_probe_signalled_in_save", False):
         self._probe_signalled_in_save = True
         os.kill(os.getpid(), getattr(signal, again))
+    if self.state.global_step in env_steps("SIMMIM_PROBE_ENOSPC_IN_SAVE"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output_dir))
     original_save_rng(self, output_dir)
 
 

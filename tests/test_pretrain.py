@@ -15,6 +15,7 @@ from simmim_hf.cli import expand_config_file
 from simmim_hf.data.stream import DataArguments
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
 from simmim_hf.pretrain.arguments import ModelArguments, SimMIMTrainingArguments, scaled_learning_rate
+from simmim_hf.pretrain.manifest import seal_checkpoint
 from simmim_hf.pretrain.trainer import SimMIMTrainer, warmup_cosine_lambda, warmup_multistep_lambda
 
 
@@ -70,6 +71,7 @@ def test_resume_continues_the_stream_without_replaying_it(shards, tmp_path):
     assert (checkpoint / "stream_state_rank0.json").is_file()
     assert json.loads((checkpoint / "simmim_wall_time.json").read_text())["wall_time_seconds"] > 0
     (checkpoint / "simmim_wall_time.json").write_text(json.dumps({"wall_time_seconds": 1000.0}))
+    seal_checkpoint(checkpoint)  # a deliberate edit: sealed again, or resume would refuse the checkpoint as corrupt
     run([*probe_script, str(resumed), *pretrain_args(shards, tmp_path / "b", 6, "--resume_from_checkpoint", str(checkpoint), *buffer)])  # fmt: skip
     before, after, reference = read_batches(first), read_batches(resumed), read_batches(straight)
     assert len(before) == 3 and len(after) == 3

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import Preempted, TrainingDiverged, UsageError
+from .errors import Preempted, RunFault, TrainingDiverged, UsageError
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # A flag that carries a secret (--hub_token, --token, --hub-token=...), and what a Hugging Face token looks like.
@@ -166,7 +166,7 @@ def _script_argv(parser: Any, argv: list[str], positional_config: bool, secrets:
 
 def run_script(main: Callable[[], Any]) -> None:
     """Runs an entry script's `main`: a `UsageError` is printed as one line, `error: ...`, and exits with status 2;
-    a run stopped by `TrainingDiverged` exits with status 1 the same way. A run stopped by a signal (`Preempted`,
+    a run stopped by `TrainingDiverged` or a `RunFault` exits with status 1 the same way. A run stopped by a signal (`Preempted`,
     after its checkpoint) prints one `stopped: ...` line and exits with its code (130 for Ctrl-C, else
     `--preemption_exit_code`); a Ctrl-C outside training is one line and 130 too, never a traceback. Tokens never
     reach the message."""
@@ -176,7 +176,7 @@ def run_script(main: Callable[[], Any]) -> None:
     except UsageError as problem:
         print(f"error: {' '.join(redact(str(problem), secrets).split())}", file=sys.stderr)
         sys.exit(2)
-    except TrainingDiverged as problem:
+    except (TrainingDiverged, RunFault) as problem:
         print(f"error: {' '.join(redact(str(problem), secrets).split())}", file=sys.stderr)
         sys.exit(1)
     except Preempted as stop:

@@ -16,6 +16,11 @@ class TrainingDiverged(RuntimeError):
     """Training stopped after `--max_nonfinite_steps` NaN/Inf steps in a row; scripts report it on one line."""
 
 
+class RunFault(RuntimeError):
+    """A fault of the machine or its files that stops a job (e.g. no space left while a checkpoint is written);
+    scripts report it on one line and exit with status 1."""
+
+
 class HubPublishError(RuntimeError):
     """A push that cannot go ahead; the message says what to do about it."""
 

@@ -1,14 +1,17 @@
 """Checkpoints a killed run can trust: which folder to resume from, strict weight loading, the finished-run test.
 
-A checkpoint is written under `.tmp-checkpoint-N/checkpoint-N` and renamed to `checkpoint-N` once every process
-has written its files (see `SimMIMTrainer._save_checkpoint`), so a `checkpoint-N` folder is complete by
-construction; folders left by a kill, or by older versions that wrote in place, are recognised and passed over.
+A checkpoint is written under `.tmp-checkpoint-N/checkpoint-N`, sealed with its manifest (`pretrain.manifest`) and
+renamed to `checkpoint-N` once every process has written its files (see `SimMIMTrainer._save_checkpoint`), so a
+`checkpoint-N` folder is complete by construction; folders left by a kill, by older versions that wrote in place, or
+damaged since (a changed, cut or missing file, NaN/Inf weights) are recognised and passed over, naming why.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +20,8 @@ from typing import Any
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from simmim_hf.errors import UsageError
+from simmim_hf.pretrain.manifest import LEGACY, verify_checkpoint
 from simmim_hf.publish.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -58,9 +63,23 @@ def incompleteness(folder: Path) -> str | None:
     return None
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from ("incomplete: ..." or "corrupt: ..."), or None. A checkpoint with no
+    manifest (from before checkpoints carried one) passes when it is complete and its weights are readable and finite,
+    with a warning: its other files cannot be checked."""
+    reason = incompleteness(folder)
+    if reason is not None:
+        return f"incomplete: {reason}"
+    problem = verify_checkpoint(folder)
+    if problem == LEGACY:
+        logger.warning("%s has %s: its weights are readable and finite, the rest is not checked", folder, LEGACY)
+        return None
+    return None if problem is None else f"corrupt: {problem}"
+
+
 def find_resume_checkpoint(output_dir: str | Path) -> tuple[str | None, list[str]]:
-    """The newest complete `checkpoint-N` in `output_dir` (None when there is none) and a description of every
-    newer incomplete folder passed over (half-written staging folders included)."""
+    """The newest `checkpoint-N` in `output_dir` that verifies (None when there is none) and a description of every
+    newer folder passed over, with why (half-written staging folders included)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None, []
@@ -75,11 +94,73 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[str | None, list[str
     staging = sorted(output_dir.glob(f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"))
     passed_over = [f"{path} (a checkpoint write that never finished)" for path in staging]
     for _, path in candidates:
-        reason = incompleteness(path)
+        reason = checkpoint_problem(path)
         if reason is None:
             return str(path), passed_over
         passed_over.append(f"{path} ({reason})")
     return None, passed_over
+
+
+def check_resume_argument(checkpoint: str | None) -> None:
+    """`--resume_from_checkpoint FOLDER` (not `latest`): `UsageError` naming it when it is not a folder or does not
+    verify. Read-only, so the job can stop before writing anything."""
+    if checkpoint in (None, "latest"):
+        return
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        raise UsageError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder")
+    reason = checkpoint_problem(folder)
+    if reason is not None:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint}: cannot resume from it ({reason}); name another checkpoint, or "
+            "leave the argument out to resume from the newest one that verifies"
+        )
+
+
+# Below this much free space, a write that failed without saying why (torch's zip writer) is put down to a full disk.
+_NEARLY_FULL_BYTES = 4 << 20
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether `error`, raised while writing into `folder`, means no space (or quota) was left. torch's serializer
+    reports a failed write without the errno, so the folder's free space decides then."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(error) or "os error 28" in str(error):
+        return True
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bfree * stats.f_frsize < _NEARLY_FULL_BYTES
+
+
+def checkpoint_write_fault(error: BaseException | None, run_dir: Path, step: int) -> str | None:
+    """The one-line message for a checkpoint write that failed with `error` (None: on another process), once its
+    staging folder is removed: the folder, the cause, the last complete checkpoint and what to do. None when
+    `error` is no I/O fault (a bug, to be raised as it is)."""
+    if error is None:
+        cause = "another process failed to write it (see its error)"
+    elif disk_full(error, run_dir):
+        cause = "no space left on device"
+    elif isinstance(error, OSError):
+        cause = f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+    else:
+        return None
+    complete = sorted(
+        (path for path in run_dir.iterdir() if checkpoint_step(path) is not None and path.is_dir()),
+        key=checkpoint_step,
+    )
+    complete = [path for path in complete if incompleteness(path) is None]
+    if complete:
+        size = sum(path.stat().st_size for path in complete[-1].rglob("*") if path.is_file())
+        kept = f"the last complete checkpoint, {complete[-1]}, is intact (a checkpoint takes {size / 1e6:.1f} MB)"
+    else:
+        kept = "no earlier checkpoint exists"
+    return (
+        f"cannot write checkpoint-{step} in {run_dir}: {cause}. Its unfinished folder was removed and {kept}: "
+        "free some space, then rerun the same command to resume"
+    )
 
 
 def rotate_checkpoints(output_dir: Path, limit: int | None, keep: str | None = None) -> None:

@@ -34,12 +34,14 @@ from simmim_hf.pretrain.arguments import ModelArguments, SimMIMTrainingArguments
 from simmim_hf.pretrain.callbacks import ReconstructionCallback
 from simmim_hf.pretrain.checkpoints import (
     TRAINER_STATE_FILE,
+    check_resume_argument,
     checkpoint_step,
     find_resume_checkpoint,
     finished_run,
     load_weights_strictly,
 )
 from simmim_hf.pretrain.console import configure_logging, run_header
+from simmim_hf.pretrain.lock import decided_by_main_process, take_run_lock
 from simmim_hf.pretrain.trainer import SimMIMTrainer
 from simmim_hf.publish.convert import export_encoder
 from simmim_hf.publish.hub import push_run_to_hub
@@ -71,27 +73,33 @@ def _run_pretraining(
     model_args: ModelArguments, data_args: DataArguments, args: SimMIMTrainingArguments
 ) -> dict[str, Any]:
     check_launch(args)
+    decided_by_main_process(args, lambda: check_resume_argument(args.resume_from_checkpoint))
     done = finished_summary(args)
     if done is not None:
         return done
-    set_seed(args.seed)
-    config = build_config(model_args)
-    stats_source = resolve_image_stats(model_args, data_args, config, warn=args.should_log)
-    model = build_model(model_args, config)
-    data = build_data(data_args, args, config)
-    resume = resume_checkpoint(args, data)
-    session = run_settings.settle(model_args, data_args, args, config, resume, checkpoint_step(resume or "") or 0)
-    hub_push = take_over_hub_push(args)
-    trainer = build_trainer(model, args, data)
-    trainer.run_settings = session.record
-    if trainer.is_world_process_zero():
-        run_settings.save_record(args.output_dir, session.record)
-        header = run_header(model_args, data_args, args, config, model, data.dataset, stats_source, resume)
-        logger.info("\n".join(filter(None, [header, run_settings.schedule_line(session, args)])))
-    train(trainer, resume)
-    summary = run_summary(model_args, data_args, args, config, trainer, stats_source)
-    finish(trainer, data.preview, summary, hub_push)
-    return summary
+    lock = take_run_lock(args)  # one job per output_dir, before anything is written; released however the job ends
+    try:
+        set_seed(args.seed)
+        config = build_config(model_args)
+        stats_source = resolve_image_stats(model_args, data_args, config, warn=args.should_log)
+        model = build_model(model_args, config)
+        data = build_data(data_args, args, config)
+        resume = resume_checkpoint(args, data)
+        session = run_settings.settle(model_args, data_args, args, config, resume, checkpoint_step(resume or "") or 0)
+        hub_push = take_over_hub_push(args)
+        trainer = build_trainer(model, args, data)
+        trainer.run_settings = session.record
+        if trainer.is_world_process_zero():
+            run_settings.save_record(args.output_dir, session.record)
+            header = run_header(model_args, data_args, args, config, model, data.dataset, stats_source, resume)
+            logger.info("\n".join(filter(None, [header, run_settings.schedule_line(session, args)])))
+        train(trainer, resume)
+        summary = run_summary(model_args, data_args, args, config, trainer, stats_source)
+        finish(trainer, data.preview, summary, hub_push)
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # -- build ---------------------------------------------------------------------------------------------------------
@@ -225,13 +233,14 @@ def visualization_batch(dataset: Any, config: SimMIMConfig, count: int, seed: in
 
 # -- resume ------------------------------------------------------------------------------------------------------------
 def resume_checkpoint(args: SimMIMTrainingArguments, data: PretrainData) -> str | None:
-    """The checkpoint to continue from: the one given, or (none given, or `latest`) the newest complete one in
-    `output_dir`. A stream continues from its saved position, so the Trainer must not replay batches on top of it."""
+    """The checkpoint to continue from: the one given (verified at start), or (none given, or `latest`) the newest one
+    in `output_dir` that verifies, chosen by the main process. A stream continues from its saved position, so the
+    Trainer must not replay batches on top of it."""
     resume = args.resume_from_checkpoint
     if resume is None or resume == "latest":  # rerunning a command continues its run
-        resume, passed_over = find_resume_checkpoint(args.output_dir)
+        resume, passed_over = decided_by_main_process(args, lambda: find_resume_checkpoint(args.output_dir))
         for folder in passed_over:
-            logger.warning("Not resuming from incomplete %s", folder)
+            logger.warning("Not resuming from %s", folder)
         if resume:
             logger.info("Resuming from %s", resume)
     if data.loader is not None:

@@ -26,15 +26,17 @@ from simmim_hf.configuration_simmim import to_pair
 from simmim_hf.data.faults import FAULT_REASONS, add_counts
 from simmim_hf.data.images import normalize_pixel_values
 from simmim_hf.data.stream import StreamLoader
-from simmim_hf.errors import TrainingDiverged
+from simmim_hf.errors import RunFault, TrainingDiverged
 from simmim_hf.pretrain.arguments import parse_milestones
 from simmim_hf.pretrain.callbacks import NonFiniteGuard, RunEpoch
 from simmim_hf.pretrain.checkpoints import (
     STAGING_PREFIX,
+    checkpoint_write_fault,
     find_resume_checkpoint,
     load_weights_strictly,
     rotate_checkpoints,
 )
+from simmim_hf.pretrain.manifest import fsync_path, seal_checkpoint
 from simmim_hf.pretrain.preemption import PreemptionGuard
 from simmim_hf.publish.run_dir import RunDir, has_safetensors_weights
 
@@ -94,7 +96,8 @@ class SimMIMTrainer(Trainer):
     * every training log line carries images/s (and MFU on a known GPU), the run's data faults and NaN/Inf count;
     * resume restores every weight through transformers' own loading, strictly (any missing or unexpected tensor
       raises), where the stock Trainer loads the on-disk layout non-strictly into renamed modules;
-    * checkpoints are written under `.tmp-checkpoint-N/` and renamed to `checkpoint-N` once every process is done;
+    * checkpoints are written under `.tmp-checkpoint-N/`, sealed with a manifest of every file (size, SHA-256) and
+      renamed to `checkpoint-N` once every process is done; a full disk removes the staging folder (`RunFault`);
     * a step whose loss or gradient norm is NaN/Inf is skipped (no update), logged and counted; `max_nonfinite_steps`
       in a row raise `TrainingDiverged`, and no checkpoint is written from a non-finite step;
     * the arguments are saved as token-free `training_args.json`, never as the `training_args.bin` pickle;
@@ -334,23 +337,49 @@ class SimMIMTrainer(Trainer):
                 shutil.rmtree(stale, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self._staging_dir = staging
+        failure: Exception | None = None
         try:
             (staging / name).mkdir(parents=True, exist_ok=True)
             self.write_checkpoint_extras(staging / name)
             super()._save_checkpoint(model, trial)
+        except Exception as error:  # a full disk (or a bug): every process reaches the agreement below first
+            failure = error
         finally:
             self._staging_dir = None
-        self.accelerator.wait_for_everyone()  # every process has written its files into the staging folder
+        self._agree_on_checkpoint_write(failure, staging, step)  # every process has written its files
+        if self.args.should_save:
+            try:
+                seal_checkpoint(staging / name)  # the manifest, last; every file and folder fsynced
+            except Exception as error:
+                failure = error
+        self._agree_on_checkpoint_write(failure, staging, step)
         final = run_dir / name
         if self.args.should_save:
             if final.exists():  # left by an earlier session that went past the checkpoint resumed from
                 shutil.rmtree(final)
             os.replace(staging / name, final)
+            fsync_path(run_dir)
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self._push_from_checkpoint(str(final))
+
+    def _agree_on_checkpoint_write(self, failure: Exception | None, staging: Path, step: int) -> None:
+        """Collective (a barrier): when writing checkpoint `step` failed on any process, the main process removes
+        its staging folder and every process raises, `RunFault` for a full disk or another I/O error (one line: the
+        folder, the cause, the last complete checkpoint), the error itself for anything else."""
+        flag = torch.tensor([failure is not None], dtype=torch.int32, device=self.args.device)
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        message = checkpoint_write_fault(failure, staging.parent, step)  # None only for a failure that is no I/O fault
+        if message is None:
+            raise failure
+        raise RunFault(message)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Pushes a complete checkpoint folder (`--hub_strategy checkpoint|all_checkpoints`); the final model is

@@ -11,7 +11,9 @@
                                       (`pretrain.run_settings`)
       checkpoint-N/                   Trainer checkpoints, each with `stream_state_file(checkpoint, rank)`,
                                       `wall_time_file(checkpoint)` and `settings_file(checkpoint)` beside the
-                                      Trainer's own files
+                                      Trainer's own files, and `manifest_file(checkpoint)` (every file's size
+                                      and SHA-256), written last
+      .simmim_job.lock                .lock, held by the job running in the folder (host, PID, start time)
 
 Every file of the run folder is replaced atomically (`write_atomic`: a temporary file, then `os.replace`; `encoder/`
 through `staged_folder`), so a kill or a full disk leaves the old file or none, never a cut one.
@@ -125,6 +127,10 @@ class RunDir:
     # Written by the job into each checkpoint-N folder, next to the Trainer's files.
     STREAM_STATE_NAME: ClassVar[str] = "stream_state_rank{rank}.json"
     WALL_TIME_NAME: ClassVar[str] = "simmim_wall_time.json"
+    # Written last into each checkpoint-N folder: size and SHA-256 of every file (`pretrain.manifest`).
+    MANIFEST_NAME: ClassVar[str] = "simmim_manifest.json"
+    # Held in the run folder while a job runs in it (`pretrain.lock`).
+    LOCK_NAME: ClassVar[str] = ".simmim_job.lock"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))  # a str or os.PathLike is welcome too
@@ -171,6 +177,16 @@ class RunDir:
     def settings_file(cls, checkpoint: str | os.PathLike) -> Path:
         """Where the run's settings record (as of that checkpoint) is saved inside a checkpoint folder."""
         return Path(checkpoint) / cls.SETTINGS_NAME
+
+    @classmethod
+    def manifest_file(cls, checkpoint: str | os.PathLike) -> Path:
+        """The manifest of a checkpoint folder: every file's size and SHA-256, written last."""
+        return Path(checkpoint) / cls.MANIFEST_NAME
+
+    @property
+    def lock(self) -> Path:
+        """The lock file of the job running in this folder (host, PID, start time)."""
+        return self.path / self.LOCK_NAME
 
     @classmethod
     def containing(cls, model: str | os.PathLike) -> RunDir | None:
