@@ -28,6 +28,7 @@ TINY = {
     "hierarchical": dict(
         embed_dim=16, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2], window_size=2, image_size=64, patch_size=2
     ),
+    "conv": dict(hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], image_size=64, mask_patch_size=32),
 }
 # Depth 14 is more than any preset's default (12 for ViT-B/BEiT-B): its derived stage names must grow, not stay.
 PLAIN_CASES = {
@@ -50,15 +51,32 @@ HIERARCHICAL_CASES = {
     "other_window": dict(window_size=4),
     "other_patch": dict(patch_size=4),
 }
+CONV_CASES = {
+    "tiny": {},
+    "more_blocks": dict(depths=[1, 2, 1, 1]),
+    "three_stages": dict(depths=[1, 1, 1], hidden_sizes=[8, 16, 16]),
+    "other_image_size": dict(image_size=96),
+    "greyscale": dict(num_channels=1),
+}
+CASES_BY_FAMILY = {"plain": PLAIN_CASES, "hierarchical": HIERARCHICAL_CASES, "conv": CONV_CASES}
 
 
 def family(preset: str) -> str:
-    return "plain" if SimMIMConfig.from_preset(preset).encoder_type in ("vit", "deit", "beit") else "hierarchical"
+    encoder_type = SimMIMConfig.from_preset(preset).encoder_type
+    if encoder_type in ("vit", "deit", "beit"):
+        return "plain"
+    return "conv" if encoder_type in ("convnext", "convnextv2", "resnet") else "hierarchical"
 
 
 def overrides_for(preset: str, case: dict) -> dict:
     kwargs = {**TINY[family(preset)], **case}
     encoder_type = SimMIMConfig.from_preset(preset).encoder_type
+    if family(preset) == "conv":
+        kwargs["decoder_hidden_size"] = 16
+        if encoder_type != "resnet":  # ConvNeXt: a 4 px stem, so that every stage count keeps the stride a divisor
+            kwargs.update(patch_size=4, num_stages=len(kwargs["depths"]))
+        else:
+            kwargs["embedding_size"] = 8
     if family(preset) == "hierarchical":
         kwargs.setdefault("mask_patch_size", 16)
         if encoder_type == "swinv2":  # one pretrained window size per stage
@@ -66,9 +84,7 @@ def overrides_for(preset: str, case: dict) -> dict:
     return kwargs
 
 
-CASES = [
-    (preset, name) for preset in PRESETS for name in (PLAIN_CASES if family(preset) == "plain" else HIERARCHICAL_CASES)
-]
+CASES = [(preset, name) for preset in PRESETS for name in CASES_BY_FAMILY[family(preset)]]
 
 
 def case_id(preset: str, name: str) -> str:
@@ -84,7 +100,7 @@ def exported(tmp_path_factory):
     manifest, expected = [], {}
     for preset, name in CASES:
         key = case_id(preset, name)
-        cases = PLAIN_CASES if family(preset) == "plain" else HIERARCHICAL_CASES
+        cases = CASES_BY_FAMILY[family(preset)]
         config = SimMIMConfig.from_preset(preset, **overrides_for(preset, cases[name]))
         torch.manual_seed(0)
         model = SimMIMForMaskedImageModeling(config).eval()
@@ -137,7 +153,8 @@ def exported(tmp_path_factory):
 def test_exported_encoder_loads_in_plain_transformers(exported, preset, name):
     config, outputs, report, stock = exported[case_id(preset, name)]
     assert report["class"] == {"vit": "ViTModel", "deit": "DeiTModel", "beit": "BeitModel", "swin": "SwinModel",
-                               "swinv2": "Swinv2Model"}[config.encoder_type]  # fmt: skip
+                               "swinv2": "Swinv2Model", "convnext": "ConvNextModel", "convnextv2": "ConvNextV2Model",
+                               "resnet": "ResNetModel"}[config.encoder_type]  # fmt: skip
     assert not any(report["info"].values()), report["info"]  # no missing, unexpected or mismatched key
     assert torch.allclose(stock["last_hidden_state"], outputs.last_hidden_state, rtol=0, atol=1e-6)
     encoder = config.encoder_config
@@ -145,9 +162,23 @@ def test_exported_encoder_loads_in_plain_transformers(exported, preset, name):
         assert config.encoder_type not in MODEL_FOR_BACKBONE_MAPPING_NAMES
         return
     # The backbone's default output is the last stage, i.e. the block that the overrides made last.
-    stages = len(encoder.depths) if config.encoder_type in ("swin", "swinv2") else encoder.num_hidden_layers
+    stages = encoder.num_hidden_layers if family(preset) == "plain" else len(encoder.depths)
     assert report["out_features"] == [f"stage{stages}"]
     last = outputs.hidden_states[-1]
+    if family(preset) == "conv":  # (2, C, h, w) feature maps
+        info = report["backbone_info"]
+        assert not info["mismatched_keys"], info
+        if config.encoder_type == "resnet":  # the last stage itself
+            assert not info["missing_keys"] and not info["unexpected_keys"], info
+            expected = last
+        else:  # through the backbone's own (fresh: weight 1, bias 0) channels-first LayerNorm, eps 1e-6
+            assert info["missing_keys"] == [f"hidden_states_norms.stage{stages}.{p}" for p in ("bias", "weight")]
+            assert info["unexpected_keys"] == ["layernorm.bias", "layernorm.weight"]  # the pooler's norm, as stock
+            expected = torch.nn.functional.layer_norm(last.permute(0, 2, 3, 1), last.shape[1:2], eps=1e-6)
+            expected = expected.permute(0, 3, 1, 2)
+        assert stock["feature_map"].shape[-1] == config.image_size // config.encoder_stride
+        assert torch.allclose(stock["feature_map"], expected, rtol=0, atol=1e-5)
+        return
     grid = config.image_size // config.encoder_stride
     if config.encoder_type == "beit":
         assert not any(report["backbone_info"].values()), report["backbone_info"]
@@ -166,3 +197,4 @@ def test_cases_cover_every_preset_and_the_asked_overrides():
     assert {preset for preset, _ in CASES} == set(PRESETS)
     assert {"fewer_blocks", "more_blocks", "wider", "other_image_size", "greyscale", "other_patch"} <= set(PLAIN_CASES)
     assert {"three_stages", "more_blocks", "other_window", "other_patch", "wider"} <= set(HIERARCHICAL_CASES)
+    assert {"three_stages", "more_blocks", "other_image_size", "greyscale"} <= set(CONV_CASES)
