@@ -143,30 +143,36 @@ def preemption_one_rank(workdir: Path, shards: list[str]) -> Rows:
 
 
 def preemption_two_ranks(workdir: Path, shards: list[str]) -> Rows:
-    """SIGTERM to `accelerate launch` (forwarded to both ranks) during a seeded step, then the rerun."""
+    """2 ranks, one chain on one folder: SIGTERM to `accelerate launch` (it forwards it to both ranks) during
+    STOPS[0], SIGTERM to rank 1 only during STOPS[1], then the finish, compared with an uninterrupted 2-rank run."""
     base = fresh(workdir / "cluster-preempt-2")
-    step = STOPS[0]
 
     def command(probe: str, output: Path) -> list[str]:
         return [*LAUNCH_TWO, PROBE_SCRIPT, str(base / probe), *pretrain_args(shards, output, MAX_STEPS)]
 
     output = base / "run"
     run(command("p-straight", base / "straight"), CPU)
-    term = launch(command("p-term", output), {**CPU, "SIMMIM_PROBE_SIGNAL_AT_STEP": f"{step}:SIGTERM:0:launcher"})
+    signals = {"p-launcher": f"{STOPS[0]}:SIGTERM:0:launcher", "p-rank1": f"{STOPS[1]}:SIGTERM:1"}
+    stops = {probe: launch(command(probe, output), {**CPU, "SIMMIM_PROBE_SIGNAL_AT_STEP": plan})
+             for probe, plan in signals.items()}  # fmt: skip
     finish = launch(command("p-finish", output), CPU)
     exact, figures = bitwise((base / "straight", base / "p-straight"), (output, base / "p-finish"), ranks=2)
-    codes = exit_codes(base / "p-term", 2)
-    saved = (output / f"checkpoint-{step}" / "trainer_state.json").is_file()
-    ok = term.returncode == 143 and codes == ["143", "143"] and saved
-    return [row(
-        f"SIGTERM to `accelerate launch` (2 ranks) during step {step} of {MAX_STEPS}",
-        f"{'both ranks stopped after the step with its checkpoint' if ok else 'FAILED'}; the rerun "
-        f"{'continued the uninterrupted run bitwise' if exact else 'is NOT the same run'}",
-        f"launcher exit {term.returncode}, rank exits {', '.join(codes)}; checkpoint-{step} written: {saved}; "
-        f"`stopped:` lines: {len(lines_with(term.stderr, 'stopped: '))}, "
-        f"`{first(term.stderr, 'stopped: ', output)}`; rerun exit {finish.returncode}, resumed from "
-        f"{resumed_from(finish.stderr)}; {figures} (both ranks)",
-    )]  # fmt: skip
+    rows, reruns = [], [stops["p-rank1"], finish]
+    for (probe, result), step, rerun, whom in zip(stops.items(), STOPS, reruns, ("`accelerate launch`", "rank 1 only"),
+                                                   strict=True):  # fmt: skip
+        codes = exit_codes(base / probe, 2)
+        saved = (output / f"checkpoint-{step}" / "trainer_state.json").is_file()
+        ok = codes == ["143", "143"] and saved and len(lines_with(result.stderr, "stopped: ")) == 1
+        rows.append(row(
+            f"SIGTERM to {whom} (2 ranks) during step {step} of {MAX_STEPS}",
+            f"{'both ranks stopped after the step with its checkpoint' if ok else 'FAILED'}; the rerun "
+            f"{'continued the uninterrupted run bitwise' if exact else 'is NOT the same run'}",
+            f"launcher exit {result.returncode}, rank exits {', '.join(codes)}; checkpoint-{step} written: {saved}; "
+            f"`stopped:` lines: {len(lines_with(result.stderr, 'stopped: '))}, "
+            f"`{first(result.stderr, 'stopped: ', output)}`; next run (exit {rerun.returncode}) resumed from "
+            f"{resumed_from(rerun.stderr)}; chain end: {figures} (both ranks)",
+        ))  # fmt: skip
+    return rows
 
 
 # -- checkpoints: corruption, a full disk, two jobs ---------------------------------------------------------------
@@ -205,10 +211,19 @@ def cut(name: str, keep: float) -> Callable[[Path], None]:
     return corrupt
 
 
+def nan_bytes_resealed(folder: Path) -> None:
+    """NaN bytes with the manifest written again to match: only the finiteness check can catch it."""
+    from simmim_hf.pretrain.manifest import seal_checkpoint
+
+    nan_bytes(folder)
+    seal_checkpoint(folder)
+
+
 CORRUPTIONS = {
     "64 bytes XORed in the newest checkpoint's model.safetensors": xor_64_bytes,
     "the newest checkpoint's weights truncated to 0 bytes": cut("model.safetensors", 0),
     "NaN bytes in the newest checkpoint's weights": nan_bytes,
+    "NaN bytes in the newest checkpoint's weights, its manifest resealed to match": nan_bytes_resealed,
     "the newest checkpoint's optimizer.pt cut in half": cut("optimizer.pt", 0.5),
 }
 
@@ -237,7 +252,7 @@ def checkpoints(workdir: Path, shards: list[str]) -> Rows:
     rows = [row(
         "two jobs on one `--output_dir` (the second, seed 1, started while the first trains)",
         f"{'the second stopped at start, the first finished untouched' if ok else 'FAILED'}",
-        f"second: exit {second.returncode}, {len(errors)} line: `{first(second.stderr, 'error: ', base)[:150]}`; "
+        f"second: exit {second.returncode}, {len(errors)} line: `{first(second.stderr, 'error: ', base)[:230]}`; "
         f"folder unchanged by it: {before == after}; first: exit {first_job.returncode}, "
         f"{summary.get('steps_completed')}/{CKPT_STEPS} steps, seed {summary.get('seed')}",
     )]  # fmt: skip
@@ -254,7 +269,7 @@ def checkpoints(workdir: Path, shards: list[str]) -> Rows:
     rows.append(row(
         f"ENOSPC while checkpoint-{FULL_AT} is written (injected by the probe)",
         "one line, the previous checkpoint intact" if ok else "FAILED",
-        f"exit {full.returncode}; {len(errors)} line: `{first(full.stderr, 'error: ', base)[:170]}`; "
+        f"exit {full.returncode}; {len(errors)} line: `{first(full.stderr, 'error: ', base)[:230]}`; "
         f"{last.name} verifies: {intact}; tracebacks: {full.stderr.count('Traceback')}",
     ))  # fmt: skip
 
@@ -282,16 +297,18 @@ def changed_runs(workdir: Path, shards: list[str]) -> Rows:
     rows = []
     extra = base / "extra-shard.tar"
     shutil.copy(shards[0], extra)
-    for fault, files in (("a shard added to `--data_files`", [*shards, str(extra)]),
-                         ("a shard removed from `--data_files`", shards[:3])):  # fmt: skip
+    for fault, files, stream_line in (("a shard added to `--data_files`", [*shards, str(extra)], "new shard(s)"),
+                                      ("a shard removed from `--data_files`", shards[:3], "gone or changed size")):  # fmt: skip
         output = copy_finished(workdir, shards, f"cluster-changed-{len(files)}")
         result = launch(one_rank(files, output, base / f"p-{len(files)}", 12))
         summary = RunDir(output).read_summary() if RunDir(output).summary.is_file() else {}
-        logged = [first(result.stderr, "data_files changed", output), first(result.stderr, "shard(s)", output)]
+        logged = [first(result.stderr, "data_files changed", workdir), first(result.stderr, stream_line, workdir)]
+        ok = result.returncode == 0 and "(no line" not in logged[0] + logged[1]
         rows.append(row(
-            f"{fault} between runs, resumed to 12 steps",
-            f"{'resumed, change logged' if result.returncode == 0 else 'FAILED'}, exit {result.returncode}",
-            f"steps {summary.get('steps_completed')}/12; logged: `{logged[0][:140]}`; `{logged[1][:120]}`; "
+            f"{fault} between runs (8 steps, half a pass, done), resumed to 12 steps",
+            f"{'resumed, the change logged' if ok else 'FAILED'}, exit {result.returncode}",
+            f"steps {summary.get('steps_completed')}/12, images skipped at resume "
+            f"{summary.get('images_skipped_at_resume')}; logged: `{logged[0][:150]}`; `{logged[1][:200]}`; "
             f"tracebacks: {result.stderr.count('Traceback')}",
         ))  # fmt: skip
 
@@ -307,7 +324,7 @@ def changed_runs(workdir: Path, shards: list[str]) -> Rows:
     rows.append(row(
         "resume with `--mask_ratio 0.4` (was 0.6); then with `--allow_changed_settings true` and batch 8 (was 16)",
         "refused with one line; allowed, recorded as a segment" if ok else "FAILED",
-        f"refused: exit {refused.returncode}, `{first(refused.stderr, 'error: ', output)[:150]}`, folder unchanged: "
+        f"refused: exit {refused.returncode}, `{first(refused.stderr, 'error: ', output)[:260]}`, folder unchanged: "
         f"{unchanged}; allowed: exit {allowed.returncode}, images_seen {summary.get('images_seen')} "
         f"(8 x 16 + 4 x 8 = {expected}), segments {len(summary.get('settings_segments', []))}",
     ))  # fmt: skip
