@@ -5,8 +5,9 @@
     python scripts/fault_matrix.py [--output benchmarks/RELIABILITY.md] [--workdir /tmp/faults] [--only kill,nan]
 
 Every entry of FAULTS is a function taking the shared `Context` and returning a `Row(fault, outcome, figures)` or a
-list of them (the data stream's faults, from scripts/fault_matrix_data.py). Runs go through tests/pretrain_probe.py, which injects
-the faults (SIGKILL at a step or inside a checkpoint write, NaN losses) and records what each run restored.
+list of them (the data stream's faults, from scripts/fault_matrix_data.py; what clusters do, one entry per group of
+scripts/fault_matrix_cluster.py). Runs go through tests/pretrain_probe.py, which injects the faults (SIGKILL, SIGTERM or
+SIGINT at a step, SIGKILL, ENOSPC inside a checkpoint write, NaN losses) and records what each run restored.
 """
 
 from __future__ import annotations
