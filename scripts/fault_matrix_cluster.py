@@ -392,12 +392,12 @@ def launch_mistakes(workdir: Path, shards: list[str]) -> Rows:
         ("`--resume_from_checkpoint /nope/checkpoint-5`", "run", ["--resume_from_checkpoint", "/nope/checkpoint-5"]),
         ("`--per_device_train_batch_size 0`", "run", ["--per_device_train_batch_size", "0"]),
         ("an `--output_dir` that is a file", "a-file", []),
-    ]
+    ]  # scripts/pretrain.py's job in this process; prepare_data.py as a subprocess
     rows = []
     for fault, folder, flags in cases:
         output = base / folder
         start = time.perf_counter()
-        result = launch([sys.executable, "scripts/pretrain.py", *pretrain_args(shards, output, 4, *flags)])
+        result = in_process(pretrain_args(shards, output, 4, *flags))
         rows.append(mistake_row(fault, result, base, time.perf_counter() - start,
                                 output.is_file() if folder == "a-file" else not output.exists()))  # fmt: skip
     start = time.perf_counter()
@@ -406,6 +406,24 @@ def launch_mistakes(workdir: Path, shards: list[str]) -> Rows:
     rows.append(mistake_row("`prepare_data.py` on a folder with no images", result, base,
                             time.perf_counter() - start, not (base / "shards").exists()))  # fmt: skip
     return rows
+
+
+def in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """scripts/pretrain.py's job under `cli.run_script` in this process (no interpreter start-up per case): its exit
+    status and what it printed."""
+    import contextlib
+    import io
+
+    from simmim_hf.cli import run_script
+    from simmim_hf.pretrain.run import main
+
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            run_script(lambda: main(argv))
+        except SystemExit as stopped:
+            code = stopped.code
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 def mistake_row(fault: str, result: subprocess.CompletedProcess, base: Path, seconds: float, clean: bool) -> dict:
