@@ -5,8 +5,9 @@
     python scripts/fault_matrix.py [--output benchmarks/RELIABILITY.md] [--workdir /tmp/faults] [--only kill,nan]
 
 Every entry of FAULTS is a function taking the shared `Context` and returning a `Row(fault, outcome, figures)` or a
-list of them (the data stream's faults, from scripts/fault_matrix_data.py). Runs go through tests/pretrain_probe.py, which injects
-the faults (SIGKILL at a step or inside a checkpoint write, NaN losses) and records what each run restored.
+list of them (the data stream's faults, from scripts/fault_matrix_data.py; what clusters do, one entry per group of
+scripts/fault_matrix_cluster.py). Runs go through tests/pretrain_probe.py, which injects the faults (SIGKILL, SIGTERM or
+SIGINT at a step, SIGKILL, ENOSPC inside a checkpoint write, NaN losses) and records what each run restored.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from fault_matrix_cluster import GROUPS  # noqa: E402
 from pretrain_helpers import (  # noqa: E402
     LAUNCH_TWO,
     PROBE,
@@ -101,8 +104,10 @@ def kill_and_rerun(ctx: Context, ranks: int) -> Row:
     checkpoint = base / "run" / f"checkpoint-{2 * ((step - 1) // 2)}"
     said = f"Resuming from {checkpoint}" in resumed.stderr
     figures = [f"killed at step {step} (exit {killed.returncode}), resumed from {checkpoint.name} (logged: {said})"]
+    restored_all = said
     for rank in range(ranks):
         model_eq, model_n, optim_eq, optim_n = restored_tensors(base / "p-resumed", checkpoint, rank)
+        restored_all = restored_all and model_eq == model_n and optim_eq == optim_n
         figures.append(f"rank {rank}: {model_eq}/{model_n} weight and {optim_eq}/{optim_n} optimizer tensors bitwise")
     difference = max_loss_difference(base / "straight", base / "run")
     same_weights = all(
@@ -112,9 +117,14 @@ def kill_and_rerun(ctx: Context, ranks: int) -> Row:
     )
     figures.append(f"max loss difference vs uninterrupted: {difference:.3g}")
     figures.append(f"final weights {'identical' if same_weights else 'differ'}")
-    exact = difference <= 1e-6 and same_weights
-    outcome = "resumed; model and optimizer restored exactly" + (
-        ", same run step by step" if exact else "; NOT the same run step by step"
+    exact = difference == 0 and same_weights
+    outcome = f"resumed (exit {resumed.returncode}); model and optimizer " + (
+        "restored bitwise" if restored_all else "NOT restored exactly"
+    )
+    outcome += (
+        "; loss of every step and final weights bitwise those of the uninterrupted run"
+        if exact
+        else ("; NOT the same run step by step")
     )
     return Row(f"SIGKILL at a seeded step, {ranks} rank{'s' if ranks > 1 else ''}, 1 DataLoader worker", outcome,
                "; ".join(figures))  # fmt: skip
@@ -137,12 +147,17 @@ def kill_during_checkpoint_write(ctx: Context) -> Row:
     resumed = launch(command)
     passed_over = resumed.stderr.count("Not resuming from ")
     steps = RunDir(output).read_summary()["steps_completed"] if resumed.returncode == 0 else 0
-    outcome = "resumed from the last complete checkpoint" if resumed.returncode == 0 else "rerun failed"
+    chosen = [
+        line.split("Resuming from ")[1].split()[0] for line in resumed.stderr.splitlines() if "Resuming from " in line
+    ]
+    chosen_name = Path(chosen[0]).name if chosen else "nothing"
+    ok = resumed.returncode == 0 and chosen_name == "checkpoint-2"
+    outcome = "resumed from the last complete checkpoint" if ok else "FAILED: rerun did not resume from checkpoint-2"
     return Row(
         "SIGKILL while checkpoint-4 is written",
         outcome,
         f"left after the kill (exit {killed.returncode}): {', '.join(left)}; rerun exit {resumed.returncode}, "
-        f"passed over {passed_over} incomplete folder(s), resumed from checkpoint-2, finished {steps}/6 steps",
+        f"passed over {passed_over} incomplete folder(s), resumed from {chosen_name}, finished {steps}/6 steps",
     )
 
 
@@ -269,9 +284,18 @@ def resume_at_end_of_shards(ctx: Context) -> Row:
     )
 
 
+def cluster_rows(group: Callable[[Path, list[str]], list[dict[str, str]]]) -> Callable[[Context], list[Row]]:
+    """One group of scripts/fault_matrix_cluster.py (what clusters do) as a FAULTS entry of the same name."""
+
+    def rows(ctx: Context) -> list[Row]:
+        return [Row(**row) for row in group(ctx.workdir, ctx.shards)]
+
+    rows.__name__ = group.__name__
+    return rows
+
+
 def data_faults(ctx: Context) -> list[Row]:
     """The data stream's faults (scripts/fault_matrix_data.py): broken shards, bad images, bad paths."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     from fault_matrix_data import run_data_faults
 
     return [Row(**row) for row in run_data_faults(ctx.folder("data"))]
@@ -289,6 +313,7 @@ FAULTS: list[Callable[[Context], Row | list[Row]]] = [
     token_in_argument_error,
     resume_at_end_of_shards,
     data_faults,
+    *map(cluster_rows, GROUPS),
 ]
 
 
