@@ -164,29 +164,37 @@ def _script_argv(parser: Any, argv: list[str], positional_config: bool, secrets:
     return expand_config_file(argv, parser)
 
 
+def say_line(kind: str, message: str, secrets: list[str] = ()) -> None:
+    """`kind: message` on stderr as ONE line in ONE write, token-free: the ranks of a launch share the stream, and
+    `print` writes the text and its newline separately, so two ranks' lines could run into each other."""
+    sys.stderr.flush()
+    sys.stderr.write(f"{kind}: {' '.join(redact(message, secrets).split())}\n")
+    sys.stderr.flush()
+
+
 def run_script(main: Callable[[], Any]) -> None:
     """Runs an entry script's `main`: a `UsageError` is printed as one line, `error: ...`, and exits with status 2;
-    a run stopped by `TrainingDiverged` or a `RunFault` exits with status 1 the same way. A run stopped by a signal (`Preempted`,
-    after its checkpoint) prints one `stopped: ...` line and exits with its code (130 for Ctrl-C, else
+    a run stopped by `TrainingDiverged` or a `RunFault` exits with status 1 the same way. A run stopped by a signal
+    (`Preempted`, after its checkpoint) prints one `stopped: ...` line and exits with its code (130 for Ctrl-C, else
     `--preemption_exit_code`); a Ctrl-C outside training is one line and 130 too, never a traceback. Tokens never
     reach the message."""
     secrets = secrets_in(sys.argv[1:])
     try:
         main()
     except UsageError as problem:
-        print(f"error: {' '.join(redact(str(problem), secrets).split())}", file=sys.stderr)
+        say_line("error", str(problem), secrets)
         sys.exit(2)
     except (TrainingDiverged, RunFault) as problem:
-        print(f"error: {' '.join(redact(str(problem), secrets).split())}", file=sys.stderr)
+        say_line("error", str(problem), secrets)
         sys.exit(1)
     except Preempted as stop:
         if stop.report:
-            print(f"stopped: {' '.join(redact(str(stop), secrets).split())}", file=sys.stderr)
+            say_line("stopped", str(stop), secrets)
         sys.exit(stop.exit_code)
     except KeyboardInterrupt:
         # Training steps catch SIGINT themselves (`Preempted` above); this is Ctrl-C anywhere else, in any script.
-        print("stopped: interrupted (Ctrl-C); a rerun of the same command starts again (pretraining resumes from "
-              "its newest checkpoint)", file=sys.stderr)  # fmt: skip
+        say_line("stopped", "interrupted (Ctrl-C); a rerun of the same command starts again (pretraining resumes "
+                 "from its newest checkpoint)")  # fmt: skip
         sys.exit(130)
 
 
