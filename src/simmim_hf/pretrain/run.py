@@ -26,7 +26,7 @@ from simmim_hf.configuration_simmim import SimMIMConfig
 from simmim_hf.data.collate import SimMIMCollator
 from simmim_hf.data.stats import data_provenance, resolve_image_stats
 from simmim_hf.data.stream import DataArguments, StreamLoader, is_stream, load_pretrain_dataset
-from simmim_hf.errors import TrainingDiverged, UsageError
+from simmim_hf.errors import RunFault, TrainingDiverged, UsageError
 from simmim_hf.masking import SimMIMMaskGenerator
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
 from simmim_hf.pretrain import run_settings
@@ -36,6 +36,7 @@ from simmim_hf.pretrain.checkpoints import (
     TRAINER_STATE_FILE,
     check_resume_argument,
     checkpoint_step,
+    disk_full,
     find_resume_checkpoint,
     finished_run,
     load_weights_strictly,
@@ -409,7 +410,22 @@ def finish(trainer: SimMIMTrainer, preview: dict[str, torch.Tensor], summary: di
             failure = error
     trainer.accelerator.wait_for_everyone()
     if failure is not None:
-        raise failure
+        raise finish_fault(failure, Path(trainer.args.output_dir))
+
+
+def finish_fault(error: BaseException, output_dir: Path) -> BaseException:
+    """A write of the finish that failed for lack of space or another I/O error becomes one line (`RunFault`, exit
+    1): what failed, and that a rerun completes what is missing (`finished_run`); anything else is raised as it is."""
+    if not isinstance(error, OSError) and not disk_full(error, output_dir):
+        return error
+    cause = "no space left on device" if disk_full(error, output_dir) else str(error.strerror or error)
+    where = f" ({error.filename})" if isinstance(error, OSError) and error.filename else ""
+    fault = RunFault(
+        f"cannot finish the run in {output_dir}: {cause}{where}. The training is complete and its final checkpoint "
+        "intact; free some space, then rerun the same command: it writes what is missing without training"
+    )
+    fault.__cause__ = error
+    return fault
 
 
 def save_full_model(trainer: SimMIMTrainer, output_dir: str) -> None:
