@@ -27,11 +27,14 @@ from pretrain_helpers import (
     PROBE,
     PROBE_SCRIPT,
     ROOT,
+    cut,
     launch,
     loss_curve,
+    nan_bytes,
     pretrain_args,
     read_batches,
     run,
+    xor_64_bytes,
 )
 
 from simmim_hf.publish.run_dir import RunDir
@@ -177,38 +180,6 @@ def preemption_two_ranks(workdir: Path, shards: list[str]) -> Rows:
 
 # -- checkpoints: corruption, a full disk, two jobs ---------------------------------------------------------------
 CKPT_STEPS, FULL_AT = 6, 6  # one checkpoint per step; the disk is full while checkpoint 6 is written
-
-
-def _data_start(path: Path) -> tuple[int, dict]:
-    size = int.from_bytes(path.read_bytes()[:8], "little")
-    return 8 + size, json.loads(path.read_bytes()[8 : 8 + size])
-
-
-def xor_64_bytes(folder: Path) -> None:
-    path = folder / "model.safetensors"
-    data = bytearray(path.read_bytes())
-    start = (_data_start(path)[0] + len(data)) // 2
-    data[start : start + 64] = bytes(b ^ 0xA5 for b in data[start : start + 64])
-    path.write_bytes(bytes(data))
-
-
-def nan_bytes(folder: Path) -> None:
-    """The first 16 values of the largest float32 tensor set to NaN: a valid file, no longer finite."""
-    path = folder / "model.safetensors"
-    start, header = _data_start(path)
-    tensors = [entry for key, entry in header.items() if key != "__metadata__" and entry["dtype"] == "F32"]
-    offset = start + max(tensors, key=lambda e: e["data_offsets"][1] - e["data_offsets"][0])["data_offsets"][0]
-    data = bytearray(path.read_bytes())
-    data[offset : offset + 64] = bytes.fromhex("0000c07f") * 16
-    path.write_bytes(bytes(data))
-
-
-def cut(name: str, keep: float) -> Callable[[Path], None]:
-    def corrupt(folder: Path) -> None:
-        path = folder / name
-        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
-
-    return corrupt
 
 
 def nan_bytes_resealed(folder: Path) -> None:

@@ -1,9 +1,11 @@
 """Helpers shared by the end-to-end pretraining tests (test_pretrain.py, test_faults.py) and scripts/fault_matrix.py:
 subprocess runs of scripts/pretrain.py (or tests/pretrain_probe.py) with a tiny ViT on Fashion-MNIST shards."""
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from simmim_hf.publish.run_dir import RunDir
@@ -63,3 +65,42 @@ def folder_digest(folder: Path) -> dict[str, bytes]:
     return {
         str(path.relative_to(folder)): path.read_bytes() for path in sorted(Path(folder).rglob("*")) if path.is_file()
     }
+
+
+# -- checkpoint damages, shared by tests/test_checkpoint_integrity.py and scripts/fault_matrix_cluster.py --------
+def safetensors_data_start(path: Path) -> tuple[int, dict]:
+    """(offset of the first tensor byte, header) of a safetensors file."""
+    header_size = int.from_bytes(path.read_bytes()[:8], "little")
+    return 8 + header_size, json.loads(path.read_bytes()[8 : 8 + header_size])
+
+
+def xor_64_bytes(folder: Path) -> None:
+    """A damage: 64 bytes in the middle of the checkpoint's tensor data XORed (a bit flip the loader does not see)."""
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    start = (safetensors_data_start(path)[0] + len(data)) // 2
+    data[start : start + 64] = bytes(b ^ 0xA5 for b in data[start : start + 64])
+    path.write_bytes(bytes(data))
+
+
+def nan_bytes(folder: Path) -> None:
+    """Overwrites the first 16 values of the largest float32 tensor with NaN (valid file, finite no more)."""
+    path = folder / "model.safetensors"
+    start, header = safetensors_data_start(path)
+    tensors = [entry for key, entry in header.items() if key != "__metadata__" and entry["dtype"] == "F32"]
+    first = (
+        start + max(tensors, key=lambda entry: entry["data_offsets"][1] - entry["data_offsets"][0])["data_offsets"][0]
+    )
+    data = bytearray(path.read_bytes())
+    data[first : first + 64] = bytes.fromhex("0000c07f") * 16
+    path.write_bytes(bytes(data))
+
+
+def cut(name: str, keep: float = 0.5) -> Callable[[Path], None]:
+    """A damage: the checkpoint file `name` cut to `keep` of its size."""
+
+    def corrupt(folder: Path) -> None:
+        path = folder / name
+        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+    return corrupt

@@ -19,7 +19,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from pretrain_helpers import LAUNCH_TWO, PROBE, ROOT, launch, loss_curve, pretrain_args
+from pretrain_helpers import (
+    LAUNCH_TWO,
+    PROBE,
+    ROOT,
+    cut,
+    launch,
+    loss_curve,
+    nan_bytes,
+    pretrain_args,
+    safetensors_data_start,
+    xor_64_bytes,
+)
 
 from simmim_hf.errors import UsageError
 from simmim_hf.pretrain.checkpoints import check_resume_argument, find_resume_checkpoint
@@ -104,40 +115,6 @@ def finished(process: subprocess.Popen, timeout: float) -> subprocess.CompletedP
 
 
 # -- corrupt checkpoints -------------------------------------------------------------------------------------------
-def safetensors_data_start(path: Path) -> tuple[int, dict]:
-    header_size = int.from_bytes(path.read_bytes()[:8], "little")
-    return 8 + header_size, json.loads(path.read_bytes()[8 : 8 + header_size])
-
-
-def xor_64_bytes(folder: Path) -> None:
-    path = folder / "model.safetensors"
-    data = bytearray(path.read_bytes())
-    start = (safetensors_data_start(path)[0] + len(data)) // 2
-    data[start : start + 64] = bytes(b ^ 0xA5 for b in data[start : start + 64])
-    path.write_bytes(bytes(data))
-
-
-def nan_bytes(folder: Path) -> None:
-    """Overwrites the first 16 values of the largest float32 tensor with NaN (valid file, finite no more)."""
-    path = folder / "model.safetensors"
-    start, header = safetensors_data_start(path)
-    tensors = [entry for key, entry in header.items() if key != "__metadata__" and entry["dtype"] == "F32"]
-    first = (
-        start + max(tensors, key=lambda entry: entry["data_offsets"][1] - entry["data_offsets"][0])["data_offsets"][0]
-    )
-    data = bytearray(path.read_bytes())
-    data[first : first + 64] = bytes.fromhex("0000c07f") * 16
-    path.write_bytes(bytes(data))
-
-
-def cut(name: str, keep: float = 0.5):
-    def corrupt(folder: Path) -> None:
-        path = folder / name
-        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
-
-    return corrupt
-
-
 def cut_header(folder: Path) -> None:
     path = folder / "model.safetensors"
     start, _ = safetensors_data_start(path)
