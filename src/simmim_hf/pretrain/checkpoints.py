@@ -135,17 +135,22 @@ def disk_full(error: BaseException, folder: Path) -> bool:
     return stats.f_bfree * stats.f_frsize < _NEARLY_FULL_BYTES
 
 
+def io_fault_cause(error: BaseException, folder: Path) -> str | None:
+    """What a failed write into `folder` says to the user: "no space left on device" for a full disk, the OS's
+    reason (and file) for another I/O error, None for an error that is no I/O fault (a bug, to be raised)."""
+    if disk_full(error, folder):
+        return "no space left on device"
+    if isinstance(error, OSError):
+        return f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+    return None
+
+
 def checkpoint_write_fault(error: BaseException | None, run_dir: Path, step: int) -> str | None:
     """The one-line message for a checkpoint write that failed with `error` (None: on another process), once its
     staging folder is removed: the folder, the cause, the last complete checkpoint and what to do. None when
     `error` is no I/O fault (a bug, to be raised as it is)."""
-    if error is None:
-        cause = "another process failed to write it (see its error)"
-    elif disk_full(error, run_dir):
-        cause = "no space left on device"
-    elif isinstance(error, OSError):
-        cause = f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
-    else:
+    cause = "another process failed to write it (see its error)" if error is None else io_fault_cause(error, run_dir)
+    if cause is None:
         return None
     complete = sorted(
         (path for path in run_dir.iterdir() if checkpoint_step(path) is not None and path.is_dir()),

@@ -36,9 +36,9 @@ from simmim_hf.pretrain.checkpoints import (
     TRAINER_STATE_FILE,
     check_resume_argument,
     checkpoint_step,
-    disk_full,
     find_resume_checkpoint,
     finished_run,
+    io_fault_cause,
     load_weights_strictly,
 )
 from simmim_hf.pretrain.console import configure_logging, run_header
@@ -416,12 +416,11 @@ def finish(trainer: SimMIMTrainer, preview: dict[str, torch.Tensor], summary: di
 def finish_fault(error: BaseException, output_dir: Path) -> BaseException:
     """A write of the finish that failed for lack of space or another I/O error becomes one line (`RunFault`, exit
     1): what failed, and that a rerun completes what is missing (`finished_run`); anything else is raised as it is."""
-    if not isinstance(error, OSError) and not disk_full(error, output_dir):
+    cause = io_fault_cause(error, output_dir)
+    if cause is None:
         return error
-    cause = "no space left on device" if disk_full(error, output_dir) else str(error.strerror or error)
-    where = f" ({error.filename})" if isinstance(error, OSError) and error.filename else ""
     fault = RunFault(
-        f"cannot finish the run in {output_dir}: {cause}{where}. The training is complete and its final checkpoint "
+        f"cannot finish the run in {output_dir}: {cause}. The training is complete and its final checkpoint "
         "intact; free some space, then rerun the same command: it writes what is missing without training"
     )
     fault.__cause__ = error
