@@ -40,9 +40,9 @@ def run(command, env=None):
     return result
 
 
-def pretrain_args(shards, output_dir, max_steps, *extra):
+def pretrain_args(shards, output_dir, max_steps, *extra, preset="demo", overrides=TINY):
     return [
-        "--preset", "demo", "--config_overrides", TINY,
+        "--preset", preset, "--config_overrides", overrides,
         "--dataset_name", "webdataset", "--data_files", *shards, "--streaming", "true",
         "--output_dir", str(output_dir), "--max_steps", str(max_steps),
         "--per_device_train_batch_size", "16", "--base_learning_rate", "0.08", "--warmup_steps", "2",

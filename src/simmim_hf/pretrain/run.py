@@ -21,6 +21,7 @@ import transformers
 from transformers import HfArgumentParser, set_seed
 
 from simmim_hf import __version__
+from simmim_hf.backbones import SUPPORTED_ENCODERS, is_convnet
 from simmim_hf.cli import parse_arguments
 from simmim_hf.configuration_simmim import SimMIMConfig
 from simmim_hf.data.collate import SimMIMCollator
@@ -84,6 +85,7 @@ def _run_pretraining(
         config = build_config(model_args)
         stats_source = resolve_image_stats(model_args, data_args, config, warn=args.should_log)
         model = build_model(model_args, config)
+        check_gradient_checkpointing(args, model)
         data = build_data(data_args, args, config)
         resume = resume_checkpoint(args, data)
         session = run_settings.settle(model_args, data_args, args, config, resume, checkpoint_step(resume or "") or 0)
@@ -174,6 +176,23 @@ def build_model(model_args: ModelArguments, config: SimMIMConfig) -> SimMIMForMa
     if kwargs:
         config.encoder_config._attn_implementation = kwargs["attn_implementation"]
     return SimMIMForMaskedImageModeling(config)
+
+
+def check_gradient_checkpointing(args: SimMIMTrainingArguments, model: torch.nn.Module) -> None:
+    """`--activation_checkpointing` (or its old name `--gradient_checkpointing`) on an encoder whose transformers
+    blocks cannot checkpoint (the ConvNets) is refused by name before any data is read, rather than failing inside
+    the Trainer with a traceback."""
+    asked = getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing  # the old name mirrors it
+    if not asked or any(hasattr(module, "gradient_checkpointing") for module in model.modules()):
+        return
+    encoder = model.config.encoder_type
+    supported = ", ".join(name for name in SUPPORTED_ENCODERS if not is_convnet(name))
+    raise UsageError(
+        f"--activation_checkpointing (--gradient_checkpointing): transformers' {encoder} encoder "
+        f"({type(model.simmim.encoder).__name__}) has no gradient checkpointing (it has for {supported} encoders); "
+        "drop the flag, or save memory with a smaller --per_device_train_batch_size and more "
+        "--gradient_accumulation_steps"
+    )
 
 
 @dataclass
@@ -358,6 +377,10 @@ def run_summary(
         "num_channels": config.num_channels,
         "mask_patch_size": config.mask_patch_size,
         "mask_ratio": config.mask_ratio,
+        "conv_masking": config.conv_masking,
+        "decoder_type": config.decoder_type,
+        "loss_type": config.loss_type,
+        "norm_target": config.norm_target,
         "image_mean": config.image_mean,
         "image_std": config.image_std,
         "image_stats_source": stats_source,

@@ -29,7 +29,13 @@ _BACKBONE_NAMES = {
     "swin": "Swin Transformer (Liu et al., 2021)",
     "swinv2": "Swin Transformer V2 (Liu et al., 2022)",
     "beit": "BEiT (Bao et al., 2022)",
+    "deit": "DeiT (Touvron et al., 2021)",
+    "convnext": "ConvNeXt (Liu et al., 2022)",
+    "convnextv2": "ConvNeXt V2 (Woo et al., 2023)",
+    "resnet": "ResNet (He et al., 2016)",
 }
+_CONV_BACKBONES = ("convnext", "convnextv2", "resnet")
+_LOSS_NAMES = {"l1": "L1 distance", "l2": "mean squared error", "smooth_l1": "smooth L1 (Huber) distance"}
 _PROTOCOL_NAMES = {"knn": "kNN", "linear": "Linear probe", "finetune": "Fine-tuning"}
 _METRIC_NAMES = {"accuracy": "top-1 accuracy", "top5_accuracy": "top-5 accuracy"}
 
@@ -61,7 +67,8 @@ _FORMAT_NAMES = {
     "imagefolder": "an image folder",
     "arrow": "Arrow files",
 }
-_BACKBONE_SHORT = {"vit": "ViT", "swin": "Swin", "swinv2": "Swin V2", "beit": "BEiT", "deit": "DeiT"}
+_BACKBONE_SHORT = {"vit": "ViT", "swin": "Swin", "swinv2": "Swin V2", "beit": "BEiT", "deit": "DeiT",
+                   "convnext": "ConvNeXt", "convnextv2": "ConvNeXt V2", "resnet": "ResNet"}  # fmt: skip
 
 
 def pretraining_data(run: dict[str, Any]) -> tuple[str, str, str | None]:
@@ -202,6 +209,7 @@ def _hyperparameter_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
         ("Normalisation", _normalisation_text(run)),
         ("Image size", f"{_fmt(run.get('image_size'))} px, {_fmt(run.get('num_channels'))} channels"),
         ("Mask patch size / ratio", f"{_fmt(run.get('mask_patch_size'))} px / {_fmt(run.get('mask_ratio'))}"),
+        *_reconstruction_rows(run),
         ("Optimizer steps", _fmt(run.get("max_steps"))),
         ("Global batch size", batch),
         ("Images seen", _fmt(run.get("images_seen"))),
@@ -220,6 +228,53 @@ def _hyperparameter_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
             f"simmim_hf {_fmt(run.get('simmim_hf_version'))}",
         ),
     ]
+
+
+def _reconstruction_settings(run: dict[str, Any]) -> dict[str, Any]:
+    """`conv_masking`, `decoder_type`, `decoder_hidden_size`, `decoder_depth`, `loss_type`, `norm_target` of a run:
+    simmim_run.json's own keys, else its recorded config; a run from before these choices had the paper's (a linear
+    head, L1 on raw pixels)."""
+    config = run.get("config") or {}
+    defaults = {"conv_masking": None, "decoder_type": "linear", "decoder_hidden_size": None, "decoder_depth": None,
+                "loss_type": "l1", "norm_target": False}  # fmt: skip
+    return {key: run.get(key, config.get(key, default)) for key, default in defaults.items()}
+
+
+def _reconstruction_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table's rows for the masking mode (`conv_masking`, ConvNets), `decoder_type` and `loss_type` /
+    `norm_target`, by their config values (the card's prose says them in words)."""
+    settings = _reconstruction_settings(run)
+    rows = []
+    if settings["conv_masking"] is not None:
+        rows.append(("Masking (conv_masking)", settings["conv_masking"]))
+    decoder = str(settings["decoder_type"])
+    if decoder == "conv" and settings["decoder_depth"] is not None:
+        decoder += f" ({settings['decoder_depth']} block(s), width {settings['decoder_hidden_size']})"
+    rows.append(("Decoder (decoder_type)", decoder))
+    target = "normalised per mask cell (norm_target)" if settings["norm_target"] else "raw pixels"
+    rows.append(("Loss (loss_type)", f"{settings['loss_type']}, {target}"))
+    return rows
+
+
+def _method(run: dict[str, Any]) -> tuple[str, str, str]:
+    """How the run masked, decoded and scored, in words: `(masking, decoder, loss)` (lower-case starts)."""
+    settings = _reconstruction_settings(run)
+    masking = {
+        "sparse": "sparse: hidden patches zeroed at the input and kept at zero after every operation that mixes "
+        "positions, normalisation statistics over visible positions only; the mask token enters in the decoder",
+        "token": "a learned mask token replacing the hidden patches at the stem output (dense convolutions after it)",
+    }.get(settings["conv_masking"], "a learned mask token replacing the hidden patches' embeddings")
+    if settings["decoder_type"] == "conv":
+        depth, width = settings["decoder_depth"], settings["decoder_hidden_size"]
+        blocks = f"{depth} ConvNeXt V2 block{'s' if depth != 1 else ''} of width {width}" if depth is not None else ""
+        decoder = "a light convolutional decoder (" + (blocks + ", " if blocks else "")
+        decoder += "its mask token filling the hidden positions, then a 1x1 convolution and a pixel shuffle)"
+    else:
+        decoder = "a one-layer linear head (a 1x1 convolution and a pixel shuffle)"
+    target = "each hidden patch's pixels normalised by that patch's own mean and standard deviation"
+    loss = _LOSS_NAMES.get(settings["loss_type"], str(settings["loss_type"])) + " to "
+    loss += (target if settings["norm_target"] else "the raw pixels") + ", over the hidden pixels only"
+    return masking, decoder, loss
 
 
 def _data_fault_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
@@ -338,6 +393,7 @@ def render_model_card(
     )
     weights = folder.encoder / "model.safetensors"
     architectures = encoder_config.get("architectures") or [f"{backbone} model"]
+    masking, decoder, loss = _method(run)
     return ModelCard.from_template(
         card_data,
         template_str=_load_template(),
@@ -359,6 +415,11 @@ def render_model_card(
         has_reconstruction=folder.reconstruction.is_file(),
         reconstruction_file=RunDir.RECONSTRUCTION_NAME,
         mask_ratio=run.get("mask_ratio"),
+        is_convnet=backbone in _CONV_BACKBONES,
+        conv_masking=_reconstruction_settings(run)["conv_masking"],
+        masking_text=masking,
+        decoder_text=decoder,
+        loss_text=loss,
         evaluation_rows=_evaluation_rows(eval_json) if eval_json else [],
         include_full_checkpoint=include_full_checkpoint,
         base_model_id=hub_base_model(run),
