@@ -84,7 +84,7 @@ def test_record_and_card_state_the_masking_decoder_and_loss(chain):
     summary = json.loads((output / "simmim_run.json").read_text())
     assert (summary["backbone"], summary["conv_masking"], summary["decoder_type"]) == ("convnextv2", "sparse", "conv")
     assert (summary["loss_type"], summary["norm_target"]) == ("l2", True)
-    card = ModelCard.load(output / "README.md").text
+    card = " ".join(ModelCard.load(output / "README.md").text.split())  # prose lines joined
     assert "linear head" not in card
     assert "followed by a light convolutional decoder (1 ConvNeXt V2 block of width 16" in card
     assert "Masking: sparse: hidden patches zeroed at the input" in card
