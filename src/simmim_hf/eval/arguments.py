@@ -72,7 +72,7 @@ class EvaluationArguments:
     learning_rate: float = field(default=1e-3, metadata={"help": "Fine-tuning peak learning rate (of the head)."})
     weight_decay: float = field(default=0.05, metadata={"help": "Fine-tuning AdamW weight decay."})
     layer_decay: float | None = field(
-        default=None, metadata={"help": "Layer-wise LR decay (default 0.65 ViT/BEiT, 0.9 Swin)."}
+        default=None, metadata={"help": "Layer-wise LR decay (default 0.65 ViT/BEiT, 0.9 Swin and ConvNets)."}
     )
     label_smoothing: float = field(default=0.1, metadata={"help": "Fine-tuning label smoothing."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Fine-tuning warmup, fraction of steps."})

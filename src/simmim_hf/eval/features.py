@@ -1,5 +1,5 @@
 """Frozen-feature extraction: loading an encoder (any `AutoModel`, a SimMIM checkpoint or raw pixels) with its
-image processor, and mean-pooling its patch tokens into one vector per image.
+image processor, and mean-pooling its patch tokens (a ConvNet: its last feature map) into one vector per image.
 """
 
 from __future__ import annotations
@@ -177,7 +177,9 @@ def extract_features(
     """Frozen features `(N, D)` float32 on the CPU, in dataset order.
 
     Models: mean of the patch tokens of `last_hidden_state` (or of `hidden_states[feature_layer]`), CLS and other
-    prefix tokens excluded. Raw pixels: the flattened preprocessed image.
+    prefix tokens excluded; ConvNets (ConvNeXt, ConvNeXt V2, ResNet): the global average of that feature map
+    `(B, C, h, w)` (not the stock pooler, which ConvNeXt follows with a LayerNorm). Raw pixels: the flattened
+    preprocessed image.
     """
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(

@@ -1,8 +1,8 @@
 """End-to-end fine-tuning of an encoder as an `AutoModelForImageClassification` with the HF `Trainer`.
 
-SimMIM recipe, scaled down: AdamW with layer-wise LR decay (0.65 ViT/BEiT, 0.9 Swin), cosine schedule with warmup,
-label smoothing 0.1, and the pretraining augmentation family (RandomResizedCrop + horizontal flip) normalised with
-the image processor's mean/std. Evaluation images go through the image processor itself.
+SimMIM recipe, scaled down: AdamW with layer-wise LR decay (0.65 ViT/BEiT, 0.9 Swin and ConvNets, per block), cosine
+schedule with warmup, label smoothing 0.1, and the pretraining augmentation family (RandomResizedCrop + horizontal
+flip) normalised with the image processor's mean/std. Evaluation images go through the image processor itself.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ A parameter with layer id `l` is trained at `base_lr * layer_decay ** (num_layer
 the full rate and the embeddings at the smallest one.
 
 Swin has stages of blocks; blocks are counted across stages (stage `s`, block `b` -> `sum(depths[:s]) + b + 1`) and
-the patch-merging layer at the end of stage `s` shares the id of that stage's last block.
+the patch-merging layer at the end of stage `s` shares the id of that stage's last block. ConvNets (ConvNeXt,
+ConvNeXt V2, ResNet) count blocks the same way; the stem is layer 0, a ConvNeXt stage's downsampling shares the id of
+the stage's first block, and a ResNet block's shortcut is part of its block.
 
 Names are matched by pattern, so the in-memory names of transformers 5 (`vit.layers.3.attention.q_proj.weight`),
 the legacy on-disk names (`encoder.layer.3.attention.attention.query.weight`) and any wrapper prefix (a SimMIM model
@@ -36,7 +38,7 @@ DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9}
 
 
 def default_layer_decay(model_type: str) -> float:
-    """0.9 for Swin-like encoders, 0.65 for ViT/BEiT-like ones (SimMIM paper)."""
+    """0.9 for Swin-like encoders and ConvNets (stages of blocks), 0.65 for ViT/BEiT-like ones (SimMIM paper)."""
     return DEFAULT_LAYER_DECAY["swin" if is_hierarchical(model_type) else "vit"]
 
 

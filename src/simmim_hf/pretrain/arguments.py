@@ -37,10 +37,10 @@ class ModelArguments:
     init_encoder_from: str | None = field(
         default=None,
         metadata={
-            "help": "Continue pretraining a stock encoder (Hub id or folder of a ViT, DeiT, BEiT, Swin or Swinv2 "
-            "model, with or without a head): its weights, config and image statistics, a new mask token where it "
-            "has none, a new reconstruction head; recorded as `base_model` in the card. Not with "
-            "--model_name_or_path."
+            "help": "Continue pretraining a stock encoder (Hub id or folder of a ViT, DeiT, BEiT, Swin, Swinv2, "
+            "ConvNeXt, ConvNeXt V2 or ResNet model, with or without a head): its weights, config and image "
+            "statistics, a new mask token where it has none, a new reconstruction head; recorded as `base_model` in "
+            "the card. Not with --model_name_or_path."
         },
     )
     mask_ratio: float | None = field(default=None, metadata={"help": "Override the preset's mask ratio (0.6)."})
@@ -48,7 +48,10 @@ class ModelArguments:
     image_size: int | None = field(default=None, metadata={"help": "Override the preset's image size."})
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Encoder config overrides, e.g. `hidden_size=256,num_hidden_layers=6,drop_path_rate=0.1`."},
+        metadata={
+            "help": "Encoder config and SimMIM overrides, e.g. `hidden_size=256,num_hidden_layers=6,drop_path_rate=0.1`"
+            " or `depths=[2,2,6,2],hidden_sizes=[32,64,128,256],conv_masking=token,loss_type=l2,norm_target=true`."
+        },
     )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention kernel: eager, sdpa (default when available), flash_attention_2."}
