@@ -12,6 +12,7 @@ def normalize_dense_source(name: str) -> str:
     """`fashion-mnist-scenes` for every alias of the generated scenes, else `name` itself."""
     return FASHION_MNIST_SCENES if is_fashion_mnist_scenes(name) else name
 
+
 CLASSIFICATION_PROTOCOLS = ("knn", "linear", "finetune")
 # Dense-prediction protocols (`eval/segmentation.py`, `eval/detection.py`): their own data (masks or boxes), so they
 # run in an evaluation of their own, not beside the classification ones.
@@ -121,7 +122,9 @@ class EvaluationArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "datasets/transformers cache folder."})
 
     def __post_init__(self) -> None:
-        self.dataset_name = normalize_dense_source(normalize_source(self.dataset_name))  # every alias is one dataset in the results JSON
+        self.dataset_name = normalize_dense_source(
+            normalize_source(self.dataset_name)
+        )  # every alias is one dataset in the results JSON
         if self.raw_pixels:
             self.model = PIXELS
         unknown = [p for p in self.protocol_list if p not in PROTOCOLS]

@@ -49,7 +49,9 @@ class DenseData:
 
 def detect_target_column(columns: list[str], task: str, given: str | None) -> str:
     """The mask (segmentation) or objects (detection) column; `UsageError` naming the flag when there is none."""
-    flag, names = ("--mask_column", MASK_COLUMN_NAMES) if task == "segmentation" else ("--objects_column", OBJECTS_COLUMN_NAMES)
+    flag, names = (
+        ("--mask_column", MASK_COLUMN_NAMES) if task == "segmentation" else ("--objects_column", OBJECTS_COLUMN_NAMES)
+    )
     if given is not None:
         if given not in columns:
             raise UsageError(f"{flag} {given!r} is not a column of the dataset; columns: {columns}")

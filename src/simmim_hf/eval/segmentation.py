@@ -121,7 +121,10 @@ class SegmentationRows(torch.utils.data.Dataset):
 
 
 def _stack(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]), "labels": torch.stack([r["labels"] for r in rows])}
+    return {
+        "pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+        "labels": torch.stack([r["labels"] for r in rows]),
+    }
 
 
 @torch.no_grad()

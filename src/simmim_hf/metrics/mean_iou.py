@@ -53,7 +53,9 @@ def _areas(
     keep = reference != ignore_index
     prediction, reference = prediction[keep], reference[keep]
     if reference.size and (reference.min() < 0 or reference.max() >= num_labels):
-        raise ValueError(f"reference ids must lie in 0..{num_labels - 1} (or be {ignore_index}), got {reference.max()}")
+        raise ValueError(
+            f"reference ids must lie in 0..{num_labels - 1} (or be {ignore_index}), got {reference.max()}"
+        )
     # An out-of-range prediction is wrong and in no class: it goes to an extra bin that is dropped.
     prediction = np.where((prediction < 0) | (prediction >= num_labels), num_labels, prediction)
     hits = prediction[prediction == reference]
