@@ -21,6 +21,10 @@ Train scenes use Fashion-MNIST train items and test scenes test items; the same 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,3 +121,38 @@ def scenes_dataset(split: str = "train", num_scenes: int | None = None, seed: in
         {"image": list(raw["image"]), "annotation": list(raw["annotation"]), "objects": raw["objects"]},
         features=features,
     )
+
+
+def write_scenes(
+    output: Path, num_scenes: int | None = None, seed: int = 0, overwrite: bool = False
+) -> dict[str, Any]:
+    """`prepare_data.py --source fashion-mnist-scenes`: both splits (`num_scenes` each, default `SCENE_COUNTS`) as a
+    `save_to_disk` folder at `output` (read by `evaluate.py --dataset_name OUTPUT`), written beside it and renamed
+    into place, so a failure leaves no partial folder. Returns the summary it also writes as `prepare_data.json`."""
+    import datasets
+
+    output = Path(output)
+    staging = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    splits = {split: scenes_dataset(split, num_scenes, seed) for split in SCENE_COUNTS}
+    try:
+        datasets.DatasetDict(splits).save_to_disk(str(staging))
+        summary = {
+            "source": FASHION_MNIST_SCENES,
+            "seed": seed,
+            "format": "save_to_disk",
+            "splits": {split: len(dataset) for split, dataset in splits.items()},
+            "segmentation_classes": SEGMENTATION_CLASS_NAMES,
+            "detection_classes": DETECTION_CLASS_NAMES,
+        }
+        (staging / "prepare_data.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if output.exists():
+            if not overwrite and any(output.iterdir()):
+                raise FileExistsError(output)
+            shutil.rmtree(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {FASHION_MNIST_SCENES} (seed {seed}): {summary['splits']} scenes to {output}")
+    return summary
