@@ -229,11 +229,12 @@ def test_prepared_scenes_are_the_on_the_fly_ones(prepared_scenes):
 
 
 @pytest.mark.parametrize("family", ["swin", "beit", "convnext", "convnextv2", "resnet"])
-def test_segmentation_end_to_end(family, encoders, tmp_path, prepared_scenes):
+def test_segmentation_end_to_end(family, encoders, tmp_path, prepared_scenes, caplog):
     # resnet reads the folder written by prepare_data.py (any dataset with an image and a mask column); the others
     # generate the scenes on the fly.
     source = ["--dataset_name", str(prepared_scenes)] if family == "resnet" else []
     payload = evaluate(encoders[family], tmp_path, "--protocols", "segmentation", *source)
+    assert "LOAD REPORT" not in caplog.text and "Loading " not in caplog.text  # the backbone's new norms are expected
     if family == "resnet":
         assert list(payload["per_class"]["segmentation"]) == [str(i) for i in range(11)]  # ids read from the masks
         return

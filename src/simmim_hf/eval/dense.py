@@ -62,3 +62,25 @@ def load_backbone(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedM
     if not has_backbone_class(config):
         raise ValueError(no_backbone_message(name_or_path, config.model_type))
     return MODEL_FOR_BACKBONE_MAPPING[type(config)].from_pretrained(name_or_path, **kwargs)
+
+
+# What a backbone adds to an exported encoder (new per-scale norms, BEiT's FPN) and leaves out of it (the final norm,
+# the pooler): expected, so left out of transformers' load report.
+_NEW_IN_BACKBONE = ("hidden_states_norms.", "fpn")
+_UNUSED_BY_BACKBONE = ("pooler.", "layernorm.")
+
+
+def load_dense_backbone(folder: str, **settings: Any) -> PreTrainedModel:
+    """`load_backbone(folder, **settings)` of an exported encoder folder, reporting only unexpected load surprises."""
+    from simmim_hf.eval.features import load_reporting_surprises
+
+    config = AutoConfig.from_pretrained(folder)
+    if not has_backbone_class(config):
+        raise UsageError(no_backbone_message(folder, config.model_type))
+    return load_reporting_surprises(
+        MODEL_FOR_BACKBONE_MAPPING[type(config)].from_pretrained,
+        folder,
+        expected_unexpected=_UNUSED_BY_BACKBONE,
+        expected_missing=_NEW_IN_BACKBONE,
+        **settings,
+    )

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simmim_hf.data.images import decode_image
-from simmim_hf.eval.dense import load_backbone, multiscale_settings
+from simmim_hf.eval.dense import load_dense_backbone, multiscale_settings
 from simmim_hf.eval.dense_data import DenseData
 from simmim_hf.eval.finetune import processor_size
 from simmim_hf.metrics.coco_map import MAX_DETECTIONS, coco_map
@@ -190,7 +190,7 @@ def build_detector(
     if random_init:
         backbone = AutoBackbone.from_config(AutoConfig.from_pretrained(encoder_path, **settings))
     else:
-        backbone = load_backbone(encoder_path, **settings)
+        backbone = load_dense_backbone(encoder_path, **settings)
     return CenterDetector(backbone, num_labels, hidden_size)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from simmim_hf.data.images import decode_image
-from simmim_hf.eval.dense import load_backbone, multiscale_settings
+from simmim_hf.eval.dense import load_dense_backbone, multiscale_settings
 from simmim_hf.eval.dense_data import DenseData, mask_array
 from simmim_hf.eval.finetune import processor_size
 
@@ -60,7 +60,7 @@ def build_segmenter(
     torch.manual_seed(seed)
     model = UperNetForSemanticSegmentation(config)
     if not random_init:
-        backbone = load_backbone(encoder_path, **settings)
+        backbone = load_dense_backbone(encoder_path, **settings)
         model.backbone.load_state_dict(backbone.state_dict())  # strict: every weight of the encoder's backbone
     return model
 
