@@ -44,6 +44,7 @@ from simmim_hf.data.images import (
     decode_image,
     open_image,
 )
+from simmim_hf.data.scenes import is_fashion_mnist_scenes, write_scenes
 from simmim_hf.data.sources import (
     FASHION_MNIST,
     dataset_features,
@@ -91,6 +92,7 @@ class PrepareDataArguments:
         },
     )
     max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={"help": MAX_IMAGE_PIXELS_HELP})
+    seed: int = field(default=0, metadata={"help": "fashion-mnist-scenes only: the seed the scenes are drawn from."})
 
     def __post_init__(self) -> None:
         if not str(self.source or "").strip():
@@ -348,6 +350,8 @@ def prepare_data(args: PrepareDataArguments) -> dict[str, Any]:
     """
     output = Path(args.output)
     _check_output(output, args.source, args.overwrite)
+    if is_fashion_mnist_scenes(args.source):  # masks and boxes: a save_to_disk folder, not image shards
+        return write_scenes(output, args.max_samples, args.seed, overwrite=args.overwrite)
     records, class_names, source_type, total = _open_source(args)
     if total is not None and args.max_samples is not None:
         total = min(total, args.max_samples)
@@ -475,6 +479,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     (args,) = parse_arguments(HfArgumentParser(PrepareDataArguments), sys.argv[1:] if argv is None else argv)
     summary = prepare_data(args)
+    if summary.get("format") == "save_to_disk":  # the scenes: `write_scenes` printed its own line
+        return summary
     skipped = f"skipped {summary['num_skipped']}"
     if summary["num_skipped"]:
         skipped += f" ({format_counts(summary['num_skipped_by_reason'])})"

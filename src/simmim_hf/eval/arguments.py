@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from simmim_hf.data.scenes import FASHION_MNIST_SCENES, is_fashion_mnist_scenes
 from simmim_hf.data.sources import DATA_FILES_HELP, FASHION_MNIST, normalize_source
 
-PROTOCOLS = ("knn", "linear", "finetune")
+
+def normalize_dense_source(name: str) -> str:
+    """`fashion-mnist-scenes` for every alias of the generated scenes, else `name` itself."""
+    return FASHION_MNIST_SCENES if is_fashion_mnist_scenes(name) else name
+
+
+CLASSIFICATION_PROTOCOLS = ("knn", "linear", "finetune")
+# Dense-prediction protocols (`eval/segmentation.py`, `eval/detection.py`): their own data (masks or boxes), so they
+# run in an evaluation of their own, not beside the classification ones.
+DENSE_PROTOCOLS = ("segmentation", "detection")
+PROTOCOLS = CLASSIFICATION_PROTOCOLS + DENSE_PROTOCOLS
 # `--model pixels`: score the preprocessed pixels themselves (a baseline).
 PIXELS = "pixels"
 
@@ -19,8 +30,8 @@ class EvaluationArguments:
     dataset_name: str = field(
         default=FASHION_MNIST,
         metadata={
-            "help": "'fashion-mnist' (embedded; also `fashion_mnist`), a Hub id or a builder (imagefolder, parquet, "
-            "webdataset)."
+            "help": "'fashion-mnist' (embedded; also `fashion_mnist`), 'fashion-mnist-scenes' (embedded scenes with "
+            "masks and boxes, for segmentation/detection), a Hub id or a builder (imagefolder, parquet, webdataset)."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
@@ -32,7 +43,27 @@ class EvaluationArguments:
     )
     image_column: str | None = field(default=None, metadata={"help": "Image column (detected when unambiguous)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (detected when unambiguous)."})
-    protocols: str = field(default="knn,linear", metadata={"help": "Comma-separated subset of knn,linear,finetune."})
+    protocols: str = field(
+        default="knn,linear",
+        metadata={"help": "Comma-separated subset of knn,linear,finetune, or of segmentation,detection."},
+    )
+    mask_column: str | None = field(
+        default=None, metadata={"help": "Segmentation: the mask column (detected: annotation, mask, ...)."}
+    )
+    objects_column: str | None = field(
+        default=None, metadata={"help": "Detection: the column of {bbox: [[x, y, w, h], ...], category: [...]}."}
+    )
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Dense protocols: number of classes (default: from the data)."}
+    )
+    ignore_index: int = field(default=255, metadata={"help": "Segmentation: mask value left out of loss and score."})
+    reduce_labels: bool = field(
+        default=False,
+        metadata={"help": "Segmentation: mask 0 is ignored and other ids shift down by one (scene_parse_150)."},
+    )
+    dense_hidden_size: int = field(
+        default=128, metadata={"help": "Dense protocols: width of the UperNet / detection head."}
+    )
     output: str | None = field(default=None, metadata={"help": "Where to write the results JSON."})
     random_init: bool = field(default=False, metadata={"help": "Same architecture with fresh weights (baseline)."})
     update_model_card: bool = field(
@@ -91,13 +122,20 @@ class EvaluationArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "datasets/transformers cache folder."})
 
     def __post_init__(self) -> None:
-        self.dataset_name = normalize_source(self.dataset_name)  # every alias is one dataset in the results JSON
+        self.dataset_name = normalize_dense_source(
+            normalize_source(self.dataset_name)
+        )  # every alias is one dataset in the results JSON
         if self.raw_pixels:
             self.model = PIXELS
         unknown = [p for p in self.protocol_list if p not in PROTOCOLS]
         if unknown or not self.protocol_list:
             raise ValueError(f"protocols must be a comma-separated subset of {PROTOCOLS}, got {self.protocols!r}")
-        if self.model == PIXELS and "finetune" in self.protocol_list:
+        dense = [p for p in self.protocol_list if p in DENSE_PROTOCOLS]
+        if dense and len(dense) != len(self.protocol_list):
+            raise ValueError(
+                f"protocols: {','.join(dense)} need masks or boxes; evaluate them apart from knn/linear/finetune"
+            )
+        if self.model == PIXELS and ("finetune" in self.protocol_list or dense):
             raise ValueError("raw pixels have nothing to fine-tune; use --protocols knn,linear")
         if self.model == PIXELS and self.random_init:
             raise ValueError("--random_init needs a model, not raw pixels")

@@ -134,8 +134,8 @@ def _load_splits(args: EvaluationArguments) -> tuple[Any, Any, str]:
             return splits[args.train_split], splits[name], name
     # No held-out split: carve a seeded 10% out of train (stratified when the labels are a ClassLabel).
     train = splits[args.train_split]
-    _, label = detect_columns(train.features, args.image_column, args.label_column)
-    stratify = label if isinstance(train.features[label], datasets.ClassLabel) else None
+    label = detect_label_column(train.features, args.label_column)  # dense-task data may have none
+    stratify = label if label and isinstance(train.features[label], datasets.ClassLabel) else None
     parts = train.train_test_split(test_size=0.1, seed=args.seed, stratify_by_column=stratify)
     return parts["train"], parts["test"], f"{args.train_split}[heldout-10%]"
 

@@ -5,7 +5,7 @@ saved next to it, so other people's checkpoints work unchanged. `run_evaluation(
 requested protocols and returns (and optionally writes) the results JSON read by `simmim_hf.publish.hub`; `main(argv)`
 also puts the results into a pretraining run's model card. Arguments are in `arguments.py`, data loading in
 `data.py`, encoder loading and feature extraction in `features.py`, the frozen-feature protocols and accuracy rows in
-`probes.py`, fine-tuning in `finetune.py`.
+`probes.py`, fine-tuning in `finetune.py`, segmentation and detection in `dense_run.py`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import torch
 from transformers import HfArgumentParser, set_seed
 
 from simmim_hf.cli import parse_arguments
-from simmim_hf.eval.arguments import PIXELS, EvaluationArguments
+from simmim_hf.eval.arguments import DENSE_PROTOCOLS, PIXELS, EvaluationArguments
 from simmim_hf.eval.data import EvalData, load_eval_data
+from simmim_hf.eval.dense_run import dense_results
 from simmim_hf.eval.features import extract_features, load_encoder
 from simmim_hf.eval.finetune import finetune_from_args
 from simmim_hf.eval.probes import accuracy_results, knn_scores, linear_probe, resolve_device
@@ -93,6 +94,8 @@ def run_evaluation(args: EvaluationArguments) -> dict[str, Any]:
     """Runs the requested protocols; returns the results JSON (also written to `args.output` when set)."""
     started = time.perf_counter()
     device = resolve_device(args.device)
+    if set(args.protocol_list) & set(DENSE_PROTOCOLS):
+        return _run_dense(args, device, started)
     data = load_eval_data(args)
     print(
         f"dataset {args.dataset_name}: {len(data.train)} train / {len(data.eval)} {data.eval_split} images, "
@@ -126,6 +129,28 @@ def run_evaluation(args: EvaluationArguments) -> dict[str, Any]:
         "seed": args.seed,
         "config": asdict(args),
         "results": results,
+    }
+    print(format_results_table(results))
+    timings["total"] = time.perf_counter() - started
+    print("timing: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items()))
+    if args.output:
+        write_results(payload, args.output)
+    return payload
+
+
+def _run_dense(args: EvaluationArguments, device: torch.device, started: float) -> dict[str, Any]:
+    """`run_evaluation` for the dense protocols (`eval/dense_run.py`): the same results JSON, plus per-class values."""
+    with tempfile.TemporaryDirectory(prefix="simmim_eval_") as workdir:
+        results, per_class, split, timings = dense_results(args, workdir, device)
+    payload = {
+        "model": args.model,
+        "dataset": args.dataset_name,
+        "dataset_config": args.dataset_config_name,
+        "split": split,
+        "seed": args.seed,
+        "config": asdict(args),
+        "results": results,
+        "per_class": per_class,
     }
     print(format_results_table(results))
     timings["total"] = time.perf_counter() - started

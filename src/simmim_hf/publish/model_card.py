@@ -36,8 +36,29 @@ _BACKBONE_NAMES = {
 }
 _CONV_BACKBONES = ("convnext", "convnextv2", "resnet")
 _LOSS_NAMES = {"l1": "L1 distance", "l2": "mean squared error", "smooth_l1": "smooth L1 (Huber) distance"}
-_PROTOCOL_NAMES = {"knn": "kNN", "linear": "Linear probe", "finetune": "Fine-tuning"}
-_METRIC_NAMES = {"accuracy": "top-1 accuracy", "top5_accuracy": "top-5 accuracy"}
+_PROTOCOL_NAMES = {
+    "knn": "kNN",
+    "linear": "Linear probe",
+    "finetune": "Fine-tuning",
+    "segmentation": "UperNet segmentation",
+    "detection": "Detection",
+}
+_METRIC_NAMES = {
+    "accuracy": "top-1 accuracy",
+    "top5_accuracy": "top-5 accuracy",
+    "mean_iou": "mean IoU",
+    "mean_accuracy": "mean class accuracy",
+    "overall_accuracy": "pixel accuracy",
+    "map": "mAP@[.5:.95]",
+    "map_50": "mAP@.5",
+}
+# The model-index task of each protocol (classification unless listed) and its metric types.
+_PROTOCOL_TASKS = {
+    "segmentation": ("image-segmentation", "Image Segmentation"),
+    "detection": ("object-detection", "Object Detection"),
+}
+_METRIC_TYPES = {"mean_iou": "mean_iou", "mean_accuracy": "accuracy", "overall_accuracy": "accuracy", "map": "map"}
+_METRIC_TYPES["map_50"] = "map"
 
 
 def hub_dataset_id(name: str | None) -> str | None:
@@ -107,7 +128,8 @@ def pretraining_data(run: dict[str, Any]) -> tuple[str, str, str | None]:
 def eval_results_to_model_index(eval_json: dict[str, Any]) -> list[EvalResult]:
     """Converts an evaluation JSON (written by scripts/evaluate.py) into `EvalResult`s for the card's model-index.
 
-    One `EvalResult` per entry of `eval_json["results"]`: task `image-classification`, the protocol in the metric
+    One `EvalResult` per entry of `eval_json["results"]`: task `image-classification` (`image-segmentation` for
+    the segmentation protocol, `object-detection` for detection), the protocol in the metric
     name (e.g. "kNN top-1 accuracy"), the value kept in 0..1 as evaluate.py wrote it.
     """
     results = eval_json.get("results")
@@ -127,15 +149,16 @@ def eval_results_to_model_index(eval_json: dict[str, Any]) -> list[EvalResult]:
         metric_name += _METRIC_NAMES.get(entry["metric"], entry["metric"])
         if entry.get("train_samples"):
             metric_name += f" ({entry['train_samples']} labelled train images)"
+        task_type, task_name = _PROTOCOL_TASKS.get(entry["protocol"], ("image-classification", "Image Classification"))
         out.append(
             EvalResult(
-                task_type="image-classification",
-                task_name="Image Classification",
+                task_type=task_type,
+                task_name=task_name,
                 dataset_type=hub_dataset_id(dataset) or str(dataset),
                 dataset_name=_dataset_pretty_name(dataset),
                 dataset_config=eval_json.get("dataset_config"),
                 dataset_split=entry.get("split") or eval_json.get("split"),
-                metric_type="accuracy",
+                metric_type=_METRIC_TYPES.get(entry["metric"], "accuracy"),
                 metric_name=metric_name,
                 metric_value=round(value, 4),
             )
