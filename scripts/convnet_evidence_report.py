@@ -3,7 +3,7 @@
 random init, the two pretraining loss curves (figures and a PNG drawn from each run's `simmim_run.json`), the wall
 times, and each run's `reconstruction.png` copied next to them.
 
-python scripts/convnet_evidence_report.py --runs runs/convnet-evidence --output_dir benchmarks
+python scripts/convnet_evidence_report.py --runs runs/convnet-evidence --output_dir benchmarks --seeds 0 1
 
 Writes, with N the pretraining steps: convnet_evidence_N.md, convnet_loss_N.png, convnet_reconstruction_{sparse,token}_N.png.
 """
@@ -69,8 +69,9 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, size: tu
     image.save(path)
 
 
-def report(runs: Path, output_dir: Path) -> Path:
-    """Writes the tables and pictures of `runs` into `output_dir`; returns the Markdown file's path."""
+def report(runs: Path, output_dir: Path, seeds: list[int]) -> Path:
+    """Writes the tables and pictures of `runs` (fine-tunes of `seeds`) into `output_dir`; returns the Markdown
+    file's path."""
     curves = {mode: load_curve(runs / mode) for mode in MODES}
     steps = json.loads((runs / "sparse" / "simmim_run.json").read_text())["max_steps"]
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -81,12 +82,16 @@ def report(runs: Path, output_dir: Path) -> Path:
         line.split("\t") for line in (runs / "wall_times.tsv").read_text().splitlines() if line.strip()
     )  # later lines (reruns) win
 
-    lines = [f"Fine-tuning, 1,000 labels (100 per class), full test set (10,000), {steps} pretraining steps:", ""]
-    lines += ["| encoder | fine-tune accuracy | top-5 | fine-tune wall (s) |", "|---|---|---|---|"]
+    lines = [f"Fine-tuning, 1,000 labels (100 per class), full test set (10,000), {steps} pretraining steps;"]
+    lines += ["accuracy (top-5) per fine-tuning seed, their mean, and the fine-tunes' wall times:", ""]
+    head = " | ".join(f"seed {seed}" for seed in seeds)
+    lines += [f"| encoder | {head} | mean | fine-tune wall (s) |", "|---" * (len(seeds) + 3) + "|"]
     for name, key in MODELS:
-        figures = finetune_figures(runs / "eval" / f"{key}.json")
-        wall = walls.get(f"finetune-{key}", "-")
-        lines.append(f"| {name} | {100 * figures['accuracy']:.1f} | {100 * figures['top5_accuracy']:.1f} | {wall} |")
+        figures = [finetune_figures(runs / "eval" / f"{key}-seed{seed}.json") for seed in seeds]
+        cells = [f"{100 * f['accuracy']:.1f} ({100 * f['top5_accuracy']:.1f})" for f in figures]
+        mean = 100 * sum(f["accuracy"] for f in figures) / len(figures)
+        wall = ", ".join(walls.get(f"finetune-{key}-seed{seed}", "-") for seed in seeds)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.1f} | {wall} |")
     every = max(1, len(curves["sparse"]) // 10)
     lines += ["", "Pretraining loss (masked pixels, L1 in normalised units), as logged every 10 steps:", ""]
     lines += ["| step | " + " | ".join(MODES) + " |", "|---" * (len(MODES) + 1) + "|"]
@@ -105,8 +110,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("runs/convnet-evidence"), help="OUT of convnet_evidence.sh")
     parser.add_argument("--output_dir", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (eval/NAME-seedN.json)")
     args = parser.parse_args()
-    path = report(args.runs, args.output_dir)
+    path = report(args.runs, args.output_dir, args.seeds)
     print(path.read_text(), end="")
 
 
