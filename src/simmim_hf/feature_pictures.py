@@ -152,14 +152,15 @@ def pca_picture(
 def attention_picture(
     encoder: nn.Module, pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 ) -> Image.Image:
-    """One row of images, then one row per head: its CLS-to-patch attention, each map scaled to its own maximum."""
+    """One row of images, then one row per head: its CLS-to-patch attention, each map min-max scaled on its own (white: most attended)."""
     inputs, was_training = _prepare(encoder, pixel_values)
     try:
         maps = cls_attention(encoder, inputs).cpu()  # (B, heads, h, w)
     finally:
         encoder.train(was_training)
     original = _rgb(denormalize(pixel_values.float().cpu(), mean, std))
-    shown = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+    low, high = maps.amin(dim=(2, 3), keepdim=True), maps.amax(dim=(2, 3), keepdim=True)
+    shown = (maps - low) / (high - low).clamp_min(1e-12)
     shown = _upsample(shown, tuple(original.shape[-2:]))  # (B, heads, H, W)
     heads = [shown[:, h : h + 1].expand(-1, 3, -1, -1) for h in range(shown.shape[1])]
     rows = torch.stack([original, *heads])

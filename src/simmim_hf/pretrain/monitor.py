@@ -232,7 +232,10 @@ class KNNMonitor(TrainerCallback):
             return
         value = self.measure(self.trainer.accelerator.unwrap_model(self.trainer.model))
         logger.info("monitor  step %d: kNN top-1 %.4f", state.global_step, value)
+        # `Trainer.log` clears `control.should_log` (set for this step's loss line, which comes after): keep it.
+        should_log = control.should_log
         self.trainer.log({METRIC: round(value, 6)})
+        control.should_log = should_log
 
 
 def monitor_curve(log_history: list[dict[str, Any]], images_at: Callable[[int], int]) -> list[list[Any]]:
