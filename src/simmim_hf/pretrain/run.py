@@ -305,7 +305,9 @@ def attach_monitor(trainer: SimMIMTrainer, monitor_set: MonitorSet | None, confi
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         logger.warning("--monitor_dataset is ignored under FSDP/DeepSpeed: run scripts/evaluate.py on the result")
         return
-    monitor = KNNMonitor(monitor_set, trainer.args.monitor_steps, trainer.args.per_device_eval_batch_size)
+    # No gradients in eval mode: the training batch fits, and small batches would leave the device idle.
+    batch_size = max(trainer.args.per_device_eval_batch_size, trainer.args.per_device_train_batch_size)
+    monitor = KNNMonitor(monitor_set, trainer.args.monitor_steps, batch_size)
     monitor.attach(trainer)
     monitor.compute_baselines(config, trainer.args.seed, trainer.args.device)
     trainer.add_callback(monitor)
