@@ -14,7 +14,10 @@
   launcher has forwarded it), SIMMIM_PROBE_SIGNAL_IN_SAVE=SIGTERM (that signal to itself, once, while the
   preemption checkpoint is written), SIMMIM_PROBE_ENOSPC_IN_SAVE=k (OSError ENOSPC while checkpoint k is written,
   after its weights and optimizer), SIMMIM_PROBE_PAUSE_AT_STEP=k (at the end of step k: writes `paused-rank{R}`,
-  waits for a file `go` in PROBE_DIR).
+  waits for a file `go` in PROBE_DIR), SIMMIM_PROBE_MONITOR=1 (each rank appends `step value` to
+  `monitor-rank{R}.txt` for every kNN monitor figure, the session's random-init baseline first as step -1, and saves
+  the gathered features of that baseline, `monitor-features-rank{R}.pt`, with the fresh model's weights,
+  `monitor-model-rank{R}.pt`).
 * Each rank writes its exit status to `exit-rank{R}.txt`.
 
 Usage: python tests/pretrain_probe.py PROBE_DIR <pretrain.py arguments>  (also under `accelerate launch`).
@@ -192,6 +195,28 @@ def save_rng_or_die(self, output_dir):
 
 
 training.SimMIMTrainer.__init__ = init_with_probe
+
+if os.environ.get("SIMMIM_PROBE_MONITOR"):
+    import simmim_hf.pretrain.monitor as monitoring
+
+    original_features, original_measure = monitoring.KNNMonitor.features, monitoring.KNNMonitor.measure
+
+    def recorded_features(self, model):
+        features = original_features(self, model)
+        if not self.baselines and not (PROBE / f"monitor-features-rank{RANK}.pt").exists():
+            torch.save(features.cpu(), PROBE / f"monitor-features-rank{RANK}.pt")
+            torch.save(model.state_dict(), PROBE / f"monitor-model-rank{RANK}.pt")
+        return features
+
+    def recorded_measure(self, model):
+        value = original_measure(self, model)
+        step = self.trainer.state.global_step if self.baselines else -1
+        with open(PROBE / f"monitor-rank{RANK}.txt", "a") as handle:
+            handle.write(f"{step} {value!r}\n")
+        return value
+
+    monitoring.KNNMonitor.features = recorded_features
+    monitoring.KNNMonitor.measure = recorded_measure
 training.SimMIMTrainer.compute_loss = compute_loss_with_nan
 training.SimMIMTrainer._save_rng_state = save_rng_or_die
 

@@ -16,8 +16,8 @@ from transformers import AutoModel, SwinModel, ViTForImageClassification, ViTIma
 from simmim_hf import SimMIMForMaskedImageModeling
 from simmim_hf.backbones import num_prefix_tokens
 from simmim_hf.data.fashion_mnist import CLASS_NAMES, MEAN, STD, load_fashion_mnist
+from simmim_hf.data.labelled import EvalData, class_balanced_subset, detect_columns, load_eval_data
 from simmim_hf.eval.arguments import EvaluationArguments
-from simmim_hf.eval.data import EvalData, class_balanced_subset, detect_columns, load_eval_data
 from simmim_hf.eval.features import extract_features, load_encoder, resolve_encoder_path
 from simmim_hf.eval.finetune import LayerDecayTrainer, finetune_classifier, processor_size, train_transform
 from simmim_hf.eval.probes import METRIC_PATH, accuracy_results, knn_scores, linear_probe

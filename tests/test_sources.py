@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from simmim_hf.data.images import decode_image
+from simmim_hf.data.labelled import detect_columns, load_eval_data
 from simmim_hf.data.sources import (
     FASHION_MNIST,
     FASHION_MNIST_ALIASES,
@@ -27,7 +28,6 @@ from simmim_hf.data.stream import DataArguments, load_pretrain_dataset
 from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
 from simmim_hf.errors import UsageError
 from simmim_hf.eval.arguments import EvaluationArguments
-from simmim_hf.eval.data import detect_columns, load_eval_data
 from simmim_hf.publish.model_card import hub_dataset_id, pretraining_data
 
 

@@ -143,7 +143,7 @@ def load_dense_data(args: EvaluationArguments, task: str) -> DenseData:
         target = "annotation" if task == "segmentation" else "objects"
         names = SEGMENTATION_CLASS_NAMES if task == "segmentation" else DETECTION_CLASS_NAMES
         return DenseData(train, test, "image", target, list(names), eval_split)
-    from simmim_hf.eval.data import _load_splits
+    from simmim_hf.data.labelled import _load_splits
 
     train, test, eval_split = _load_splits(args)
     columns = list(train.features)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from simmim_hf.backbones import num_prefix_tokens
 from simmim_hf.data.images import build_image_processor, decode_image
+from simmim_hf.embedding import pool_tokens
 from simmim_hf.eval.arguments import PIXELS
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
 from simmim_hf.publish.convert import export_encoder
@@ -139,17 +140,6 @@ def load_reporting_surprises(
     if surprises:
         logger.warning("Loading %s as %s: %s", source, type(model).__name__, surprises)
     return model
-
-
-def pool_tokens(hidden: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
-    """Mean of the patch tokens. hidden: `(B, L, D)` tokens or `(B, D, H, W)` maps -> `(B, D)`."""
-    if hidden.ndim == 3:
-        return hidden[:, prefix_tokens:].mean(dim=1)
-    if hidden.ndim == 4:
-        return hidden.mean(dim=(2, 3))
-    if hidden.ndim == 2:
-        return hidden
-    raise ValueError(f"cannot pool a hidden state of shape {tuple(hidden.shape)}")
 
 
 class _ImageCollator:

@@ -16,8 +16,8 @@ import torch
 from transformers import Trainer
 
 from simmim_hf.data.images import SimMIMAugmentation, decode_image
+from simmim_hf.data.labelled import EvalData
 from simmim_hf.eval.arguments import EvaluationArguments
-from simmim_hf.eval.data import EvalData
 from simmim_hf.eval.features import load_reporting_surprises, resolve_encoder_path
 from simmim_hf.eval.layer_decay import param_groups_layer_decay
 from simmim_hf.publish.convert import export_finetuning_layout

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from simmim_hf.embedding import knn_scores  # noqa: F401  (the kNN lives in the core, shared with the monitor)
+
 METRIC_PATH = Path(__file__).parent.parent / "metrics" / "accuracy.py"
 
 
@@ -22,36 +24,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-@torch.no_grad()
-def knn_scores(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Weighted kNN votes `(M, num_classes)`: cosine similarity, the k nearest training points each vote
-    `exp(similarity / temperature)` for their class.
-
-    train_features: `(N, D)`, train_labels: `(N,)` int, test_features: `(M, D)`.
-    """
-    if train_features.shape[0] != train_labels.shape[0]:
-        raise ValueError("train_features and train_labels have different lengths")
-    k = min(k, train_features.shape[0])
-    train = F.normalize(train_features.float(), dim=1)
-    labels = train_labels.long().to(train.device)
-    scores = []
-    for start in range(0, test_features.shape[0], chunk_size):
-        queries = F.normalize(test_features[start : start + chunk_size].float().to(train.device), dim=1)
-        sims, idx = (queries @ train.T).topk(k, dim=1)
-        votes = torch.zeros(queries.shape[0], num_classes, device=train.device)
-        votes.scatter_add_(1, labels[idx], (sims / temperature).exp())
-        scores.append(votes)
-    return torch.cat(scores).cpu()
 
 
 def linear_probe(

@@ -24,8 +24,8 @@ import torch
 from transformers import HfArgumentParser, set_seed
 
 from simmim_hf.cli import parse_arguments
+from simmim_hf.data.labelled import EvalData, load_eval_data
 from simmim_hf.eval.arguments import DENSE_PROTOCOLS, PIXELS, EvaluationArguments
-from simmim_hf.eval.data import EvalData, load_eval_data
 from simmim_hf.eval.dense_run import dense_results
 from simmim_hf.eval.features import extract_features, load_encoder
 from simmim_hf.eval.finetune import finetune_from_args

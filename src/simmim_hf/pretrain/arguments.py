@@ -157,6 +157,21 @@ class SimMIMTrainingArguments(TrainingArguments):
     default_warmup_ratio: float = field(
         default=0.1, metadata={"help": "Warmup as a fraction of max_steps when --warmup_steps is not given."}
     )
+    monitor_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Labelled images for the online kNN monitor, in scripts/evaluate.py's syntax (fashion-mnist, an "
+            "image folder, parquet/webdataset with --monitor_data_files, a Hub id). Off when not given."
+        },
+    )
+    monitor_data_files: list[str] | None = field(default=None, metadata={"help": "Files of --monitor_dataset."})
+    monitor_steps: int = field(default=500, metadata={"help": "Score the encoder every N steps (0: only at the end)."})
+    monitor_train_samples: int = field(
+        default=1000, metadata={"help": "Monitor kNN memory: seeded class-balanced images of the train split."}
+    )
+    monitor_eval_samples: int = field(
+        default=500, metadata={"help": "Monitor kNN queries: seeded class-balanced images of the eval split."}
+    )
 
     def __post_init__(self) -> None:
         if wants_auto_bf16(self):
@@ -187,6 +202,11 @@ class SimMIMTrainingArguments(TrainingArguments):
             parse_milestones(self.lr_milestones)  # fail early on a typo
         if self.num_visualize_images < 1:
             raise ValueError(f"num_visualize_images must be >= 1, got {self.num_visualize_images}")
+        if self.monitor_steps < 0:
+            raise UsageError(f"monitor_steps must be >= 0, got {self.monitor_steps}")
+        for name in ("monitor_train_samples", "monitor_eval_samples"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def global_batch_size(self) -> int:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from simmim_hf.feature_pictures import attention_picture, has_cls_attention, pca_picture
 from simmim_hf.visualization import reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ class RunEpoch(TrainerCallback):
 
 class ReconstructionCallback(TrainerCallback):
     """Every `every_n_steps` (and at the end), renders original / masked / reconstructed images of a fixed batch
-    with a fixed mask; writes `output_dir/reconstructions/step-N.png` and logs the grid to TensorBoard when the
-    TensorBoard integration is active. Runs on the main process only.
+    with a fixed mask, and the feature pictures of the same images (`simmim_hf.feature_pictures`); writes
+    `output_dir/reconstructions/step-N.png` and `output_dir/features/{pca,attention}-step-N.png`, and logs them to
+    TensorBoard when the TensorBoard integration is active. Runs on the main process only.
 
     pixel_values: (N, C, H, W) normalised; bool_masked_pos: (N, num_patches), 1 = masked.
     """
@@ -69,13 +71,26 @@ class ReconstructionCallback(TrainerCallback):
         return getattr(self.tensorboard, "tb_writer", None)
 
     def render(self, model: torch.nn.Module, output_dir: str, step: int, tb_writer: Any = None) -> Path:
+        """Writes `reconstructions/step-N.png` and the feature pictures `features/pca-step-N.png` (and, for ViT/DeiT/
+        BEiT, `features/attention-step-N.png`); returns the reconstruction's path."""
         image = reconstruction_grid(model, self.pixel_values, self.bool_masked_pos)
         path = Path(output_dir) / "reconstructions" / f"step-{step}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
+        pictures = {"reconstruction": image}
+        mean, std = model.config.image_mean, model.config.image_std
+        pictures["features/pca"] = pca_picture(model, self.pixel_values, mean, std)
+        if has_cls_attention(model):
+            pictures["features/attention"] = attention_picture(model, self.pixel_values, mean, std)
+        features = Path(output_dir) / "features"
+        features.mkdir(parents=True, exist_ok=True)
+        for tag, picture in pictures.items():
+            if tag != "reconstruction":
+                picture.save(features / f"{tag.split('/')[-1]}-step-{step}.png")
         if tb_writer is not None:
-            array = np.asarray(image.convert("RGB"))
-            tb_writer.add_image("reconstruction", array, global_step=step, dataformats="HWC")
+            for tag, picture in pictures.items():
+                array = np.asarray(picture.convert("RGB"))
+                tb_writer.add_image(tag, array, global_step=step, dataformats="HWC")
         return path
 
     def on_step_end(

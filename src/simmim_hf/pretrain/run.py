@@ -28,6 +28,7 @@ from simmim_hf.data.collate import SimMIMCollator
 from simmim_hf.data.stats import data_provenance, resolve_image_stats
 from simmim_hf.data.stream import DataArguments, StreamLoader, is_stream, load_pretrain_dataset
 from simmim_hf.errors import RunFault, TrainingDiverged, UsageError
+from simmim_hf.feature_pictures import attention_picture, has_cls_attention, pca_picture
 from simmim_hf.masking import SimMIMMaskGenerator
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
 from simmim_hf.pretrain import run_settings
@@ -44,8 +45,10 @@ from simmim_hf.pretrain.checkpoints import (
 )
 from simmim_hf.pretrain.console import configure_logging, run_header
 from simmim_hf.pretrain.lock import decided_by_main_process, take_run_lock
+from simmim_hf.pretrain.monitor import KNNMonitor, MonitorSet, monitor_curve, prepare_monitor_set
 from simmim_hf.pretrain.trainer import SimMIMTrainer
 from simmim_hf.publish.convert import export_encoder
+from simmim_hf.publish.curves import images_at_step, save_curves
 from simmim_hf.publish.hub import push_run_to_hub
 from simmim_hf.publish.model_card import write_model_card
 from simmim_hf.publish.run_dir import RunDir, staged_file, staged_folder, write_atomic
@@ -84,6 +87,7 @@ def _run_pretraining(
         set_seed(args.seed)
         config = build_config(model_args)
         stats_source = resolve_image_stats(model_args, data_args, config, warn=args.should_log)
+        monitor_set = prepare_monitor_set(args, config, args.process_index, args.world_size)  # checked before data
         model = build_model(model_args, config)
         check_gradient_checkpointing(args, model)
         data = build_data(data_args, args, config)
@@ -92,6 +96,7 @@ def _run_pretraining(
         hub_push = take_over_hub_push(args)
         trainer = build_trainer(model, args, data)
         trainer.run_settings = session.record
+        attach_monitor(trainer, monitor_set, config)
         if trainer.is_world_process_zero():
             run_settings.save_record(args.output_dir, session.record)
             header = run_header(model_args, data_args, args, config, model, data.dataset, stats_source, resume)
@@ -310,6 +315,24 @@ def build_trainer(model: torch.nn.Module, args: SimMIMTrainingArguments, data: P
     return trainer
 
 
+def attach_monitor(trainer: SimMIMTrainer, monitor_set: MonitorSet | None, config: SimMIMConfig) -> None:
+    """Adds the kNN monitor (`pretrain.monitor`) and computes its baselines (collective: every rank). Under FSDP or
+    DeepSpeed a forward of the bare encoder would bypass the sharding: the monitor is off there, with a warning."""
+    trainer.knn_monitor = None
+    if monitor_set is None:
+        return
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        logger.warning("--monitor_dataset is ignored under FSDP/DeepSpeed: run scripts/evaluate.py on the result")
+        return
+    # No gradients in eval mode: the training batch fits, and small batches would leave the device idle.
+    batch_size = max(trainer.args.per_device_eval_batch_size, trainer.args.per_device_train_batch_size)
+    monitor = KNNMonitor(monitor_set, trainer.args.monitor_steps, batch_size)
+    monitor.attach(trainer)
+    monitor.compute_baselines(config, trainer.args.seed, trainer.args.device)
+    trainer.add_callback(monitor)
+    trainer.knn_monitor = monitor
+
+
 def train(trainer: SimMIMTrainer, resume: str | None) -> None:
     """Trains to `max_steps` from `resume` (stream position and wall time restored), then refuses NaN/Inf weights."""
     trainer.restore_session(resume)
@@ -369,6 +392,25 @@ def run_summary(
         "data": dataclasses.asdict(data_args),
         "training": {key: value for key, value in args.to_dict().items() if not key.endswith("_token")},
     }
+    monitor = getattr(trainer, "knn_monitor", None)
+    monitor_summary = None
+    if monitor is not None:
+        monitor_summary = {
+            "dataset": args.monitor_dataset,
+            "data_files": args.monitor_data_files,
+            "train_samples": len(monitor.monitor.train_labels),
+            "eval_samples": len(monitor.monitor.eval_labels),
+            "every_n_steps": args.monitor_steps,
+            "protocol": "weighted kNN (k=20, T=0.07, cosine), mean-pooled patch features, top-1",
+            "baselines": monitor.baselines,
+        }
+
+    def images_at(step: int) -> int:
+        return images_at_step(step, segments, args.global_batch_size)
+
+    curve = monitor_curve(trainer.state.log_history, images_at)
+    if monitor_summary is not None:
+        monitor_summary["final_knn_top1"] = curve[-1][2] if curve else None
     summary = {
         # What the model card shows.
         "preset": config.preset,
@@ -406,6 +448,8 @@ def run_summary(
         "settings_segments": segments,
         "final_loss": loss_curve[-1][1] if loss_curve else None,
         "loss_curve": loss_curve,
+        "monitor": monitor_summary,
+        "monitor_curve": curve,
         "nonfinite_steps": trainer.nonfinite_steps,
         "data_faults": faults,
         "images_skipped_at_resume": skipped,
@@ -474,9 +518,19 @@ def finish_run(
         export_encoder(model, staging)
     with staged_file(run.reconstruction) as staging:
         save_reconstruction_grid(model, preview["pixel_values"], preview["bool_masked_pos"], staging)
+    mean, std = model.config.image_mean, model.config.image_std
+    with staged_file(run.pca_picture) as staging:
+        pca_picture(model, preview["pixel_values"], mean, std).save(staging, format="PNG")
+    if has_cls_attention(model):
+        with staged_file(run.attention_picture) as staging:
+            attention_picture(model, preview["pixel_values"], mean, std).save(staging, format="PNG")
+    with staged_file(run.curves) as staging:
+        save_curves(summary, staging)
     write_atomic(run.summary, json.dumps(summary, indent=2) + "\n")
     write_model_card(output_dir)
-    logger.info("Wrote %s (checkpoint, encoder/, reconstruction.png, model card)", output_dir)
+    logger.info(
+        "Wrote %s (checkpoint, encoder/, reconstruction, feature pictures, curves.png, model card)", output_dir
+    )
     if push:
         repo_id = args.hub_model_id or output_dir.name
         url = push_run_to_hub(

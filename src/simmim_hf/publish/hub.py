@@ -2,7 +2,7 @@
 
 `push_run_to_hub(run_dir, repo_id)` makes exactly one commit holding, at the repository root, what a stock
 `AutoModel.from_pretrained(repo)` / `AutoImageProcessor.from_pretrained(repo)` needs (the files of
-`run_dir/encoder/`), the reconstruction picture and the card; optionally the full SimMIM checkpoint under `simmim/`.
+`run_dir/encoder/`), the reconstruction, feature and curve pictures and the card; optionally the full SimMIM checkpoint under `simmim/`.
 The token comes from `HF_TOKEN` or `hf auth login`; it is never printed, and every uploaded byte is scanned for it.
 """
 
@@ -40,8 +40,14 @@ def _collect_files(run_dir: Path, include_full_checkpoint: bool) -> list[tuple[s
         for path in sorted(run.encoder.rglob("*"))
         if path.is_file() and path.name != RunDir.CARD_NAME and not path.name.startswith(".")
     ]
-    if run.reconstruction.is_file():
-        files.append((RunDir.RECONSTRUCTION_NAME, run.reconstruction))
+    for name, path in (
+        (RunDir.RECONSTRUCTION_NAME, run.reconstruction),
+        (RunDir.PCA_NAME, run.pca_picture),
+        (RunDir.ATTENTION_NAME, run.attention_picture),
+        (RunDir.CURVES_NAME, run.curves),
+    ):
+        if path.is_file():
+            files.append((name, path))
     if include_full_checkpoint:
         for path in sorted(run.path.iterdir()):
             if path.is_file() and (path.name in _FULL_CHECKPOINT_NAMES or path.suffix in _FULL_CHECKPOINT_SUFFIXES):

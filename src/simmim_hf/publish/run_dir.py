@@ -5,6 +5,9 @@
       simmim_run.json                 .summary, the run summary (`read_summary()`)
       encoder/                        .encoder, the stock transformers encoder + image processor (`export_encoder`)
       reconstruction.png              .reconstruction, original / masked / reconstruction rows
+      features_pca.png                .pca_picture, PCA of the last feature map of the preview images
+      features_attention.png          .attention_picture, CLS-to-patch attention per head (ViT/DeiT/BEiT)
+      curves.png                      .curves, loss and monitor kNN against images seen (`publish.curves`)
       README.md                       .card, the model card
       eval_results.json               .eval_results, every evaluation of this run (`merge_eval_results`)
       simmim_settings.json            .settings, the settings that define the run and its segments
@@ -116,6 +119,9 @@ class RunDir:
     SUMMARY_NAME: ClassVar[str] = "simmim_run.json"
     ENCODER_NAME: ClassVar[str] = "encoder"
     RECONSTRUCTION_NAME: ClassVar[str] = "reconstruction.png"
+    PCA_NAME: ClassVar[str] = "features_pca.png"
+    ATTENTION_NAME: ClassVar[str] = "features_attention.png"
+    CURVES_NAME: ClassVar[str] = "curves.png"
     CARD_NAME: ClassVar[str] = "README.md"
     EVAL_RESULTS_NAME: ClassVar[str] = "eval_results.json"
     SETTINGS_NAME: ClassVar[str] = "simmim_settings.json"
@@ -146,6 +152,18 @@ class RunDir:
     @property
     def reconstruction(self) -> Path:
         return self.path / self.RECONSTRUCTION_NAME
+
+    @property
+    def pca_picture(self) -> Path:
+        return self.path / self.PCA_NAME
+
+    @property
+    def attention_picture(self) -> Path:
+        return self.path / self.ATTENTION_NAME
+
+    @property
+    def curves(self) -> Path:
+        return self.path / self.CURVES_NAME
 
     @property
     def card(self) -> Path:

@@ -1,13 +1,16 @@
 """Loading labelled image data for downstream evaluation: the embedded Fashion-MNIST or any `datasets` source.
 
 `load_eval_data(args)` finds the image/label columns, maps labels to ids `0..C-1` and takes seeded class-balanced
-subsets, returning an `EvalData` that the probes (`evaluation.py`) and fine-tuning (`finetune.py`) share.
+subsets, returning an `EvalData` that the probes and fine-tuning (`eval/`) and the pretraining monitor
+(`pretrain/monitor.py`) share. `args` is anything with `EvaluationArguments`' data fields (dataset_name,
+dataset_config_name, data_files, data_dir, cache_dir, train_split, eval_split, image_column, label_column,
+train_samples, eval_samples, seed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -20,9 +23,6 @@ from simmim_hf.data.sources import (
     load_dataset,
     resolve_split_files,
 )
-
-if TYPE_CHECKING:
-    from simmim_hf.eval.arguments import EvaluationArguments
 
 _EVAL_SPLITS = ("validation", "valid", "val", "test")
 
@@ -91,7 +91,7 @@ def detect_columns(features: Any, image_column: str | None, label_column: str | 
     return image, label
 
 
-def _fashion_mnist_data(args: EvaluationArguments) -> EvalData:
+def _fashion_mnist_data(args: Any) -> EvalData:
     """The embedded corpus, subset on the raw arrays so that only the kept images are wrapped in a Dataset."""
     from simmim_hf.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist, to_dataset
 
@@ -109,7 +109,7 @@ def _fashion_mnist_data(args: EvaluationArguments) -> EvalData:
     return EvalData(train, test, "image", train_labels, eval_labels, list(CLASS_NAMES), eval_split)
 
 
-def _load_splits(args: EvaluationArguments) -> tuple[Any, Any, str]:
+def _load_splits(args: Any) -> tuple[Any, Any, str]:
     import datasets
 
     if is_saved_dataset(args.dataset_name):  # a `save_to_disk` folder, as pretraining and prepare_data.py read it
@@ -140,7 +140,7 @@ def _load_splits(args: EvaluationArguments) -> tuple[Any, Any, str]:
     return parts["train"], parts["test"], f"{args.train_split}[heldout-10%]"
 
 
-def load_eval_data(args: EvaluationArguments) -> EvalData:
+def load_eval_data(args: Any) -> EvalData:
     """Loads the train/eval splits, finds the columns, maps labels to ids and takes the seeded subsets."""
     import datasets
 
