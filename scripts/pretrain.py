@@ -5,7 +5,7 @@
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/pretrain.py --config runs/swin-b.yaml \
         [--any_flag value ...]
 
-Every `TrainingArguments` flag works. `--config FILE` (YAML or JSON) supplies defaults; flags given on the command
+Every `TrainingArguments` flag works, except the few docs/cli.md lists as refused (one line, exit 2). `--config FILE` (YAML or JSON) supplies defaults; flags given on the command
 line override it. A mistake in the arguments, the config file, the data paths or the launch prints one line,
 `error: ...`, and exits with status 2 before anything is written.
 """

@@ -15,7 +15,7 @@ for version in ${SIMMIM_COMPAT_VERSIONS:-$LOWEST 5.24.0}; do
   fi
   tests=(tests/test_config.py tests/test_masking.py tests/test_modeling.py tests/test_convert.py
          tests/test_auto_and_remote.py tests/test_golden_loss.py tests/test_presets_export.py tests/test_official.py
-         tests/test_backbones.py tests/test_convnets.py)
+         tests/test_backbones.py tests/test_convnets.py tests/test_upstream_contracts.py)
   if [ "$version" = "$LOWEST" ]; then
     tests+=(tests/test_faults.py tests/test_pretrain.py tests/test_stream_resume.py tests/test_from_encoder.py
            tests/test_preemption.py tests/test_checkpoint_integrity.py tests/test_run_settings.py)

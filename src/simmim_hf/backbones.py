@@ -3,7 +3,8 @@
 For every family: hierarchical or not (`is_hierarchical`), blocks (`encoder_structure`), how the stock encoder is
 built with a mask token (`encoder_kwargs`), output width (`output_width`), prefix tokens (`num_prefix_tokens`), the
 layer id of a parameter (`get_layer_id`), the parameters trained without weight decay (`no_weight_decay_names`) and
-the training FLOPs per image used for MFU (`flops_per_image`). The model, the config, the pretraining optimizer,
+the training FLOPs per image used for MFU (`flops_per_image`), and the attention kernels its stock class declares
+(`attention_kernels`). The model, the config, the pretraining optimizer,
 layer-wise LR decay, MFU and feature extraction all ask this module.
 
 Hub remote code: imports only torch and transformers, and travels beside `configuration_simmim.py` and
@@ -71,6 +72,42 @@ OFFICIAL_NO_WEIGHT_DECAY = {
     # biases and 1-D tensors (every LayerNorm, BatchNorm and layer scale); SimMIM's mask tokens are exempt too.
     "conv": ("mask_token", ".grn."),
 }
+
+
+# transformers' attention kernels (`attn_implementation`) and the stock-model class attribute that declares each.
+ATTENTION_KERNEL_FLAGS = {
+    "sdpa": "_supports_sdpa",
+    "flash_attention_2": "_supports_flash_attn",
+    "flash_attention_3": "_supports_flash_attn",
+    "flex_attention": "_supports_flex_attn",
+}
+
+
+def stock_encoder_class(model_type: str) -> type:
+    """The stock transformers model class of an encoder family (`ViTModel` for "vit"), as `AutoModel` maps it."""
+    from transformers import AutoModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return AutoModel._model_mapping[CONFIG_MAPPING[model_type]]
+
+
+def attention_kernels(model_type: str) -> tuple[str, ...]:
+    """The `attn_implementation` values an encoder family runs: "eager", then each kernel its stock class declares
+    (`_supports_sdpa`, `_supports_flash_attn`, `_supports_flex_attn`, read from the installed transformers).
+    ConvNets, which have no attention, run "eager" only."""
+    declared = stock_encoder_class(model_type)
+    return ("eager", *(kernel for kernel, flag in ATTENTION_KERNEL_FLAGS.items() if getattr(declared, flag, False)))
+
+
+def check_attention_kernel(model_type: str, attn_implementation: str | None) -> None:
+    """ValueError naming the family and its kernels when it does not run `attn_implementation` (None: the default,
+    sdpa where declared, else eager)."""
+    kernels = attention_kernels(model_type)
+    if attn_implementation is not None and attn_implementation not in kernels:
+        raise ValueError(
+            f"attn_implementation {attn_implementation!r}: the {model_type} encoder "
+            f"({stock_encoder_class(model_type).__name__}) runs {', '.join(kernels)} only"
+        )
 
 
 def is_hierarchical(model_type: str) -> bool:

@@ -159,6 +159,7 @@ def _script_argv(parser: Any, argv: list[str], positional_config: bool, secrets:
         parser.exit(2, f"error: {redact(message, secrets)} (see --help)\n")
 
     parser.error = error
+    parser.allow_abbrev = False  # `--max_step 10` is an error, not `--max_steps 10`
     if positional_config and len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
         argv = ["--config", argv[0]]
     return expand_config_file(argv, parser)

@@ -3,7 +3,8 @@
 The encoder is an unmodified transformers model (`ViTModel`, `SwinModel`, `Swinv2Model`, `DeiTModel`, `BeitModel`)
 with its mask token switched on, or a stock ConvNet (`ConvNextModel`, `ConvNextV2Model`, `ResNetModel`) masked by
 forward hooks (`sparse_masking`), so the checkpoint layout is the stock one under a `simmim.encoder.` prefix, the
-attention kernel is whatever `attn_implementation` selects (eager, sdpa, flash, flex), and export is a key strip.
+attention kernel is the one `attn_implementation` selects among those the stock class declares
+(`backbones.attention_kernels`: ViT and DeiT eager, sdpa, flash, flex; ConvNets eager), and export is a key strip.
 The head is the paper's (`decoder_type="linear"`: a 1x1 convolution to `stride**2 * C` channels and a PixelShuffle
 back to pixels) or FCMAE's light decoder (`"conv"`, `SimMIMConvDecoder`); the loss is L1 (or L2, smooth L1) over
 masked pixels only, optionally against per-cell normalised pixels (`norm_target`).
@@ -26,6 +27,8 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedImageModelingOu
 from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer
 
 from .backbones import (
+    attention_kernels,
+    check_attention_kernel,
     encoder_kwargs,
     encoder_structure,
     get_layer_id,
@@ -33,6 +36,7 @@ from .backbones import (
     no_weight_decay_names,
     num_prefix_tokens,
     output_width,
+    stock_encoder_class,
 )
 from .configuration_simmim import SimMIMConfig
 from .sparse_masking import MaskState, install
@@ -45,6 +49,14 @@ def build_encoder(config: SimMIMConfig) -> PreTrainedModel:
     encoder_config = config.encoder_config
     model_class = AutoModel._model_mapping[type(encoder_config)]
     return model_class(encoder_config, **encoder_kwargs(encoder_config))
+
+
+def set_encoder_attention(encoder_config: Any, attn_implementation: str | None) -> None:
+    """Sets the encoder's attention kernel (None: leaves the default), after checking that its family runs it
+    (`backbones.check_attention_kernel`: ValueError naming the family and the kernels it has)."""
+    check_attention_kernel(encoder_config.model_type, attn_implementation)
+    if attn_implementation:
+        encoder_config._attn_implementation = attn_implementation
 
 
 @torch.no_grad()
@@ -246,10 +258,25 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
+
+    # The kernels this model runs are its encoder family's, as the stock class declares them (transformers reads
+    # these on the instance when it checks an `attn_implementation`).
+    @property
+    def _supports_sdpa(self) -> bool:
+        return "sdpa" in attention_kernels(self.config.encoder_config.model_type)
+
+    @property
+    def _supports_flash_attn(self) -> bool:
+        return "flash_attention_2" in attention_kernels(self.config.encoder_config.model_type)
+
+    @property
+    def _supports_flex_attn(self) -> bool:
+        return "flex_attention" in attention_kernels(self.config.encoder_config.model_type)
+
+    @property
+    def _supports_attention_backend(self) -> bool:
+        return bool(getattr(stock_encoder_class(self.config.encoder_config.model_type), "_supports_attention_backend",
+                            False))  # fmt: skip
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -424,8 +451,7 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         elif overrides:
             raise ValueError(f"{', '.join(overrides)}: give either a config or overrides, not both")
         encoder_config = config.encoder_config
-        if attn_implementation:
-            encoder_config._attn_implementation = attn_implementation
+        set_encoder_attention(encoder_config, attn_implementation)
         encoder_class = AutoModel._model_mapping[type(encoder_config)]
         source, info = encoder_class.from_pretrained(
             name_or_path,

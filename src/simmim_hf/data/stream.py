@@ -116,6 +116,8 @@ STATE_VERSION = 3
 class DataArguments:
     """Which images to pretrain on and how to read them (parsed by `transformers.HfArgumentParser`)."""
 
+    help_section = "SimMIM data"  # its `--help` section (`sectioned_parser`)
+
     dataset_name: str = field(
         default=FASHION_MNIST,
         metadata={

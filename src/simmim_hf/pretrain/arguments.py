@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from transformers import TrainingArguments
+from transformers.trainer_utils import HubStrategy
 
 from simmim_hf.cli import parse_overrides
 from simmim_hf.errors import UsageError
@@ -22,6 +23,8 @@ REFERENCE_BATCH_SIZE = 512
 @dataclass
 class ModelArguments:
     """Which SimMIM model to pretrain (parsed by `transformers.HfArgumentParser`)."""
+
+    help_section = "SimMIM model"  # its `--help` section (`sectioned_parser`)
 
     preset: str = field(
         default="demo",
@@ -54,7 +57,11 @@ class ModelArguments:
         },
     )
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel: eager, sdpa (default when available), flash_attention_2."}
+        default=None,
+        metadata={
+            "help": "Attention kernel, among those the encoder family's stock class declares (docs/cli.md): eager, "
+            "sdpa (default where declared), flash_attention_2/3, flex_attention. Another is refused."
+        },
     )
     image_stats: str | None = field(
         default=None,
@@ -85,13 +92,22 @@ class ModelArguments:
 @dataclass
 class SimMIMTrainingArguments(TrainingArguments):
     """`TrainingArguments` with SimMIM's defaults (AdamW 0.9/0.999, weight decay 0.05, clipping 5.0, cosine with
-    warmup) and its learning-rate rule: `learning_rate = base_learning_rate * global_batch / 512`."""
+    warmup) and its learning-rate rule: `learning_rate = base_learning_rate * global_batch / 512` unless given."""
 
+    help_section = "SimMIM training (new flags, and stock Trainer flags with SimMIM's defaults)"
+
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate. Default: the linear-scaling rule, --base_learning_rate x global batch / 512 "
+            "(global batch = per-device batch x processes x gradient accumulation). Given, it is used as is and "
+            "--base_learning_rate is not used; the run header says which rule set the rate."
+        },
+    )
     base_learning_rate: float = field(
         default=1e-4,
         metadata={
-            "help": "LR for a global batch of 512; the effective `learning_rate` is scaled by global batch / 512 "
-            "(per-device batch x processes x gradient accumulation) and overrides --learning_rate."
+            "help": "LR for a global batch of 512: without --learning_rate the peak LR is this x global batch / 512."
         },
     )
     min_learning_rate_ratio: float = field(
@@ -137,7 +153,24 @@ class SimMIMTrainingArguments(TrainingArguments):
     )
     logging_nan_inf_filter: bool = field(
         default=False,
-        metadata={"help": "Always off here: a non-finite loss is logged as nan, never replaced by an average or 0."},
+        metadata={
+            "help": "Off, and refused if set true: a non-finite loss is logged as nan and its step skipped, never "
+            "replaced by an average."
+        },
+    )
+    hub_strategy: HubStrategy | str = field(
+        default="end",
+        metadata={
+            "help": "With --push_to_hub: `end` publishes the encoder, processor and card once, at the end; "
+            "`checkpoint` and `all_checkpoints` also push each checkpoint as it is saved. `every_save` is refused."
+        },
+    )
+    ignore_data_skip: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Map-style data only (--streaming false): the stock Trainer flag. A streamed run always resumes "
+            "its stream from the saved position (no batch replayed or skipped), and refuses this flag."
+        },
     )
     warmup_steps: float | None = field(
         default=None,
@@ -176,9 +209,14 @@ class SimMIMTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if wants_auto_bf16(self):
             self.bf16 = True
-        if self.logging_nan_inf_filter:
-            logger.warning("--logging_nan_inf_filter is ignored: non-finite losses are logged as nan and skipped")
-            self.logging_nan_inf_filter = False
+        refuse_forced_flags(self)
+        # Which rule set the peak LR, for the run header: "given" (--learning_rate) or "scaled" (the linear rule).
+        self.learning_rate_rule = "scaled" if self.learning_rate is None else "given"
+        if self.learning_rate is None:
+            self.learning_rate = self.base_learning_rate  # placeholder; scaled below, once the world size is known
+        self.ignore_data_skip_given = self.ignore_data_skip is not None
+        if self.ignore_data_skip is None:
+            self.ignore_data_skip = False
         if self.max_nonfinite_steps < 1:
             raise UsageError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if not 1 <= self.preemption_exit_code <= 255:
@@ -192,12 +230,15 @@ class SimMIMTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.base_learning_rate <= 0:
             raise UsageError(f"base_learning_rate must be positive, got {self.base_learning_rate}")
-        self.learning_rate = scaled_learning_rate(
-            self.base_learning_rate,
-            self.per_device_train_batch_size,
-            self.world_size,
-            self.gradient_accumulation_steps,
-        )
+        if self.learning_rate_rule == "given" and not self.learning_rate > 0:
+            raise UsageError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.learning_rate_rule == "scaled":
+            self.learning_rate = scaled_learning_rate(
+                self.base_learning_rate,
+                self.per_device_train_batch_size,
+                self.world_size,
+                self.gradient_accumulation_steps,
+            )
         if self.lr_milestones:
             parse_milestones(self.lr_milestones)  # fail early on a typo
         if self.num_visualize_images < 1:
@@ -211,6 +252,42 @@ class SimMIMTrainingArguments(TrainingArguments):
     @property
     def global_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
+
+
+def refuse_forced_flags(args: Any) -> None:
+    """`UsageError` for a Trainer flag this job cannot honour, given explicitly: `--logging_nan_inf_filter true`
+    (non-finite losses are logged as nan and skipped) and `--hub_strategy every_save` (the model is published once,
+    at the end, or with its checkpoints)."""
+    if args.logging_nan_inf_filter:
+        raise UsageError(
+            "--logging_nan_inf_filter true is not supported: a non-finite loss is logged as nan and its step skipped "
+            "(--max_nonfinite_steps), never averaged away"
+        )
+    if str(args.hub_strategy).split(".")[-1].lower() == "every_save":
+        raise UsageError(
+            "--hub_strategy every_save is not supported: the run is published once at the end (end), or with every "
+            "checkpoint as it is saved (checkpoint, all_checkpoints)"
+        )
+
+
+def check_data_flags(streaming: bool, args: Any) -> None:
+    """`UsageError` for `--ignore_data_skip` given for a streamed run (which always resumes its stream from the saved
+    position); for map-style data the stock Trainer honours it."""
+    if streaming and getattr(args, "ignore_data_skip_given", False):
+        raise UsageError(
+            "--ignore_data_skip applies to map-style data only (--streaming false): a streamed run always resumes its "
+            "stream from the saved position, replaying and skipping no batch"
+        )
+
+
+def learning_rate_rule(args: Any) -> str:
+    """How the peak LR was set, for the run header: `--learning_rate` as given, or the linear-scaling rule."""
+    if getattr(args, "learning_rate_rule", "scaled") == "given":
+        return f"learning rate {args.learning_rate:.3g} (--learning_rate, as given; --base_learning_rate not used)"
+    return (
+        f"learning rate {args.learning_rate:.3g} = base {args.base_learning_rate:g} x {args.global_batch_size} / "
+        f"{REFERENCE_BATCH_SIZE} (linear scaling rule; --learning_rate sets it directly)"
+    )
 
 
 def bf16_capable_gpu() -> bool:

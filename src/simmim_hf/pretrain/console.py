@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from simmim_hf.pretrain.arguments import REFERENCE_BATCH_SIZE
+from simmim_hf.pretrain.arguments import learning_rate_rule
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -96,9 +96,7 @@ def run_header(
     batch = args.global_batch_size
     lr_line = (
         f"batch    {args.per_device_train_batch_size} per device x {args.world_size} process(es) x "
-        f"{args.gradient_accumulation_steps} accumulation = {batch}; learning rate {args.learning_rate:.3g} = "
-        f"base {args.base_learning_rate:g} x {batch} / {REFERENCE_BATCH_SIZE} (linear scaling rule; raise "
-        "--base_learning_rate for short runs)"
+        f"{args.gradient_accumulation_steps} accumulation = {batch}; {learning_rate_rule(args)}"
     )
     warmup = args.get_warmup_steps(args.max_steps)
     why = (

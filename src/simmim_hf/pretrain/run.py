@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
 from simmim_hf import __version__
-from simmim_hf.backbones import SUPPORTED_ENCODERS, is_convnet
+from simmim_hf.backbones import SUPPORTED_ENCODERS, check_attention_kernel, is_convnet
 from simmim_hf.cli import parse_arguments
 from simmim_hf.configuration_simmim import SimMIMConfig
 from simmim_hf.data.collate import SimMIMCollator
@@ -30,9 +30,9 @@ from simmim_hf.data.stream import DataArguments, StreamLoader, is_stream, load_p
 from simmim_hf.errors import RunFault, TrainingDiverged, UsageError
 from simmim_hf.feature_pictures import attention_picture, has_cls_attention, pca_picture
 from simmim_hf.masking import SimMIMMaskGenerator
-from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
+from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling, set_encoder_attention
 from simmim_hf.pretrain import run_settings
-from simmim_hf.pretrain.arguments import ModelArguments, SimMIMTrainingArguments
+from simmim_hf.pretrain.arguments import ModelArguments, SimMIMTrainingArguments, check_data_flags
 from simmim_hf.pretrain.callbacks import ReconstructionCallback
 from simmim_hf.pretrain.checkpoints import (
     TRAINER_STATE_FILE,
@@ -52,6 +52,7 @@ from simmim_hf.publish.curves import images_at_step, save_curves
 from simmim_hf.publish.hub import push_run_to_hub
 from simmim_hf.publish.model_card import write_model_card
 from simmim_hf.publish.run_dir import RunDir, staged_file, staged_folder, write_atomic
+from simmim_hf.sectioned_parser import SectionedArgumentParser
 from simmim_hf.visualization import save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """`scripts/pretrain.py`: parses the three argument dataclasses (`--config FILE` too) and pretrains."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, SimMIMTrainingArguments))
+    parser = SectionedArgumentParser((ModelArguments, DataArguments, SimMIMTrainingArguments))
     model_args, data_args, training_args = parse_arguments(parser, sys.argv[1:] if argv is None else argv)
     configure_logging(training_args.should_log)  # transformers at warnings; the run header says what runs
     return run_pretraining(model_args, data_args, training_args)
@@ -78,6 +79,7 @@ def _run_pretraining(
     model_args: ModelArguments, data_args: DataArguments, args: SimMIMTrainingArguments
 ) -> dict[str, Any]:
     check_launch(args)
+    check_data_flags(data_args.streaming, args)
     decided_by_main_process(args, lambda: check_resume_argument(args.resume_from_checkpoint))
     done = finished_summary(args)
     if done is not None:
@@ -159,7 +161,7 @@ def build_config(model_args: ModelArguments) -> SimMIMConfig:
         raise UsageError(str(error)) from error
     stock_encoder = model_args.init_encoder_from if not model_args.model_name_or_path else None
     try:
-        return SimMIMConfig.for_pretraining(
+        config = SimMIMConfig.for_pretraining(
             model_args.preset, model_args.model_name_or_path, model_args.init_encoder_from, **overrides
         )
     except (OSError, ValueError) as error:
@@ -168,6 +170,11 @@ def build_config(model_args: ModelArguments) -> SimMIMConfig:
         if isinstance(error, OSError):  # an unreadable --model_name_or_path: transformers' own message
             raise
         raise UsageError(str(error)) from error
+    try:  # before any data is read; the family's kernels are what its stock class declares
+        check_attention_kernel(config.encoder_config.model_type, model_args.attn_implementation)
+    except ValueError as error:
+        raise UsageError(f"--{error}") from None
+    return config
 
 
 def build_model(model_args: ModelArguments, config: SimMIMConfig) -> SimMIMForMaskedImageModeling:
@@ -178,8 +185,7 @@ def build_model(model_args: ModelArguments, config: SimMIMConfig) -> SimMIMForMa
         return SimMIMForMaskedImageModeling.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
     if model_args.init_encoder_from:
         return SimMIMForMaskedImageModeling.from_encoder(model_args.init_encoder_from, config=config, **kwargs)
-    if kwargs:
-        config.encoder_config._attn_implementation = kwargs["attn_implementation"]
+    set_encoder_attention(config.encoder_config, model_args.attn_implementation)  # checked by build_config
     return SimMIMForMaskedImageModeling(config)
 
 
