@@ -146,10 +146,16 @@ def test_trainer_normalises_uint8_batches_with_fused_adamw_and_compile(tmp_path,
     before = [p.detach().clone() for p in model.parameters()]
     trainer = SimMIMTrainer(model=model, args=args, train_dataset=examples)
     trainer.train()
-    assert (
-        type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__
-        == "AdamW"
-    )
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    # Really the fused kernel (not just an AdamW), in every group, with the no-weight-decay set in the 0 group.
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    assert all(group["fused"] is True for group in optimizer.param_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert exempt == {n for n, p in model.named_parameters() if p.ndim == 1} | {
+        "simmim.encoder.embeddings.cls_token", "simmim.encoder.embeddings.mask_token",
+        "simmim.encoder.embeddings.position_embeddings",
+    }  # fmt: skip
     assert seen and seen[0].dtype == torch.float32
     expected = normalize_pixel_values(torch.stack([e["pixel_values"] for e in examples]), [0.3] * 3, [0.2] * 3)
     torch.testing.assert_close(torch.sort(seen[0].flatten())[0], torch.sort(expected.flatten())[0], atol=1e-6, rtol=0)

@@ -255,15 +255,29 @@ def test_zero_max_steps_is_refused(tmp_path):
         run_pretraining(ModelArguments(), DataArguments(), args)
 
 
-def test_throughput_is_logged(tmp_path):
+def test_throughput_is_batch_times_steps_over_the_time_between_log_lines(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import simmim_hf.pretrain.trainer as engine
+
     model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
-    args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    args = SimMIMTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1, per_device_train_batch_size=12,
+        gradient_accumulation_steps=3,
+    )  # fmt: skip
     trainer = SimMIMTrainer(model=model, args=args)
+    clock = [100.0]  # the engine's clock, set by hand
+    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    trainer.state.global_step = 2
     trainer.log({"loss": 1.0})
-    trainer.state.global_step = 5
+    assert "images_per_second" not in trainer.state.log_history[-1]  # no interval yet
+    trainer.state.global_step, clock[0] = 7, 104.0
     trainer.log({"loss": 0.5})
-    assert trainer.state.log_history[-1]["images_per_second"] > 0
-    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["images_per_second"]))
+    # 5 steps of 12 x 3 images (one process) in 4 s.
+    assert trainer.state.log_history[-1]["images_per_second"] == pytest.approx(5 * 12 * 3 / 4.0, abs=0.01)
+    trainer.state.global_step, clock[0] = 8, 106.0
+    trainer.log({"loss": 0.4})
+    assert trainer.state.log_history[-1]["images_per_second"] == pytest.approx(1 * 12 * 3 / 2.0, abs=0.01)
 
 
 def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
