@@ -51,6 +51,30 @@ def test_uint8_and_float_paths_equal_torchvision_on_the_same_draws(mode):
         torch.testing.assert_close(as_float(photo, random.Random(seed)), reference, atol=1e-6, rtol=0)
 
 
+def test_horizontal_flip_happens_half_the_time_and_mirrors_the_crop():
+    """Over 400 seeds the flip rate is 1/2 (4-sigma band: 0.5 +- 4 * 0.025), and a flipped output is exactly the
+    mirror (torch.flip on the width axis) of the same crop unflipped (torchvision's crop and resize of the same box,
+    the first draws of the same `random.Random`; the flip is the next draw)."""
+    photo = PIL.Image.fromarray(skimage.data.astronaut()).resize((120, 90))
+    augment = build_pretrain_transform(CONFIG, uint8=True)
+
+    flipped = 0
+    for seed in range(400):
+        draws = random.Random(seed)
+        random_resized_crop_box(photo.width, photo.height, draws)
+        flips = draws.random() < 0.5  # the draw the augmentation makes after the box
+        pixels = augment(photo, random.Random(seed))
+        box = random_resized_crop_box(photo.width, photo.height, random.Random(seed))
+        unflipped = torchvision_reference(photo, box, False, CONFIG)
+        mirror = torch.flip(unflipped, dims=[-1])
+        as_float = normalize_pixel_values(pixels.unsqueeze(0), CONFIG.image_mean, CONFIG.image_std)[0]
+        torch.testing.assert_close(as_float, mirror if flips else unflipped, atol=1e-6, rtol=0)
+        if flips and not torch.equal(mirror, unflipped):
+            assert not torch.allclose(as_float, unflipped, atol=1e-3)
+        flipped += flips
+    assert abs(flipped / 400 - 0.5) < 4 * 0.025
+
+
 def test_crop_box_distribution_matches_torchvision_random_resized_crop():
     from torchvision.transforms import v2
 
@@ -146,10 +170,16 @@ def test_trainer_normalises_uint8_batches_with_fused_adamw_and_compile(tmp_path,
     before = [p.detach().clone() for p in model.parameters()]
     trainer = SimMIMTrainer(model=model, args=args, train_dataset=examples)
     trainer.train()
-    assert (
-        type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__
-        == "AdamW"
-    )
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    # Really the fused kernel (not just an AdamW), in every group, with the no-weight-decay set in the 0 group.
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    assert all(group["fused"] is True for group in optimizer.param_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert exempt == {n for n, p in model.named_parameters() if p.ndim == 1} | {
+        "simmim.encoder.embeddings.cls_token", "simmim.encoder.embeddings.mask_token",
+        "simmim.encoder.embeddings.position_embeddings",
+    }  # fmt: skip
     assert seen and seen[0].dtype == torch.float32
     expected = normalize_pixel_values(torch.stack([e["pixel_values"] for e in examples]), [0.3] * 3, [0.2] * 3)
     torch.testing.assert_close(torch.sort(seen[0].flatten())[0], torch.sort(expected.flatten())[0], atol=1e-6, rtol=0)

@@ -74,11 +74,44 @@ def test_mask_token_replaces_masked_patches_only():
     assert torch.allclose(everything_masked.last_hidden_state, other_image.last_hidden_state, atol=1e-6)
 
 
+def test_a_partial_mask_replaces_exactly_the_masked_patches_with_the_token():
+    """ViT embeddings written out: token i = (masked_i ? mask_token : W . patch_i + b) + pos_(i+1), after the CLS
+    token (cls + pos_0); patches p x p, row-major, flattened channel-first like the projection's weight."""
+    config = tiny_simmim_config("vit", num_hidden_layers=1)
+    embeddings = SimMIMModel(config).eval().encoder.embeddings
+    pixel_values, mask = make_inputs(config, batch_size=2)
+    assert 0 < mask.sum() < mask.numel() and mask.sum(1).min() > 0 and (~mask).sum(1).min() > 0
+    with torch.no_grad():
+        embeddings.mask_token.normal_()  # far from any patch embedding
+        output = embeddings(pixel_values, bool_masked_pos=mask)
+    batch, channels, height, width = pixel_values.shape
+    patch = config.model_patch_size
+    patches = pixel_values.unfold(2, patch, patch).unfold(3, patch, patch)  # (B, C, gh, gw, p, p)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, -1, channels * patch * patch)
+    projection = embeddings.patch_embeddings.projection
+    tokens = patches @ projection.weight.reshape(projection.weight.shape[0], -1).T + projection.bias
+    tokens = torch.where(mask.unsqueeze(-1), embeddings.mask_token.reshape(1, 1, -1), tokens)
+    expected = torch.cat([embeddings.cls_token.expand(batch, -1, -1), tokens], dim=1) + embeddings.position_embeddings
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    # The visible tokens do not depend on the token, the masked ones do not depend on the image.
+    masked = torch.cat([torch.zeros(batch, 1, dtype=torch.bool), mask], dim=1)
+    token_at_masked = (output - embeddings.position_embeddings)[masked]
+    assert torch.allclose(token_at_masked, embeddings.mask_token.reshape(1, -1).expand_as(token_at_masked), atol=1e-6)
+
+
 def test_mask_token_is_initialised_nonzero_and_trained():
+    # A 1024-wide token, so the sample statistics are tight: the paper's normal of std 0.02 (truncated at +-2, i.e.
+    # untruncated in effect). 4-sigma bands: the sample std of n normals has sd std / sqrt(2 (n - 1)), the mean
+    # std / sqrt(n); a zero token (the stock init) or the wrong std (0.01 or 0.04) falls outside.
+    wide = tiny_simmim_config("vit", hidden_size=1024, num_hidden_layers=1, intermediate_size=64)
+    values = SimMIMForMaskedImageModeling(wide).simmim.encoder.embeddings.mask_token.detach().flatten()
+    n = values.numel()
+    assert n == 1024
+    assert abs(values.std().item() - 0.02) < 4 * 0.02 / (2 * (n - 1)) ** 0.5
+    assert abs(values.mean().item()) < 4 * 0.02 / n**0.5
     config = tiny_simmim_config("vit")
     model = SimMIMForMaskedImageModeling(config)
     token = model.simmim.encoder.embeddings.mask_token
-    assert 0.0 < token.std().item() < 0.05  # truncated normal, std 0.02, as in the paper
     pixel_values, mask = make_inputs(config)
     model(pixel_values, bool_masked_pos=mask).loss.backward()
     assert token.grad is not None and token.grad.abs().sum() > 0

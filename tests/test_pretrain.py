@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from pretrain_helpers import ROOT, TINY, pretrain_args, read_batches, run
@@ -255,15 +256,29 @@ def test_zero_max_steps_is_refused(tmp_path):
         run_pretraining(ModelArguments(), DataArguments(), args)
 
 
-def test_throughput_is_logged(tmp_path):
+def test_throughput_is_batch_times_steps_over_the_time_between_log_lines(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import simmim_hf.pretrain.trainer as engine
+
     model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
-    args = SimMIMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    args = SimMIMTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1, per_device_train_batch_size=12,
+        gradient_accumulation_steps=3,
+    )  # fmt: skip
     trainer = SimMIMTrainer(model=model, args=args)
+    clock = [100.0]  # the engine's clock, set by hand
+    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    trainer.state.global_step = 2
     trainer.log({"loss": 1.0})
-    trainer.state.global_step = 5
+    assert "images_per_second" not in trainer.state.log_history[-1]  # no interval yet
+    trainer.state.global_step, clock[0] = 7, 104.0
     trainer.log({"loss": 0.5})
-    assert trainer.state.log_history[-1]["images_per_second"] > 0
-    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["images_per_second"]))
+    # 5 steps of 12 x 3 images (one process) in 4 s.
+    assert trainer.state.log_history[-1]["images_per_second"] == pytest.approx(5 * 12 * 3 / 4.0, abs=0.01)
+    trainer.state.global_step, clock[0] = 8, 106.0
+    trainer.log({"loss": 0.4})
+    assert trainer.state.log_history[-1]["images_per_second"] == pytest.approx(1 * 12 * 3 / 2.0, abs=0.01)
 
 
 def test_push_to_hub_flag_publishes_encoder_and_card(shards, tmp_path):
@@ -336,6 +351,26 @@ def test_visualize_script_writes_the_grid(tmp_path):
     grid = Image.open(output)
     # 3 rows (original, masked, reconstruction) x 2 columns of 32 px images, 2 px padding, upscaled x4.
     assert grid.size == ((2 * 34 + 2) * 4, (3 * 34 + 2) * 4)
+    pixels = torch.from_numpy(np.asarray(grid.convert("RGB"), dtype=np.int16))[::4, ::4]  # back to 1x
+
+    def panel(row: int, column: int) -> torch.Tensor:  # (32, 32, 3)
+        top, left = 2 + row * 34, 2 + column * 34
+        return pixels[top : top + 32, left : left + 32]
+
+    cell = model.config.mask_patch_size
+    for column in range(2):
+        original, masked, reconstruction = panel(0, column), panel(1, column), panel(2, column)
+        assert original.float().std() > 10  # a photo, not a blank panel
+        # A cell is masked when the masked-input panel shows it flat grey (0.5) there.
+        cells = masked.reshape(32 // cell, cell, 32 // cell, cell, 3).permute(0, 2, 1, 3, 4)
+        is_masked = ((cells - 128).abs() <= 1).flatten(2).all(-1)  # (4, 4)
+        assert 0 < is_masked.sum() < is_masked.numel()
+        pixel_mask = is_masked.repeat_interleave(cell, 0).repeat_interleave(cell, 1).unsqueeze(-1).expand(-1, -1, 3)
+        # Visible cells: the masked input and the reconstruction are the original, to the 8-bit level.
+        assert (masked - original)[~pixel_mask].abs().max() <= 1
+        assert (reconstruction - original)[~pixel_mask].abs().max() <= 1
+        # Masked cells: the (untrained) model's painting, not the original.
+        assert (reconstruction - original)[pixel_mask].abs().float().mean() > 5
 
 
 def test_map_style_dataset_pretrains(tmp_path):

@@ -1,4 +1,4 @@
-"""The pretraining engine: optimizer groups, schedules, FLOPs for MFU, and `SimMIMTrainer`, the one Trainer class.
+"""The pretraining engine: schedules, FLOPs for MFU, and `SimMIMTrainer`, the one Trainer class.
 
 `pretrain.run` builds the model and the stream and hands them to `SimMIMTrainer`; the arguments live in
 `pretrain.arguments`.
@@ -41,20 +41,6 @@ from simmim_hf.pretrain.preemption import PreemptionGuard
 from simmim_hf.publish.run_dir import RunDir, has_safetensors_weights
 
 logger = logging.getLogger(__name__)
-
-
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed weights, and the no-weight-decay set (weight_decay 0; `backbones.no_weight_decay_names`,
-    the rule fine-tuning's layer-decay groups use too)."""
-    skip = no_weight_decay_names(model)
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if name in skip else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def warmup_multistep_lambda(warmup_steps: int, milestones: list[int], gamma: float) -> Callable[[int], float]:
