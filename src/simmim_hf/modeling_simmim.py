@@ -24,8 +24,8 @@ from torch import nn
 from transformers import AutoModel, ConvNextV2Config, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import BaseModelOutput, MaskedImageModelingOutput
-from transformers.utils.generic import can_return_tuple
 from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer
+from transformers.utils.generic import can_return_tuple
 
 from .backbones import (
     encoder_kwargs,
