@@ -150,40 +150,83 @@ def test_hidden_states_and_tuple_output():
     assert len(output.hidden_states) == config.encoder_config.num_hidden_layers + 1
     loss, reconstruction = model(pixel_values, bool_masked_pos=mask, return_dict=False)[:2]
     assert torch.allclose(loss, output.loss)
+    # transformers' rule (`can_return_tuple`): the argument, else `config.return_dict`, for both models.
+    encoder_tuple = model.simmim(pixel_values, bool_masked_pos=mask, return_dict=False)
+    as_dict = model.simmim(pixel_values, bool_masked_pos=mask)
+    assert isinstance(encoder_tuple, tuple) and torch.equal(encoder_tuple[0], as_dict.last_hidden_state)
+    model.config.return_dict = False
+    assert isinstance(model(pixel_values, bool_masked_pos=mask), tuple)
+    assert not isinstance(model(pixel_values, bool_masked_pos=mask, return_dict=True), tuple)
 
 
-def test_no_weight_decay_set():
-    model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
-    names = model.no_weight_decay()
-    for expected in ("mask_token", "cls_token", "position_embeddings", "layernorm.weight", "decoder.0.bias"):
-        assert any(expected in name for name in names), expected
-    decayed = {name for name, _ in model.named_parameters()} - names
-    assert "decoder.0.weight" in decayed
-    assert all(param.ndim >= 2 for name, param in model.named_parameters() if name in decayed)
-    swin_names = SimMIMForMaskedImageModeling(tiny_simmim_config("swin")).no_weight_decay()
-    assert any("relative_position_bias_table" in name for name in swin_names)
+def _count_inits(monkeypatch):
+    """Spies on the official init and on the mask-token pass: how often each ran."""
+    import collections
+
+    import simmim_hf.modeling_simmim as modeling
+
+    calls = collections.Counter()
+    for name in ("init_official_weights", "_init_after_post_init"):
+        function = getattr(modeling, name)
+
+        def counted(*args, _function=function, _name=name, **kwargs):
+            calls[_name] += 1
+            return _function(*args, **kwargs)
+
+        monkeypatch.setattr(modeling, name, counted)
+    return calls
 
 
-def test_layer_ids_vit_and_swin():
-    vit = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
-    ids = {name: vit.layer_id(name) for name, _ in vit.named_parameters()}
-    assert ids["simmim.encoder.embeddings.mask_token"] == 0
-    assert vit.layer_id("simmim.encoder.encoder.layer.1.attention.attention.query.weight") == 2  # on-disk names
-    assert max(ids.values()) == vit.num_layers() + 1 == 3
-    assert sorted(set(ids.values())) == [0, 1, 2, 3]
-    swin = SimMIMForMaskedImageModeling(tiny_simmim_config("swin"))
-    assert swin.num_layers() == 3
-    swin_ids = {swin.layer_id(name) for name, _ in swin.named_parameters()}
-    assert swin_ids == {0, 1, 2, 3, 4}
-    assert swin.layer_id("simmim.encoder.encoder.layers.1.blocks.1.attention.q_proj.weight") == 3
+@pytest.mark.parametrize("encoder", ["vit", "swin", "beit"])
+def test_the_model_is_initialised_once(monkeypatch, encoder):
+    """One construction = one init: the official init (BEiT, Swin) or the stock encoder's own, never both and never
+    twice; the mask-token pass once. With the stock init the encoder is exactly a stock encoder built alone from the
+    same seed, the mask token a normal of std 0.02 (truncated at +-2, i.e. barely)."""
+    from transformers import AutoModel
+
+    from simmim_hf.backbones import encoder_kwargs
+
+    config = tiny_simmim_config(encoder)
+    calls = _count_inits(monkeypatch)
+    torch.manual_seed(0)
+    model = SimMIMForMaskedImageModeling(config)
+    official = config.initializer == "official"
+    assert calls["_init_after_post_init"] == 1
+    assert calls["init_official_weights"] == (1 if official else 0)
+    stock = SimMIMConfig(encoder_config=config.encoder_config, mask_patch_size=config.mask_patch_size,
+                         initializer="stock")  # fmt: skip
+    calls.clear()
+    torch.manual_seed(0)
+    model = SimMIMForMaskedImageModeling(stock)
+    assert (calls["_init_after_post_init"], calls["init_official_weights"]) == (1, 0)
+    torch.manual_seed(0)
+    encoder_class = AutoModel._model_mapping[type(stock.encoder_config)]
+    alone = encoder_class(stock.encoder_config, **encoder_kwargs(stock.encoder_config)).state_dict()
+    for name, value in model.simmim.encoder.state_dict().items():
+        if not name.endswith("mask_token"):
+            assert torch.equal(value, alone[name]), name
+    token = model.simmim.encoder.embeddings.mask_token
+    assert torch.count_nonzero(token) == token.numel() and abs(token.std().item() / 0.02 - 1) < 0.5
 
 
-def test_save_and_load_round_trip_with_safetensors(tmp_path):
-    config = tiny_simmim_config("swin")
-    model = SimMIMForMaskedImageModeling(config).eval()
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").is_file()
-    loaded = SimMIMForMaskedImageModeling.from_pretrained(tmp_path).eval()
-    pixel_values, mask = make_inputs(config)
-    with torch.no_grad():
-        assert torch.equal(model(pixel_values, mask).reconstruction, loaded(pixel_values, mask).reconstruction)
+def test_each_module_is_initialised_at_most_once(monkeypatch):
+    """transformers runs a module's `_init_weights` only while it is not flagged initialised: count those runs."""
+    from transformers import PreTrainedModel
+
+    runs = {}
+    original = PreTrainedModel._initialize_weights
+
+    def spy(self, module, is_custom_code=False):
+        if not getattr(module, "_is_hf_initialized", False):
+            runs[id(module)] = runs.get(id(module), 0) + 1
+        return original(self, module, is_custom_code)
+
+    monkeypatch.setattr(PreTrainedModel, "_initialize_weights", spy)
+    for encoder in ("vit", "swin"):
+        runs.clear()
+        model = SimMIMForMaskedImageModeling(tiny_simmim_config(encoder))
+        modules = {id(m) for m in model.modules()}
+        assert runs and set(runs) <= modules and max(runs.values()) == 1, encoder
+        if model.config.initializer == "official":  # the encoder and head keep the official init: no other run
+            assert not set(runs) & {id(m) for m in model.simmim.encoder.modules()}
+            assert not set(runs) & {id(m) for m in model.decoder.modules()}

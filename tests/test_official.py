@@ -523,3 +523,16 @@ def test_vit_heads_come_from_the_config_when_no_table_holds_them(tmp_path):
     assert model.config.encoder_config.num_attention_heads == 8
     assert model.config.encoder_config.use_absolute_position_embeddings
     assert not model.config.encoder_config.use_shared_relative_position_bias
+
+
+def test_overrides_go_through_the_config_override_path(tmp_path):
+    """Conversion applies overrides as every other start does (`SimMIMConfig.from_preset`): Swin's derived
+    `hidden_size` and an unknown field are refused naming the field; a real field (drop_path_rate) is applied."""
+    swin = swin_state()
+    with pytest.raises(ValueError, match=r"^hidden_size: the swin encoder config derives it"):
+        from_official(swin, hidden_size=999)
+    with pytest.raises(ValueError, match=r"^not_a_field: not a field"):
+        from_official(swin, not_a_field=1)
+    model = from_official(swin, drop_path_rate=0.2, mask_ratio=0.5)
+    assert model.config.encoder_config.drop_path_rate == 0.2 and model.config.mask_ratio == 0.5
+    assert model.config.encoder_config.embed_dim == SWIN["width"]  # still from the tensors

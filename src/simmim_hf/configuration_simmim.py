@@ -174,10 +174,13 @@ SIMMIM_FIELDS = (
 )
 
 
-def _plain(value: Any) -> Any:
-    """Tuples as lists (recursively), for comparing config values whatever sequence type they were given as."""
+def plain_value(value: Any) -> Any:
+    """The one normaliser of config values: tuples as lists and mappings as dicts with string keys, recursively, so
+    that values compare equal (and write to JSON) whatever container types they were given as."""
+    if isinstance(value, dict):
+        return {str(key): plain_value(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain_value(item) for item in value]
     return value
 
 
@@ -369,7 +372,9 @@ class SimMIMConfig(PretrainedConfig):
         if encoder_config.model_type == "beit":
             changes["use_mask_token"] = True
         changes = {
-            key: value for key, value in changes.items() if _plain(getattr(encoder_config, key, None)) != _plain(value)
+            key: value
+            for key, value in changes.items()
+            if plain_value(getattr(encoder_config, key, None)) != plain_value(value)
         }
         encoder_config = rebuild_encoder_config(encoder_config, **changes)  # a copy either way
         # Configs with an `encoder_stride` field (ViT, DeiT, Swin, Swinv2) state the one the SimMIM head uses.

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModel, ConvNextV2Config, PreTrainedModel
+from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import BaseModelOutput, MaskedImageModelingOutput
 from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer
+from transformers.utils.generic import can_return_tuple
 
 from .backbones import (
     attention_kernels,
@@ -45,10 +47,33 @@ logger = logging.getLogger(__name__)
 
 
 def build_encoder(config: SimMIMConfig) -> PreTrainedModel:
-    """The stock encoder for `config.encoder_config`, with a mask token and without a pooler."""
+    """The stock encoder for `config.encoder_config`, with a mask token and without a pooler, initialised once: by
+    its own class (`initializer="stock"`), or, with `initializer="official"`, built without any init and then given
+    microsoft/SimMIM's (`init_official_weights`), its modules marked initialised so that no later `post_init` redraws
+    them. Inside `from_pretrained` (meta device) nothing is drawn: the checkpoint's weights replace them."""
     encoder_config = config.encoder_config
     model_class = AutoModel._model_mapping[type(encoder_config)]
-    return model_class(encoder_config, **encoder_kwargs(encoder_config))
+    if getattr(config, "initializer", "stock") != "official":
+        return model_class(encoder_config, **encoder_kwargs(encoder_config))
+    with no_init_weights():
+        encoder = model_class(encoder_config, **encoder_kwargs(encoder_config))
+    if not _on_meta(encoder):
+        init_official_weights(encoder, encoder_config.model_type)
+        mark_initialised(encoder)
+    return encoder
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(param.device.type == "meta" for param in module.parameters())
+
+
+def mark_initialised(module: nn.Module) -> None:
+    """Flags `module`, its submodules and tensors as initialised (transformers' `_is_hf_initialized`), so that a
+    `post_init` of a model holding it leaves their values alone."""
+    for sub in module.modules():
+        sub._is_hf_initialized = True
+    for tensor in [*module.parameters(), *module.buffers()]:
+        tensor._is_hf_initialized = True
 
 
 def set_encoder_attention(encoder_config: Any, attn_implementation: str | None) -> None:
@@ -99,6 +124,11 @@ def init_official_weights(encoder: nn.Module, model_type: str, decoder: nn.Modul
             tensor = getattr(embeddings, name, None)
             if isinstance(tensor, nn.Parameter):
                 nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
+        for name, param in encoder.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                nn.init.zeros_(param)
+            elif re.search(r"\.lambda_[12]$", name):
+                nn.init.constant_(param, float(encoder.config.layer_scale_init_value))
         for name, module in encoder.named_modules():
             match = _RESIDUAL_OUTPUT.search(name)
             if match is not None:
@@ -130,16 +160,16 @@ def init_official_weights(encoder: nn.Module, model_type: str, decoder: nn.Modul
 
 
 def _init_after_post_init(config: SimMIMConfig, base: SimMIMModel, decoder: nn.Module | None = None) -> None:
-    """Runs after `post_init` (whose stock encoder init zeroes the mask token): the configured initializer; the mask
-    tokens of a ConvNet (token mode) and of the "conv" decoder start as the paper's (truncated normal, std 0.02)."""
-    encoder = base.encoder
-    if getattr(config, "initializer", "stock") == "official":
-        init_official_weights(encoder, config.encoder_config.model_type, decoder)
-    elif not is_convnet(config.encoder_config.model_type):
-        init_mask_token(encoder)
+    """Runs once per construction, after the outermost model's `post_init`: the paper's mask tokens (truncated normal,
+    std 0.02), which the stock encoder's own init leaves at zero - the encoder's (stock init only: the official one
+    drew it already), a ConvNet's stem token (token mode) and the "conv" decoder's."""
+    tokens = [getattr(base, "mask_token", None), getattr(decoder, "mask_token", None)]
+    official = getattr(config, "initializer", "stock") == "official"
+    if not official and not is_convnet(config.encoder_config.model_type):
+        tokens.append(base.encoder.embeddings.mask_token)
     with torch.no_grad():
-        for token in (getattr(base, "mask_token", None), getattr(decoder, "mask_token", None)):
-            if isinstance(token, nn.Parameter):
+        for token in tokens:
+            if isinstance(token, nn.Parameter) and token.device.type != "meta":
                 nn.init.trunc_normal_(token, std=0.02)
 
 
@@ -321,7 +351,7 @@ class SimMIMModel(SimMIMPreTrainedModel):
     # Loading a full SimMIM checkpoint as the bare encoder leaves the reconstruction head out, by design.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
-    def __init__(self, config: SimMIMConfig) -> None:
+    def __init__(self, config: SimMIMConfig, _building_submodule: bool = False) -> None:
         super().__init__(config)
         self.encoder = build_encoder(config)
         self._convnet = is_convnet(config.encoder_config.model_type)
@@ -334,20 +364,21 @@ class SimMIMModel(SimMIMPreTrainedModel):
         # FSDP auto-wrapping and `device_map` read the block classes from the top-level model.
         self._no_split_modules = list(self.encoder._no_split_modules or [])
         self.post_init()
-        _init_after_post_init(config, self)
+        if not _building_submodule:
+            _init_after_post_init(config, self)
 
     def get_input_embeddings(self) -> nn.Module:
         if hasattr(self.encoder, "embedder"):  # ResNet
             return self.encoder.embedder.embedder.convolution
         return self.encoder.embeddings.patch_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutput | tuple:
         """
@@ -361,7 +392,8 @@ class SimMIMModel(SimMIMPreTrainedModel):
             output_attentions (`bool`, *optional*):
                 Also return the attention weights (where the attention implementation provides them).
             return_dict (`bool`, *optional*):
-                Return a `BaseModelOutput` rather than a tuple (default: `config.use_return_dict`).
+                Return a `BaseModelOutput` rather than a tuple (default: `config.return_dict`); handled by
+                transformers' `can_return_tuple`.
 
         Returns:
             `BaseModelOutput`: `last_hidden_state` of shape `(N, prefix tokens + tokens, D)`, plus `hidden_states` /
@@ -370,7 +402,7 @@ class SimMIMModel(SimMIMPreTrainedModel):
         if bool_masked_pos is not None:
             bool_masked_pos = bool_masked_pos.to(torch.bool)
         if self._convnet:
-            return self._forward_convnet(pixel_values, bool_masked_pos, output_hidden_states, return_dict, **kwargs)
+            return self._forward_convnet(pixel_values, bool_masked_pos, output_hidden_states, **kwargs)
         outputs = self.encoder(
             pixel_values,
             bool_masked_pos=bool_masked_pos,
@@ -379,21 +411,19 @@ class SimMIMModel(SimMIMPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        output = BaseModelOutput(
+        return BaseModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict is not False else output.to_tuple()
 
     def _forward_convnet(
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor | None,
         output_hidden_states: bool | None,
-        return_dict: bool | None,
         **kwargs: Any,
-    ) -> BaseModelOutput | tuple:
+    ) -> BaseModelOutput:
         """A ConvNet pass: `last_hidden_state` is the last feature map `(N, C, h, w)`, `hidden_states` the stock
         model's (stem and stage outputs). Sparse mode zeroes masked pixels here; the hooks do the rest."""
         keep = None
@@ -407,8 +437,7 @@ class SimMIMModel(SimMIMPreTrainedModel):
         token = getattr(self, "mask_token", None) if mode == "token" else None
         with self._mask_state.active(keep, mode, token):
             outputs = self.encoder(pixel_values, output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
-        output = BaseModelOutput(last_hidden_state=outputs.last_hidden_state, hidden_states=outputs.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+        return BaseModelOutput(last_hidden_state=outputs.last_hidden_state, hidden_states=outputs.hidden_states)
 
 
 class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
@@ -417,13 +446,16 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
 
     def __init__(self, config: SimMIMConfig) -> None:
         super().__init__(config)
-        self.simmim = SimMIMModel(config)
+        self.simmim = SimMIMModel(config, _building_submodule=True)
         self._no_split_modules = self.simmim._no_split_modules
         self.decoder = build_decoder(config)
+        if getattr(config, "initializer", "stock") == "official":
+            # microsoft/SimMIM leaves its 1x1 head at PyTorch's default init, which its constructor just drew.
+            mark_initialised(self.decoder)
         # Tokens before the patch tokens in the encoder's output (CLS, distillation), dropped before the head.
         self._prefix_tokens = num_prefix_tokens(self.simmim.encoder)
+        # One init: post_init initialises only what no one has (the head); then the mask tokens, once.
         self.post_init()
-        # transformers re-runs the stock encoder's own init (which zeroes its mask token) inside post_init.
         _init_after_post_init(config, self.simmim, self.decoder)
 
     def get_input_embeddings(self) -> nn.Module:
@@ -493,13 +525,13 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Any,
     ) -> MaskedImageModelingOutput | tuple:
         """
@@ -513,7 +545,8 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
             output_attentions (`bool`, *optional*):
                 Also return the encoder's attention weights.
             return_dict (`bool`, *optional*):
-                Return a `MaskedImageModelingOutput` rather than a tuple (default: `config.use_return_dict`).
+                Return a `MaskedImageModelingOutput` rather than a tuple (default: `config.return_dict`); handled
+                by transformers' `can_return_tuple`.
 
         Returns:
             `MaskedImageModelingOutput`: `loss` (`config.loss_type` over masked pixels, when `bool_masked_pos` is
@@ -554,13 +587,12 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
                 target = normalized_target(pixel_values.to(reconstruction.dtype), self.config.mask_patch_size)
             loss = masked_reconstruction_loss(target, reconstruction, pixel_mask, self.config.loss_type)
 
-        output = MaskedImageModelingOutput(
+        return MaskedImageModelingOutput(
             loss=loss,
             reconstruction=reconstruction,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict is not False else output.to_tuple()
 
 
 __all__ = ["SimMIMPreTrainedModel", "SimMIMModel", "SimMIMForMaskedImageModeling", "SimMIMConvDecoder"]

@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 # The paper scales the learning rate linearly with the global batch, relative to 512 images.
 REFERENCE_BATCH_SIZE = 512
+# `--lr_schedule`: "trainer" (the Trainer's `--lr_scheduler_type` or `--lr_milestones`, after SimMIM's warmup) or
+# "official" (microsoft/SimMIM's per-step timm cosine from a warmup start LR; `pretrain.trainer.official_cosine_lambda`).
+LR_SCHEDULES = ("trainer", "official")
 
 
 @dataclass
@@ -122,6 +125,23 @@ class SimMIMTrainingArguments(TrainingArguments):
         },
     )
     lr_gamma: float = field(default=0.1, metadata={"help": "Decay factor at each multistep milestone."})
+    lr_schedule: str = field(
+        default="trainer",
+        metadata={
+            "help": "`trainer`: --lr_scheduler_type (or --lr_milestones) after SimMIM's warmup. `official`: "
+            "microsoft/SimMIM's per-step timm cosine: linear warmup from --warmup_start_ratio x the peak, cosine "
+            "over the whole run (not only after the warmup) down to --min_learning_rate_ratio x the peak "
+            "(docs/official_recipe_schedule.md).",
+            "choices": ["trainer", "official"],
+        },
+    )
+    warmup_start_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "--lr_schedule official: the LR the warmup starts from, as a fraction of the peak (microsoft/"
+            "SimMIM's WARMUP_LR / BASE_LR: 1e-6 / 2e-4 = 0.005 for Swin-B 100 epochs)."
+        },
+    )
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on the no-decay set)."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping norm."})
@@ -241,6 +261,17 @@ class SimMIMTrainingArguments(TrainingArguments):
             )
         if self.lr_milestones:
             parse_milestones(self.lr_milestones)  # fail early on a typo
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UsageError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_schedule == "official" and self.lr_milestones:
+            raise UsageError("--lr_schedule official is the cosine; --lr_milestones belongs to --lr_schedule trainer")
+        if self.lr_schedule != "official" and self.warmup_start_ratio:
+            raise UsageError("--warmup_start_ratio applies to --lr_schedule official only")
+        if not 0 <= self.warmup_start_ratio <= 1 or not 0 <= self.min_learning_rate_ratio <= 1:
+            raise UsageError(
+                f"--warmup_start_ratio and --min_learning_rate_ratio must be in [0, 1], got "
+                f"{self.warmup_start_ratio} and {self.min_learning_rate_ratio}"
+            )
         if self.num_visualize_images < 1:
             raise ValueError(f"num_visualize_images must be >= 1, got {self.num_visualize_images}")
         if self.monitor_steps < 0:

@@ -439,7 +439,7 @@ def run_summary(
         "global_batch_size": args.global_batch_size,
         "base_learning_rate": args.base_learning_rate,
         "learning_rate": args.learning_rate,
-        "lr_scheduler_type": "multistep" if args.lr_milestones else str(args.lr_scheduler_type).split(".")[-1].lower(),
+        "lr_scheduler_type": run_settings.schedule_name(args),
         "warmup_steps": args.get_warmup_steps(args.max_steps),
         "weight_decay": args.weight_decay,
         "precision": precision_of(args),

@@ -69,7 +69,11 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _schedule_name(args: Any) -> str:
+def schedule_name(args: Any) -> str:
+    """The run's LR schedule in a word: "official-cosine" (`--lr_schedule official`), "multistep", else the Trainer's
+    `--lr_scheduler_type`."""
+    if getattr(args, "lr_schedule", "trainer") == "official":
+        return "official-cosine"
     return "multistep" if args.lr_milestones else str(args.lr_scheduler_type).split(".")[-1].lower()
 
 
@@ -90,9 +94,10 @@ def current_settings(model_args: Any, data_args: Any, args: Any, config: Any) ->
             "global_batch_size": args.global_batch_size,
             "seed": args.seed,
             "base_learning_rate": args.base_learning_rate,
-            "lr_schedule": _schedule_name(args),
+            "lr_schedule": schedule_name(args),
             "warmup_steps": args.warmup_steps,
             "min_learning_rate_ratio": args.min_learning_rate_ratio,
+            "warmup_start_ratio": getattr(args, "warmup_start_ratio", 0.0),
             "lr_milestones": args.lr_milestones,
             "lr_gamma": args.lr_gamma,
             "weight_decay": args.weight_decay,
@@ -276,7 +281,7 @@ def schedule_line(session: SessionSettings, args: Any) -> str | None:
     if before_lr != args.learning_rate:
         what += f", peak LR {before_lr:.3g} -> {args.learning_rate:.3g}"
     return (
-        f"schedule resuming at step {step} ({what}): the {_schedule_name(args)} schedule is re-planned over "
+        f"schedule resuming at step {step} ({what}): the {schedule_name(args)} schedule is re-planned over "
         f"{args.max_steps} steps; LR at step {step}: {before:.3g} on the old plan -> {after:.3g} on the new"
     )
 

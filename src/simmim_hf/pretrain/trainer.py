@@ -68,6 +68,28 @@ def warmup_cosine_lambda(warmup_steps: int, total_steps: int, floor: float) -> C
     return factor
 
 
+def official_cosine_lambda(
+    warmup_steps: int, total_steps: int, warmup_start: float, floor: float
+) -> Callable[[int], float]:
+    """microsoft/SimMIM's schedule (timm's `CosineLRScheduler` with `warmup_prefix=False`, `cycle_limit=1`, stepped
+    per iteration) as a multiplier of the peak, at optimizer step `step` (0-based).
+
+    With `t = max(step - 1, 0)` (the official loop updates the LR after each step with that step's index, so steps 0
+    and 1 both run at the warmup start): `warmup_start + t * (1 - warmup_start) / warmup_steps` while
+    `t < warmup_steps`; then `floor + (1 - floor) * 0.5 * (1 + cos(pi * t / total_steps))` - the cosine runs over the
+    whole run, warmup included, so the peak itself is never reached - and `floor` from `t = total_steps` on."""
+
+    def factor(step: int) -> float:
+        t = max(step - 1, 0)
+        if t < warmup_steps:
+            return warmup_start + t * (1 - warmup_start) / warmup_steps
+        if t >= total_steps:
+            return floor
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t / total_steps))
+
+    return factor
+
+
 TRAINING_ARGS_JSON = "training_args.json"
 TRAINING_ARGS_PICKLE = "training_args.bin"
 
@@ -419,12 +441,16 @@ class SimMIMTrainer(Trainer):
 def build_lr_scheduler(
     args: Any, optimizer: torch.optim.Optimizer, num_training_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The run's LR schedule over `num_training_steps`: warmup then multistep (`--lr_milestones`), SimMIM's cosine with
-    a floor (`--min_learning_rate_ratio` > 0), or else the stock transformers schedule `--lr_scheduler_type`."""
+    """The run's LR schedule over `num_training_steps`: microsoft/SimMIM's (`--lr_schedule official`), else warmup
+    then multistep (`--lr_milestones`), SimMIM's cosine with a floor (`--min_learning_rate_ratio` > 0), or the stock
+    transformers schedule `--lr_scheduler_type`. The multipliers are functions of the step (a `LambdaLR`), so a resume
+    rebuilds the same schedule from the arguments and the checkpoint's step (`realign_schedule`)."""
     warmup = args.get_warmup_steps(num_training_steps)
     milestones = parse_milestones(args.lr_milestones) if getattr(args, "lr_milestones", None) else None
     floor = getattr(args, "min_learning_rate_ratio", 0.0)
-    if milestones:
+    if getattr(args, "lr_schedule", "trainer") == "official":
+        factor = official_cosine_lambda(warmup, num_training_steps, args.warmup_start_ratio, floor)
+    elif milestones:
         factor = warmup_multistep_lambda(warmup, milestones, args.lr_gamma)
     elif SchedulerType(args.lr_scheduler_type) == SchedulerType.COSINE and floor > 0:  # an enum after parsing
         factor = warmup_cosine_lambda(warmup, num_training_steps, floor)

@@ -43,7 +43,13 @@ import torch
 from torch import nn
 
 from simmim_hf.cli import parse_overrides, parse_script_arguments
-from simmim_hf.configuration_simmim import IMAGENET_MEAN, IMAGENET_STD, SimMIMConfig, _preset_encoders
+from simmim_hf.configuration_simmim import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SimMIMConfig,
+    _preset_encoders,
+    plain_value,
+)
 from simmim_hf.errors import UsageError
 from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
 
@@ -335,18 +341,17 @@ def _read_swin(state: dict[str, torch.Tensor], prefix: str) -> _Derived:
     return d
 
 
-_SIMMIM_FIELDS = ("mask_patch_size", "mask_ratio", "image_mean", "image_std")
-
-
 def official_configs(
     state: dict[str, torch.Tensor],
     config: dict | None = None,
     preset: str | None = None,
     **overrides: Any,
-) -> tuple[str, str, Any, dict[str, Any]]:
-    """`(family, kind, encoder_config, simmim_fields)` for an official state dict.
+) -> tuple[str, str, SimMIMConfig]:
+    """`(family, kind, simmim_config)` for an official state dict.
 
-    Tensors decide what they determine; then `overrides`, the checkpoint's own (yacs) config, then the preset.
+    Tensors decide what they determine; then `overrides`, the checkpoint's own (yacs) config, then the preset. The
+    merged values go through `SimMIMConfig.from_preset`, the override path of every other start, so a field that is
+    unknown or derived (Swin's `hidden_size`: set `embed_dim`) is refused the same way, naming it.
     """
     family, kind = checkpoint_kind(state)
     prefix = "encoder." if kind == "pretraining" else ""
@@ -355,7 +360,7 @@ def official_configs(
     presets = _preset_encoders()
     if preset not in presets:
         raise OfficialCheckpointError(f"preset: unknown preset {preset!r}; available: {list(presets)}")
-    encoder_config, settings = presets[preset]
+    encoder_config = presets[preset][0]
     expected_type = "beit" if family == "vit" else "swin"
     if encoder_config.model_type != expected_type:
         raise OfficialCheckpointError(
@@ -376,25 +381,18 @@ def official_configs(
     heads = _config_value(config, "MODEL", "VIT" if family == "vit" else "SWIN", "NUM_HEADS")
     if heads is not None:
         values["num_attention_heads" if family == "vit" else "num_heads"] = heads
-    fields = dict(settings)
     for key, path in (("mask_patch_size", "MASK_PATCH_SIZE"), ("mask_ratio", "MASK_RATIO")):
         value = _config_value(config, "DATA", path)
         if value is not None:
-            fields[key] = value
-    for key, value in overrides.items():
-        if key in _SIMMIM_FIELDS:
-            fields[key] = value
-        elif hasattr(encoder_config, key) or key in derived:
             values[key] = value
-        else:
-            raise OfficialCheckpointError(f"{key}: not a field of SimMIMConfig or of the {expected_type} encoder")
+    values.update(overrides)
     # Tensors win over the config and the preset; an explicit override that contradicts one is an error.
     for key, value in derived.items():
-        if key in overrides and _normalised(overrides[key]) != _normalised(value):
+        if key in overrides and plain_value(overrides[key]) != plain_value(value):
             raise OfficialCheckpointError(
                 f"{key}={overrides[key]!r} contradicts tensor {derived.source[key]}, which implies {key}={value!r}"
             )
-        if key in values and key not in overrides and _normalised(values[key]) != _normalised(value):
+        if key in values and key not in overrides and plain_value(values[key]) != plain_value(value):
             raise OfficialCheckpointError(
                 f"the checkpoint's config says {key}={values[key]!r} but tensor {derived.source[key]} implies "
                 f"{value!r}"
@@ -406,33 +404,14 @@ def official_configs(
             values["layer_scale_init_value"] = 0.0
         elif not getattr(encoder_config, "layer_scale_init_value", 0.0):
             values["layer_scale_init_value"] = 0.1
-    encoder_config = _rebuild_config(encoder_config, values)
+    simmim_config = SimMIMConfig.from_preset(preset, **values)
+    encoder_config = simmim_config.encoder_config
     if family == "vit" and encoder_config.hidden_size % encoder_config.num_attention_heads:
         raise OfficialCheckpointError(
             f"num_attention_heads={encoder_config.num_attention_heads} does not divide the width "
             f"{encoder_config.hidden_size} (tensor {derived.source['hidden_size']}); pass num_attention_heads=..."
         )
-    return family, kind, encoder_config, fields
-
-
-def _normalised(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_normalised(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def _rebuild_config(encoder_config: Any, values: dict[str, Any]) -> Any:
-    """A fresh config of the same class with `values` applied (derived fields such as Swin's stage names redone)."""
-    data = encoder_config.to_dict()
-    for key in ("stage_names", "out_features", "out_indices", "transformers_version", "model_type", "architectures"):
-        data.pop(key, None)
-    if encoder_config.model_type == "swin":
-        data.pop("hidden_size", None)
-        data.pop("num_layers", None)
-    data.update(values)
-    return type(encoder_config)(**data)
+    return family, kind, simmim_config
 
 
 # -------------------------------------------------------------------------------------------------- key mapping
@@ -617,13 +596,13 @@ def from_official(
     image and mask. `preset` and `overrides` (SimMIMConfig or encoder fields) fill in what the tensors and the
     checkpoint's config leave open. For a fine-tuned checkpoint use `official_classifier`."""
     state, config = _load(path_or_state_dict)
-    family, kind, encoder_config, fields = official_configs(state, config, preset, **overrides)
+    family, kind, simmim_config = official_configs(state, config, preset, **overrides)
+    encoder_config = simmim_config.encoder_config
     if kind != "pretraining":
         raise OfficialCheckpointError(
             "this is a fine-tuned official checkpoint (no encoder./decoder. tensors); use official_classifier or "
             "scripts/convert_official.py, which write a stock image classifier"
         )
-    simmim_config = SimMIMConfig(encoder_config=encoder_config, preset=preset, **fields)
     decoder = state["decoder.0.weight"]
     if decoder.shape[0] != simmim_config.encoder_stride**2 * simmim_config.num_channels:
         raise OfficialCheckpointError(
@@ -647,14 +626,14 @@ def official_classifier(
     from transformers import AutoModelForImageClassification
 
     state, config = _load(path_or_state_dict)
-    family, kind, encoder_config, _ = official_configs(state, config, preset, **overrides)
+    family, kind, simmim_config = official_configs(state, config, preset, **overrides)
     if kind != "finetuned":
         raise OfficialCheckpointError(
             "this is a pretraining checkpoint (encoder./decoder. tensors); use from_official"
         )
     if "head.weight" not in state:
         raise OfficialCheckpointError("fine-tuned checkpoint without a classifier: no head.weight tensor")
-    encoder_config = copy.deepcopy(encoder_config)
+    encoder_config = copy.deepcopy(simmim_config.encoder_config)
     encoder_config.num_labels = int(state["head.weight"].shape[0])
     if family == "vit":
         encoder_config.use_mask_token = False
@@ -706,17 +685,9 @@ def convert_official(
         )
         image_processor_for(stats).save_pretrained(output_dir)
     if config is not None:
-        text = json.dumps(_plain(config), indent=2, sort_keys=True, default=str)
+        text = json.dumps(plain_value(config), indent=2, sort_keys=True, default=str)
         (output_dir / "official_config.json").write_text(text + "\n")
     return output_dir
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 __all__ = [
