@@ -159,7 +159,7 @@ def test_expected_load_report_is_silent_and_a_surprise_is_reported(sources, load
     AutoModel.from_pretrained(sources / "vit_classifier")
     assert [m for m in load_messages if "LOAD REPORT" in m and "classifier.weight" in m]
     load_messages.clear()
-    # Fewer blocks than the checkpoint has: block 1's tensors (transformers 5.2x's in-memory names, `layers.1.`) have no place; that is reported, by both.
+    # Fewer blocks than the checkpoint has: block 1's tensors have no place; that is reported, by both.
     with caplog.at_level(logging.WARNING, logger="simmim_hf"):
         SimMIMForMaskedImageModeling.from_encoder(str(sources / "vit"), mask_patch_size=8, num_hidden_layers=1)
     reports = [m for m in load_messages if "LOAD REPORT" in m]

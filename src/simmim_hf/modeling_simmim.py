@@ -493,7 +493,9 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         unexpected = [str(key) for key in info.get("unexpected_keys", [])]
         misplaced = sorted(key for key in unexpected if key.split(".")[0] in own_modules)
         if misplaced:
-            logger.warning("%s: %d tensor(s) have no place in the encoder: %s", name_or_path, len(misplaced), misplaced)
+            logger.warning(
+                "%s: %d tensor(s) have no place in the encoder: %s", name_or_path, len(misplaced), misplaced
+            )
         if others or misplaced:
             reports.replay()  # then transformers' own report says it too
         dropped = sorted({key.split(".")[0] for key in unexpected if key.split(".")[0] not in own_modules})
