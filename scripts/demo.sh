@@ -16,4 +16,4 @@ fi
 python scripts/pretrain.py --config configs/pretrain/demo.yaml "$@"
 echo
 echo "Done. runs/demo/ holds the checkpoint, encoder/, reconstruction.png and README.md (model card)."
-echo "Next: python scripts/evaluate.py --model runs/demo/encoder --dataset_name fashion-mnist --protocols knn,linear"
+echo "Next: .venv/bin/python scripts/evaluate.py --model runs/demo/encoder --dataset_name fashion-mnist --protocols knn,linear"

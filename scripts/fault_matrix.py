@@ -13,9 +13,11 @@ SIGINT at a step, SIGKILL, ENOSPC inside a checkpoint write, NaN losses) and rec
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -317,6 +319,18 @@ FAULTS: list[Callable[[Context], Row | list[Row]]] = [
 ]
 
 
+def _commit() -> str:
+    """The tree measured: its short commit, and whether it had uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown (no git)"
+    if sha.returncode:
+        return "unknown (not a git checkout)"
+    return sha.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+
+
 def render(rows: list[Row], seconds: float) -> str:
     import torch
     import transformers
@@ -328,6 +342,8 @@ def render(rows: list[Row], seconds: float) -> str:
         f"{platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{seconds:.0f} s in all). Each row injects one fault into small real runs (a tiny ViT, or the `demo` "
         "preset, on 256 Fashion-MNIST images in 4 shards, 8 steps unless said) and reports what a user sees.",
+        "",
+        f"Run on {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU core(s) at commit {_commit()}.",
         "",
         "| fault | outcome | figures |",
         "|---|---|---|",

@@ -93,7 +93,7 @@ def test_record_and_card_state_the_masking_decoder_and_loss(chain):
     assert "| Masking (conv_masking) | sparse |" in card
     assert "| Decoder (decoder_type) | conv (1 block(s), width 16) |" in card
     assert "| Loss (loss_type) | l2, normalised per mask cell (norm_target) |" in card
-    assert "features = feature_map.mean(dim=(2, 3))" in card and "(batch, tokens, hidden)" not in card
+    assert "features = hidden.mean(dim=(2, 3))" in card and "hidden.mean(dim=1)" not in card
 
 
 def test_config_overrides_of_stages_and_widths_export_a_loadable_config(chain):

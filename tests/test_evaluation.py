@@ -372,8 +372,20 @@ def test_script_writes_results_json(vit_dir, tmp_path, capsys):
         ("linear", "top5_accuracy"),
     ]
     for row in payload["results"]:
-        assert set(row) == {"protocol", "metric", "value", "dataset", "split", "train_samples", "seed"}
+        keys = {
+            "protocol",
+            "metric",
+            "value",
+            "dataset",
+            "split",
+            "train_samples",
+            "seed",
+            "baseline",
+            "feature_layer",
+        }
+        assert set(row) == keys
         assert 0.0 <= row["value"] <= 1.0 and row["train_samples"] == 100 and row["seed"] == 3
+        assert row["baseline"] is None and row["feature_layer"] is None
     assert format_results_table(payload["results"]) in capsys.readouterr().out
 
 
@@ -456,3 +468,52 @@ def test_every_evaluation_of_a_run_stays_in_its_card(tmp_path):
         ("linear", 0),
         ("knn", 1),
     ]
+
+
+def test_baselines_are_scored_on_the_same_subsets_and_shown_beside_the_model(tmp_path):
+    """`--baselines`: random-init and raw-pixel rows for kNN and the linear probe, the very numbers separate
+    `--random_init` / `--model pixels` runs give on the same subsets; the run's card shows them beside the model's
+    rows, and its model-index holds the model's own only."""
+    from huggingface_hub import ModelCard
+    from tiny_configs import tiny_simmim_config
+
+    from simmim_hf import SimMIMForMaskedImageModeling, export_encoder
+
+    run_dir = tmp_path / "run"
+    model = SimMIMForMaskedImageModeling(tiny_simmim_config("vit"))
+    model.save_pretrained(run_dir)
+    export_encoder(model, run_dir / "encoder")
+    summary = {"backbone": "vit", "image_size": 32, "num_channels": 3, "max_steps": 1, "dataset_name": "fashion-mnist"}
+    (run_dir / "simmim_run.json").write_text(json.dumps(summary))
+    common = ["--protocols", "knn,linear", "--train_samples", "40", "--eval_samples", "20", "--linear_epochs", "2"]
+    encoder = ["--model", str(run_dir / "encoder")]
+    payload = _script().main(encoder + common + ["--baselines", "true", "--update_model_card", "true"])
+    rows = {(r["baseline"], r["protocol"], r["metric"]): r["value"] for r in payload["results"]}
+    variants = (None, "random_init", "raw_pixels")
+    metrics = ("accuracy", "top5_accuracy")
+    assert sorted(rows, key=str) == sorted(
+        [(v, p, m) for v in variants for p in ("knn", "linear") for m in metrics], key=str
+    )
+    for flag, baseline in ((["--random_init", "true"], "random_init"), (["--model", "pixels"], "raw_pixels")):
+        alone = _script().main(encoder + common + flag + ["--update_model_card", "false"])
+        assert {(r["protocol"], r["metric"]): r["value"] for r in alone["results"]} == {
+            (p, m): value for (b, p, m), value in rows.items() if b == baseline
+        }, baseline
+    card = ModelCard.load(run_dir / "README.md")
+    assert len(card.data.eval_results) == 4  # the model's kNN and linear rows, top-1 and top-5
+    lines = [line for line in card.text.splitlines() if line.startswith("| ") and "kNN | top-1" in line]
+    assert [line.split(" | ")[0] for line in lines] == [
+        "| this encoder",
+        "| random init (same architecture)",
+        "| raw pixels",
+    ]
+    assert f"{100 * rows[('raw_pixels', 'knn', 'accuracy')]:.2f}%" in lines[2]
+    assert "the resized image, flattened" in lines[2] and "`last_hidden_state`" in lines[0]
+    assert "only as good as its margin over them" in card.text
+
+
+def test_baselines_need_a_model_and_a_frozen_feature_protocol():
+    with pytest.raises(ValueError, match="--baselines"):
+        EvaluationArguments(model="pixels", baselines=True)
+    with pytest.raises(ValueError, match="--baselines scores knn and linear"):
+        EvaluationArguments(model="x", baselines=True, protocols="finetune")

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import sys
 
 import pytest
@@ -128,3 +129,40 @@ def test_pretrain_script_continues_from_a_stock_encoder(sources, shards, tmp_pat
     class_name, info = json.loads(out.strip().splitlines()[-1])
     assert class_name == {"vit_classifier": "ViTModel", "beit": "BeitModel"}[name]
     assert not any(info.values()), info
+
+
+class _Collect(logging.Handler):
+    """What the transformers loading logger lets through to its handlers (what a user sees on the console)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def load_messages():
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    handler = _Collect()
+    report_logger.addHandler(handler)
+    yield handler.messages
+    report_logger.removeHandler(handler)
+
+
+def test_expected_load_report_is_silent_and_a_surprise_is_reported(sources, load_messages, caplog):
+    # A classifier checkpoint with no mask token: both expected, so transformers' LOAD REPORT is not shown ...
+    SimMIMForMaskedImageModeling.from_encoder(str(sources / "vit_classifier"), mask_patch_size=8)
+    assert not [m for m in load_messages if "LOAD REPORT" in m], load_messages
+    # ... and its being held back does not hide a plain stock load's report afterwards.
+    AutoModel.from_pretrained(sources / "vit_classifier")
+    assert [m for m in load_messages if "LOAD REPORT" in m and "classifier.weight" in m]
+    load_messages.clear()
+    # Fewer blocks than the checkpoint has: block 1's tensors have no place; that is reported, by both.
+    with caplog.at_level(logging.WARNING, logger="simmim_hf"):
+        SimMIMForMaskedImageModeling.from_encoder(str(sources / "vit"), mask_patch_size=8, num_hidden_layers=1)
+    reports = [m for m in load_messages if "LOAD REPORT" in m]
+    block_1 = re.compile(r"(layers\.1|encoder\.layer\.1)\.attention")  # 5.2x in-memory names, or older ones
+    assert len(reports) == 1 and block_1.search(reports[0]) and "mask_token" in reports[0]
+    assert "have no place in the encoder" in caplog.text and block_1.search(caplog.text)

@@ -179,6 +179,54 @@ def test_card_without_eval_base_model_hub_dataset_or_picture(run_dir, tmp_path):
     assert str(other / "encoder") in card.text  # no repo id: the snippet points at the local folder
 
 
+def _card_features(card_text: str, image: Image.Image) -> torch.Tensor:
+    """Runs the card's first two Python snippets (load, then features) as a reader would, on `image`."""
+    blocks = [block.split("\n", 1)[1] for block in card_text.split("```python")[1:3]]
+    scope = {"image": image}
+    for block in blocks:
+        exec(block.split("```")[0], scope)
+    return scope["features"]
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_card_features_are_the_evaluated_ones_and_the_pooler_is_flagged(run_dir, tmp_path, family):
+    """The card's feature snippet gives what scripts/evaluate.py scores (the mean of the patch tokens), and where
+    `pooler_output` is a layer SimMIM never trains (ViT: dense + tanh on CLS), the card says not to use it."""
+    from tiny_configs import tiny_swin
+    from transformers import SwinModel
+
+    from simmim_hf.eval.features import extract_features, load_encoder
+
+    other = copy_run(run_dir, tmp_path / "run", backbone=family)
+    if family == "swin":
+        shutil.rmtree(other / "encoder")
+        SwinModel(tiny_swin()).save_pretrained(other / "encoder")
+        ViTImageProcessor(size={"height": 32, "width": 32}, do_convert_rgb=True).save_pretrained(other / "encoder")
+    text = render_model_card(other).text
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
+    expected = extract_features(load_encoder(str(other / "encoder")), [{"image": image}], "image")
+    assert torch.allclose(_card_features(text, image), expected, atol=1e-5)
+    if family == "vit":  # one CLS token, left out: hidden[:, 1:]
+        assert "features = hidden[:, 1:].mean(dim=1)" in text
+        assert "Do not use `pooler_output`" in text and "dense layer and tanh on the CLS token" in text
+    else:  # Swin's pooler_output is the mean of last_hidden_state itself
+        assert "features = hidden.mean(dim=1)" in text and "pooler_output" not in text
+
+
+def test_card_without_baselines_says_how_to_add_them(run_dir, eval_path):
+    text = render_model_card(run_dir, eval_results=eval_path).text
+    assert "No baselines were scored: `scripts/evaluate.py --baselines`" in text
+    assert "mean of the patch tokens (CLS and other" in text  # how the frozen features were pooled
+
+
+def test_card_constants_mirror_the_backbone_tables():
+    from simmim_hf import backbones
+    from simmim_hf.publish import model_card
+
+    assert model_card.PREFIX_TOKEN_NAMES == backbones.PREFIX_TOKENS
+    assert model_card.CONV_TYPES == backbones.CONV_ENCODERS
+
+
 def test_write_model_card_round_trips_through_modelcard_load(run_dir, eval_path, tmp_path):
     other = copy_run(run_dir, tmp_path / "run")
     path = write_model_card(other, eval_results=eval_path, repo_id=REPO_ID)

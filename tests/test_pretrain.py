@@ -23,10 +23,18 @@ from simmim_hf.pretrain.trainer import SimMIMTrainer, warmup_cosine_lambda, warm
 def test_pretrain_end_to_end_loss_goes_down_and_outputs_are_written(shards, tmp_path):
     output = tmp_path / "run"
     extra = ("--report_to", "tensorboard", "--visualize_steps", "12")
-    run([sys.executable, "scripts/pretrain.py", *pretrain_args(shards, output, 24, *extra)])
+    result = run([sys.executable, "scripts/pretrain.py", *pretrain_args(shards, output, 24, *extra)])
     summary = json.loads((output / "simmim_run.json").read_text())
     losses = [loss for _, loss in summary["loss_curve"]]
     assert len(losses) == 24
+    # Every training log line names its optimizer step, and its loss is the one the summary records for that step.
+    logged = {}
+    for line in (result.stdout + result.stderr).replace("\r", "\n").splitlines():
+        if "{'loss': " in line:
+            step, _, rest = line.partition(": {'loss': '")
+            logged[int(step.split("step ")[-1])] = float(rest.split("'")[0])
+    assert sorted(logged) == list(range(1, 25)), sorted(logged)
+    assert all(logged[step] == pytest.approx(loss, rel=1e-3) for step, loss in summary["loss_curve"])
     assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4, losses
     assert summary["global_batch_size"] == 16 and summary["images_seen"] == 24 * 16
     assert summary["learning_rate"] == pytest.approx(0.08 * 16 / 512)

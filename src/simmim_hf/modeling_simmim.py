@@ -440,6 +440,47 @@ class SimMIMModel(SimMIMPreTrainedModel):
         return BaseModelOutput(last_hidden_state=outputs.last_hidden_state, hidden_states=outputs.hidden_states)
 
 
+class HeldLoadReports(logging.Filter):
+    """Holds back transformers' LOAD REPORT (a warning listing missing and unexpected keys) while a load runs.
+
+    Used as `with HeldLoadReports() as reports: ...from_pretrained(...)`; the caller then decides: `reports.replay()`
+    logs the held report after all (something unexpected was in it), otherwise it is dropped. A load that raises
+    replays it. A filter on the logger,
+    not a level: transformers runs extra checks when that logger's own level is WARNING or above.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    @staticmethod
+    def _logger() -> logging.Logger:
+        from transformers.utils import logging as transformers_logging
+
+        return transformers_logging.get_logger("transformers.modeling_utils")
+
+    def __enter__(self) -> HeldLoadReports:
+        self._logger().addFilter(self)
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self._logger().removeFilter(self)
+        if exc_type is not None:  # the load failed (transformers raises after its report): the report explains it
+            self.replay()
+
+    def replay(self) -> None:
+        """Logs the held reports, as transformers would have."""
+        for record in self.records:
+            self._logger().handle(record)
+        self.records.clear()
+
+
 class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
     """SimMIM: encoder + reconstruction head (the paper's 1x1 conv + PixelShuffle, or FCMAE's light decoder), a pixel
     loss on masked pixels only."""
@@ -485,14 +526,16 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         encoder_config = config.encoder_config
         set_encoder_attention(encoder_config, attn_implementation)
         encoder_class = AutoModel._model_mapping[type(encoder_config)]
-        source, info = encoder_class.from_pretrained(
-            name_or_path,
-            config=encoder_config,
-            output_loading_info=True,
-            dtype=torch.float32,
-            **encoder_kwargs(encoder_config),
-        )
+        with HeldLoadReports() as reports:  # transformers' report of what we expect (a new mask token, a head)
+            source, info = encoder_class.from_pretrained(
+                name_or_path,
+                config=encoder_config,
+                output_loading_info=True,
+                dtype=torch.float32,
+                **encoder_kwargs(encoder_config),
+            )
         if info.get("mismatched_keys") or info.get("error_msgs"):
+            reports.replay()
             raise ValueError(
                 f"{name_or_path}: its weights do not fit the SimMIM encoder config (mismatched "
                 f"{sorted(map(str, info.get('mismatched_keys') or []))[:5]}); override only fields that keep shapes"
@@ -502,7 +545,18 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         others = sorted(key for key in missing if not key.endswith("mask_token"))
         if others:
             logger.warning("%s has no %s: initialised fresh", name_or_path, ", ".join(others))
-        dropped = sorted({str(key).split(".")[0] for key in info.get("unexpected_keys", [])})
+        # A checkpoint tensor under one of the encoder's own modules that found no place is a surprise; anything
+        # else (a classifier, a pooler, a MIM head) is the checkpoint's head, dropped by design.
+        own_modules = {name for name, _ in source.named_children()}
+        unexpected = [str(key) for key in info.get("unexpected_keys", [])]
+        misplaced = sorted(key for key in unexpected if key.split(".")[0] in own_modules)
+        if misplaced:
+            logger.warning(
+                "%s: %d tensor(s) have no place in the encoder: %s", name_or_path, len(misplaced), misplaced
+            )
+        if others or misplaced:
+            reports.replay()  # then transformers' own report says it too
+        dropped = sorted({key.split(".")[0] for key in unexpected if key.split(".")[0] not in own_modules})
         if dropped:
             logger.info("%s: dropped what the encoder does not use (the checkpoint's head): %s", name_or_path, dropped)
         model = cls(config)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from simmim_hf.data.scenes import FASHION_MNIST_SCENES, is_fashion_mnist_scenes
 from simmim_hf.data.sources import DATA_FILES_HELP, FASHION_MNIST, normalize_source
@@ -20,6 +20,10 @@ DENSE_PROTOCOLS = ("segmentation", "detection")
 PROTOCOLS = CLASSIFICATION_PROTOCOLS + DENSE_PROTOCOLS
 # `--model pixels`: score the preprocessed pixels themselves (a baseline).
 PIXELS = "pixels"
+# The `baseline` of a result row: None for the model itself, else what was scored in its place.
+RANDOM_INIT, RAW_PIXELS = "random_init", "raw_pixels"
+# The protocols `--baselines` scores the baselines with (frozen features; fine-tuning a random init is a separate run).
+BASELINE_PROTOCOLS = ("knn", "linear")
 
 
 @dataclass
@@ -74,6 +78,13 @@ class EvaluationArguments:
     )
     raw_pixels: bool = field(
         default=False, metadata={"help": "Score raw pixels as features (same as --model pixels)."}
+    )
+    baselines: bool = field(
+        default=False,
+        metadata={
+            "help": "Also score the baselines with the same kNN / linear protocol on the same subsets: the same "
+            "architecture at random init, and raw pixels (rows marked `baseline` in the results and the card)."
+        },
     )
     image_processor: str | None = field(
         default=None, metadata={"help": "AutoImageProcessor to use instead of the model's."}
@@ -139,6 +150,10 @@ class EvaluationArguments:
             raise ValueError("raw pixels have nothing to fine-tune; use --protocols knn,linear")
         if self.model == PIXELS and self.random_init:
             raise ValueError("--random_init needs a model, not raw pixels")
+        if self.baselines and (self.model == PIXELS or self.random_init):
+            raise ValueError("--baselines compares a model with its baselines; --model pixels / --random_init are one")
+        if self.baselines and not set(BASELINE_PROTOCOLS) & set(self.protocol_list):
+            raise ValueError(f"--baselines scores {' and '.join(BASELINE_PROTOCOLS)}; --protocols has neither")
         if self.finetune_layout not in ("official", "as-is"):
             raise ValueError(f"finetune_layout must be 'official' or 'as-is', got {self.finetune_layout!r}")
         if self.linear_optimizer not in ("sgd", "adamw"):
@@ -147,3 +162,20 @@ class EvaluationArguments:
     @property
     def protocol_list(self) -> list[str]:
         return [p.strip() for p in self.protocols.split(",") if p.strip()]
+
+    @property
+    def baseline(self) -> str | None:
+        """What these arguments score in the model's place: `RAW_PIXELS`, `RANDOM_INIT`, or None (the model)."""
+        return RAW_PIXELS if self.model == PIXELS else RANDOM_INIT if self.random_init else None
+
+    def baseline_arguments(self) -> list[EvaluationArguments]:
+        """With `--baselines`: the arguments of each baseline run (random init, raw pixels) on the same data,
+        subsets and seed, restricted to the frozen-feature protocols requested."""
+        if not self.baselines:
+            return []
+        protocols = ",".join(p for p in self.protocol_list if p in BASELINE_PROTOCOLS)
+        common = dict(protocols=protocols, baselines=False, output=None, update_model_card=False)
+        return [
+            replace(self, random_init=True, **common),
+            replace(self, model=PIXELS, raw_pixels=True, image_processor=None, **common),
+        ]

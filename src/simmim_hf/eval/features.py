@@ -19,7 +19,7 @@ from simmim_hf.backbones import num_prefix_tokens
 from simmim_hf.data.images import build_image_processor, decode_image
 from simmim_hf.embedding import pool_tokens
 from simmim_hf.eval.arguments import PIXELS
-from simmim_hf.modeling_simmim import SimMIMForMaskedImageModeling
+from simmim_hf.modeling_simmim import HeldLoadReports, SimMIMForMaskedImageModeling
 from simmim_hf.publish.convert import export_encoder
 from simmim_hf.publish.run_dir import RunDir
 
@@ -104,10 +104,6 @@ def load_encoder(
     return Encoder(model.eval(), processor, int(getattr(model.config, "num_channels", 3)), path)
 
 
-def _drop_load_report(record: logging.LogRecord) -> bool:
-    return "LOAD REPORT" not in record.getMessage()
-
-
 def load_reporting_surprises(
     from_pretrained: Callable[..., Any],
     source: str,
@@ -122,15 +118,8 @@ def load_reporting_surprises(
     Keys matching `expected_unexpected` / `expected_missing` (name prefixes) are left out; anything else is logged as
     one warning.
     """
-    import transformers
-
-    # A filter, not a level: transformers runs extra checks (and warns) when this logger's own level is >= WARNING.
-    report_logger = transformers.utils.logging.get_logger("transformers.modeling_utils")
-    report_logger.addFilter(_drop_load_report)
-    try:
+    with HeldLoadReports():  # dropped: what is unexpected is logged below
         model, info = from_pretrained(source, output_loading_info=True, **kwargs)
-    finally:
-        report_logger.removeFilter(_drop_load_report)
     surprises = {
         "unexpected": [k for k in info.get("unexpected_keys", []) if not k.startswith(expected_unexpected)],
         "missing": [k for k in info.get("missing_keys", []) if not k.startswith(expected_missing)],

@@ -25,7 +25,7 @@ from transformers import HfArgumentParser, set_seed
 
 from simmim_hf.cli import parse_arguments
 from simmim_hf.data.labelled import EvalData, load_eval_data
-from simmim_hf.eval.arguments import DENSE_PROTOCOLS, PIXELS, EvaluationArguments
+from simmim_hf.eval.arguments import DENSE_PROTOCOLS, PIXELS, RAW_PIXELS, EvaluationArguments
 from simmim_hf.eval.dense_run import dense_results
 from simmim_hf.eval.features import extract_features, load_encoder
 from simmim_hf.eval.finetune import finetune_from_args
@@ -90,8 +90,38 @@ def _finetune(args: EvaluationArguments, data: EvalData, features: Any, workdir:
 SCORERS: dict[str, Callable[..., Any]] = {"knn": _knn, "linear": _linear, "finetune": _finetune}
 
 
+def score_protocols(
+    args: EvaluationArguments, data: EvalData, workdir: str, device: torch.device, timings: dict[str, float]
+) -> list[dict[str, Any]]:
+    """The result rows of `args`' protocols on `data`, each marked with its `baseline` (None for the model itself)
+    and the `feature_layer` its frozen features came from (None: `last_hidden_state`; fine-tuning: None)."""
+    prefix = f"{args.baseline} " if args.baseline else ""
+    row = dict(dataset=args.dataset_name, split=data.eval_split, train_samples=args.train_samples, seed=args.seed)
+    results: list[dict[str, Any]] = []
+    features = None
+    if {"knn", "linear"} & set(args.protocol_list):
+        tick = time.perf_counter()
+        features = frozen_features(args, data, workdir, device)
+        timings[prefix + "features"] = time.perf_counter() - tick
+        print(
+            f"{prefix}features: {tuple(features[0].shape)} train, {tuple(features[1].shape)} eval "
+            f"({timings[prefix + 'features']:.1f}s)"
+        )
+    for protocol, scorer in SCORERS.items():
+        if protocol not in args.protocol_list:
+            continue
+        tick = time.perf_counter()
+        scores = scorer(args, data, features, workdir, device)
+        rows = accuracy_results(scores, torch.as_tensor(data.eval_labels), protocol=protocol, **row)
+        layer = args.feature_layer if protocol != "finetune" and args.baseline != RAW_PIXELS else None
+        results += [{**r, "baseline": args.baseline, "feature_layer": layer} for r in rows]
+        timings[prefix + protocol] = time.perf_counter() - tick
+    return results
+
+
 def run_evaluation(args: EvaluationArguments) -> dict[str, Any]:
-    """Runs the requested protocols; returns the results JSON (also written to `args.output` when set)."""
+    """Runs the requested protocols (and, with `--baselines`, the baselines' on the same data); returns the results
+    JSON (also written to `args.output` when set)."""
     started = time.perf_counter()
     device = resolve_device(args.device)
     if set(args.protocol_list) & set(DENSE_PROTOCOLS):
@@ -101,26 +131,11 @@ def run_evaluation(args: EvaluationArguments) -> dict[str, Any]:
         f"dataset {args.dataset_name}: {len(data.train)} train / {len(data.eval)} {data.eval_split} images, "
         f"{data.num_classes} classes"
     )
-    row = dict(dataset=args.dataset_name, split=data.eval_split, train_samples=args.train_samples, seed=args.seed)
     results: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="simmim_eval_") as workdir:
-        features = None
-        if {"knn", "linear"} & set(args.protocol_list):
-            tick = time.perf_counter()
-            features = frozen_features(args, data, workdir, device)
-            timings["features"] = time.perf_counter() - tick
-            print(
-                f"features: {tuple(features[0].shape)} train, {tuple(features[1].shape)} eval "
-                f"({timings['features']:.1f}s)"
-            )
-        for protocol, scorer in SCORERS.items():
-            if protocol not in args.protocol_list:
-                continue
-            tick = time.perf_counter()
-            scores = scorer(args, data, features, workdir, device)
-            results += accuracy_results(scores, torch.as_tensor(data.eval_labels), protocol=protocol, **row)
-            timings[protocol] = time.perf_counter() - tick
+        for variant in [args, *args.baseline_arguments()]:  # the same data and subsets for each
+            results += score_protocols(variant, data, workdir, device, timings)
     payload = {
         "model": args.model,
         "dataset": args.dataset_name,
@@ -162,9 +177,16 @@ def _run_dense(args: EvaluationArguments, device: torch.device, started: float) 
 
 def format_results_table(results: list[dict[str, Any]]) -> str:
     """A small fixed-width table of result rows."""
-    header = ("protocol", "metric", "value", "train_samples", "split")
+    header = ("model", "protocol", "metric", "value", "train_samples", "split")
     rows = [header] + [
-        (r["protocol"], r["metric"], f"{r['value']:.4f}", str(r["train_samples"] or "all"), r["split"])
+        (
+            r.get("baseline") or "model",
+            r["protocol"],
+            r["metric"],
+            f"{r['value']:.4f}",
+            str(r["train_samples"] or "all"),
+            r["split"],
+        )
         for r in results
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -193,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     `--model` is (or is the encoder of) unless `--update_model_card false`."""
     args = parse_args(argv)
     payload = run_evaluation(args)
-    run_dir = None if (args.random_init or args.raw_pixels) else RunDir.containing(args.model)
+    # A random init of a run's encoder is that run's baseline (its rows say so); raw pixels belong to no run.
+    run_dir = None if args.model == PIXELS else RunDir.containing(args.model)
     if run_dir is not None and args.update_model_card:
         # The run's local model card gets the results in its evaluation table and model-index.
         stored = run_dir.merge_eval_results(payload)  # earlier evaluations of this run stay in its card

@@ -4,13 +4,15 @@ transformers logs at INFO every config it loads or saves (an 80-line JSON per `f
 "Running training" block (with `Num Epochs = 9,223,372,036,854,775,807` for a `max_steps`-driven stream) and a
 progress bar per weight file written or read. `configure_logging` keeps transformers at WARNING (its progress bars
 off, the Hub's kept), drops that epoch line even if a user turns INFO back on, and `run_header` says instead, once,
-what the run is.
+what the run is. `number_log_lines` makes every training log line say its optimizer step (`step 20: {'loss': ...}`).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+from transformers import PrinterCallback, ProgressCallback
 
 from simmim_hf.pretrain.arguments import learning_rate_rule
 
@@ -43,6 +45,40 @@ def configure_logging(should_log: bool = True) -> None:
     # "Loading weights" / "Writing model shards" bars; keep the Hub's (uploads can be long).
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.enable_progress_bars()
+
+
+def log_line(step: int, logs: dict[str, Any]) -> str:
+    """One training log line: `step N: {...}` with floats at 4 significant digits and `total_flos` left out (it is
+    in the run summary)."""
+    shown = {key: f"{value:.4g}" if isinstance(value, float) else value for key, value in logs.items()}
+    shown.pop("total_flos", None)
+    return f"step {step}: {shown}"
+
+
+class StepProgressCallback(ProgressCallback):
+    """transformers' progress bar, whose log lines start with the optimizer step they were logged at."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and logs is not None:
+            self.training_bar.write(log_line(state.global_step, logs))
+
+
+class StepPrinterCallback(PrinterCallback):
+    """The printer used with `--disable_tqdm true`, its lines starting with the optimizer step."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if state.is_local_process_zero and logs is not None:
+            print(log_line(state.global_step, logs), flush=True)
+
+
+def number_log_lines(trainer: Any) -> None:
+    """Swaps the Trainer's stock progress bar or printer for the ones above (a notebook's progress widget and other
+    callbacks are left as they are)."""
+    for stock, ours in ((ProgressCallback, StepProgressCallback), (PrinterCallback, StepPrinterCallback)):
+        for callback in list(trainer.callback_handler.callbacks):
+            if type(callback) is stock:
+                trainer.callback_handler.remove_callback(callback)
+                trainer.callback_handler.add_callback(ours)
 
 
 def _millions(count: int) -> str:

@@ -43,7 +43,7 @@ from simmim_hf.pretrain.checkpoints import (
     io_fault_cause,
     load_weights_strictly,
 )
-from simmim_hf.pretrain.console import configure_logging, run_header
+from simmim_hf.pretrain.console import configure_logging, number_log_lines, run_header
 from simmim_hf.pretrain.lock import decided_by_main_process, take_run_lock
 from simmim_hf.pretrain.monitor import KNNMonitor, MonitorSet, monitor_curve, prepare_monitor_set
 from simmim_hf.pretrain.trainer import SimMIMTrainer
@@ -310,6 +310,7 @@ def build_trainer(model: torch.nn.Module, args: SimMIMTrainingArguments, data: P
         callbacks=[reconstruction],
         stream_loader=data.loader,
     )
+    number_log_lines(trainer)  # `step N: {'loss': ...}`
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
         # accelerate only shards on accelerators: on CPU processes (MULTI_CPU) it drops the FSDP plugin silently.
         logger.warning("An FSDP launch config was given but FSDP is off (accelerate has no FSDP on CPU): plain DDP")

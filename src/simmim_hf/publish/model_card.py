@@ -34,7 +34,6 @@ _BACKBONE_NAMES = {
     "convnextv2": "ConvNeXt V2 (Woo et al., 2023)",
     "resnet": "ResNet (He et al., 2016)",
 }
-_CONV_BACKBONES = ("convnext", "convnextv2", "resnet")
 _LOSS_NAMES = {"l1": "L1 distance", "l2": "mean squared error", "smooth_l1": "smooth L1 (Huber) distance"}
 _PROTOCOL_NAMES = {
     "knn": "kNN",
@@ -59,6 +58,21 @@ _PROTOCOL_TASKS = {
 }
 _METRIC_TYPES = {"mean_iou": "mean_iou", "mean_accuracy": "accuracy", "overall_accuracy": "accuracy", "map": "map"}
 _METRIC_TYPES["map_50"] = "map"
+# The `baseline` of an evaluation row (eval.arguments.RANDOM_INIT / RAW_PIXELS; None: this encoder), as the card
+# names it, in the order the card lists them.
+_BASELINE_NAMES = {None: "this encoder", "random_init": "random init (same architecture)", "raw_pixels": "raw pixels"}
+# backbones.PREFIX_TOKENS and backbones.CONV_ENCODERS, named here so that the card never imports torch (a test keeps
+# them equal).
+PREFIX_TOKEN_NAMES = ("cls_token", "distillation_token", "register_tokens")
+CONV_TYPES = ("convnext", "convnextv2", "resnet")
+# What `pooler_output` is, per family, where SimMIM leaves it untrained (its loss reads the patch tokens only).
+_UNTRAINED_POOLERS = {
+    "vit": "a dense layer and tanh on the CLS token, saved at its initialisation",
+    "deit": "a dense layer and tanh on the CLS token, saved at its initialisation",
+    "beit": "the CLS token's output, or a fresh LayerNorm over the mean of the patch tokens",
+    "convnext": "a final LayerNorm over the mean of the feature map, saved at its initialisation",
+    "convnextv2": "a final LayerNorm over the mean of the feature map, saved at its initialisation",
+}
 
 
 def hub_dataset_id(name: str | None) -> str | None:
@@ -128,9 +142,10 @@ def pretraining_data(run: dict[str, Any]) -> tuple[str, str, str | None]:
 def eval_results_to_model_index(eval_json: dict[str, Any]) -> list[EvalResult]:
     """Converts an evaluation JSON (written by scripts/evaluate.py) into `EvalResult`s for the card's model-index.
 
-    One `EvalResult` per entry of `eval_json["results"]`: task `image-classification` (`image-segmentation` for
-    the segmentation protocol, `object-detection` for detection), the protocol in the metric
-    name (e.g. "kNN top-1 accuracy"), the value kept in 0..1 as evaluate.py wrote it.
+    One `EvalResult` per entry of `eval_json["results"]` that scores this encoder (the baselines' rows, random init
+    and raw pixels, are shown in the card's table but are not this model's results): task `image-classification`
+    (`image-segmentation` for the segmentation protocol, `object-detection` for detection), the protocol in the
+    metric name (e.g. "kNN top-1 accuracy"), the value kept in 0..1 as evaluate.py wrote it.
     """
     results = eval_json.get("results")
     if not isinstance(results, list) or not results:
@@ -144,11 +159,15 @@ def eval_results_to_model_index(eval_json: dict[str, Any]) -> list[EvalResult]:
         value = float(entry["value"])
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"evaluation result #{index} has value {value}; evaluate.py writes fractions in [0, 1]")
+        if entry.get("baseline"):
+            continue
         dataset = entry.get("dataset") or default_dataset
         metric_name = f"{_PROTOCOL_NAMES.get(entry['protocol'], entry['protocol'])} "
         metric_name += _METRIC_NAMES.get(entry["metric"], entry["metric"])
         if entry.get("train_samples"):
             metric_name += f" ({entry['train_samples']} labelled train images)"
+        if entry.get("feature_layer") is not None:
+            metric_name += f" (features of hidden_states[{entry['feature_layer']}])"
         task_type, task_name = _PROTOCOL_TASKS.get(entry["protocol"], ("image-classification", "Image Classification"))
         out.append(
             EvalResult(
@@ -166,23 +185,46 @@ def eval_results_to_model_index(eval_json: dict[str, Any]) -> list[EvalResult]:
     return out
 
 
-def _safetensors_num_parameters(path: Path) -> int | None:
-    """Counts the parameters stored in a safetensors file from its JSON header (no tensor is read)."""
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The tensor entries (name -> dtype, shape, offsets) of a safetensors file's JSON header; {} when unreadable."""
     try:
         with path.open("rb") as handle:
             (header_size,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(header_size))
     except (OSError, ValueError, struct.error):
+        return {}
+    header.pop("__metadata__", None)
+    return header
+
+
+def _safetensors_num_parameters(path: Path) -> int | None:
+    """Counts the parameters stored in a safetensors file from its JSON header (no tensor is read)."""
+    header = _safetensors_header(path)
+    if not header:
         return None
     total = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for info in header.values():
         count = 1
         for dim in info["shape"]:
             count *= int(dim)
         total += count
     return total
+
+
+def feature_code(backbone: str, weights: Path) -> tuple[str, str]:
+    """The card's feature snippet: `(expression, comment)` that mean-pools `last_hidden_state` the way
+    `scripts/evaluate.py` does (its patch tokens; CLS, distillation and register tokens left out; a ConvNet's map
+    over its positions). The prefix tokens are counted from the weights' header, as `backbones.num_prefix_tokens`
+    counts them from the parameters."""
+    if backbone in CONV_TYPES:
+        return "hidden.mean(dim=(2, 3))", "mean over the feature map (batch, channels, h, w)"
+    prefix = sum(
+        int(info["shape"][-2]) for name, info in _safetensors_header(weights).items()
+        if name.rsplit(".", 1)[-1] in PREFIX_TOKEN_NAMES and len(info["shape"]) >= 2
+    )  # fmt: skip
+    if prefix:
+        return f"hidden[:, {prefix}:].mean(dim=1)", f"mean of the patch tokens ({prefix} prefix token(s) left out)"
+    return "hidden.mean(dim=1)", "mean of the patch tokens"
 
 
 def _format_duration(seconds: float | None) -> str:
@@ -349,14 +391,37 @@ def card_title(run: dict[str, Any], repo_id: str | None, backbone: str) -> str:
     return f"SimMIM {_BACKBONE_SHORT.get(backbone, backbone)}{preset} pretrained on {pretraining_data(run)[0]}"
 
 
+def _features_text(entry: dict[str, Any]) -> str:
+    """How a row's encoder output became what the protocol scored."""
+    if entry.get("baseline") == "raw_pixels":
+        return "the resized image, flattened"
+    if entry["protocol"] == "finetune":
+        return "whole encoder fine-tuned (`AutoModelForImageClassification`'s head)"
+    layer = entry.get("feature_layer")
+    return "mean of patch tokens, " + (f"`hidden_states[{layer}]`" if layer is not None else "`last_hidden_state`")
+
+
 def _evaluation_rows(eval_json: dict[str, Any]) -> list[dict[str, str]]:
+    """The card's evaluation table: per protocol and metric, this encoder's row first, then its baselines'."""
+    order = list(_BASELINE_NAMES)
+    protocols = list(_PROTOCOL_NAMES)
+
+    def rank(entry: dict[str, Any]) -> tuple:
+        protocol = entry["protocol"]
+        position = protocols.index(protocol) if protocol in protocols else len(protocols)
+        baseline = entry.get("baseline")
+        return position, entry["metric"], order.index(baseline) if baseline in order else len(order)
+
     rows = []
-    for entry in eval_json.get("results", []):
+    for entry in sorted(eval_json.get("results", []), key=rank):
+        baseline = entry.get("baseline")
         rows.append(
             {
+                "model": _BASELINE_NAMES.get(baseline, str(baseline)),
                 "protocol": _PROTOCOL_NAMES.get(entry["protocol"], entry["protocol"]),
                 "metric": _METRIC_NAMES.get(entry["metric"], entry["metric"]),
                 "value": f"{100 * float(entry['value']):.2f}%",
+                "features": _features_text(entry),
                 "dataset": _dataset_pretty_name(entry.get("dataset") or eval_json.get("dataset")),
                 "split": str(entry.get("split") or eval_json.get("split") or "n/a"),
                 "train_samples": _fmt(entry.get("train_samples")) if entry.get("train_samples") else "all",
@@ -364,6 +429,10 @@ def _evaluation_rows(eval_json: dict[str, Any]) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def _has_baselines(eval_json: dict[str, Any] | None) -> bool:
+    return any(entry.get("baseline") for entry in (eval_json or {}).get("results", []))
 
 
 def _size_text(size: Any) -> str:
@@ -412,9 +481,10 @@ def render_model_card(
         datasets=[dataset_id] if dataset_id else None,
         base_model=hub_base_model(run),
         model_name=model_name,
-        eval_results=eval_results_to_model_index(eval_json) if eval_json else None,
+        eval_results=(eval_results_to_model_index(eval_json) or None) if eval_json else None,
     )
     weights = folder.encoder / "model.safetensors"
+    features_expression, features_comment = feature_code(backbone, weights)
     architectures = encoder_config.get("architectures") or [f"{backbone} model"]
     masking, decoder, loss = _method(run)
     return ModelCard.from_template(
@@ -448,12 +518,16 @@ def render_model_card(
         monitor_random=_fmt(((run.get("monitor") or {}).get("baselines") or {}).get("random_init")),
         monitor_pixels=_fmt(((run.get("monitor") or {}).get("baselines") or {}).get("raw_pixels")),
         mask_ratio=run.get("mask_ratio"),
-        is_convnet=backbone in _CONV_BACKBONES,
+        is_convnet=backbone in CONV_TYPES,
         conv_masking=_reconstruction_settings(run)["conv_masking"],
         masking_text=masking,
         decoder_text=decoder,
         loss_text=loss,
         evaluation_rows=_evaluation_rows(eval_json) if eval_json else [],
+        has_baselines=_has_baselines(eval_json),
+        features_expression=features_expression,
+        features_comment=features_comment,
+        untrained_pooler=_UNTRAINED_POOLERS.get(backbone),
         include_full_checkpoint=include_full_checkpoint,
         base_model_id=hub_base_model(run),
         base_model_local=None if hub_base_model(run) else run.get("base_model"),

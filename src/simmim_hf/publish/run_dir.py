@@ -243,12 +243,13 @@ class RunDir:
     def merge_eval_results(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Adds an evaluation (the JSON of scripts/evaluate.py) to the run's stored results and returns them all.
 
-        A result row replaces an earlier one with the same protocol, metric, dataset, split and train_samples; the
-        others are kept, so evaluating kNN today and fine-tuning tomorrow leaves both in the card. The file is
-        replaced atomically."""
+        A result row replaces an earlier one with the same protocol, metric, dataset, split, train_samples,
+        baseline and feature layer; the others are kept, so evaluating kNN today and fine-tuning tomorrow leaves both
+        in the card, and a baseline's rows never replace the model's. The file is replaced atomically."""
 
         def key(row: dict[str, Any]) -> tuple:
-            return tuple(row.get(name) for name in ("protocol", "metric", "dataset", "split", "train_samples"))
+            names = ("protocol", "metric", "dataset", "split", "train_samples", "baseline", "feature_layer")
+            return tuple(row.get(name) for name in names)
 
         new_rows = list(payload.get("results") or [])
         new_keys = {key(row) for row in new_rows}
