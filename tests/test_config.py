@@ -144,3 +144,20 @@ def test_overrides_are_routed_and_validated_the_same_from_a_preset_and_from_its_
         SimMIMConfig.for_pretraining(model_name_or_path=str(tmp_path), num_channels=1)
     with pytest.raises(ValueError, match="init_encoder_from.*model_name_or_path"):
         SimMIMConfig.for_pretraining(model_name_or_path=str(tmp_path), init_encoder_from=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "stats, field",
+    [
+        ({"image_mean": [0.5] * 3, "image_std": [0.3, 0.0, 0.3]}, "image_std"),
+        ({"image_mean": [0.5] * 3, "image_std": [-0.2] * 3}, "image_std"),
+        ({"image_mean": [0.5] * 3, "image_std": [float("nan")] * 3}, "image_std"),
+        ({"image_mean": [float("inf")] * 3, "image_std": [0.3] * 3}, "image_mean"),
+    ],
+)
+def test_non_positive_or_non_finite_statistics_are_refused_naming_the_field(stats, field):
+    # The pixels are divided by image_std, so 0 or a negative value would train on
+    # inf/NaN or flipped pixels without a word.
+    with pytest.raises(ValueError, match=rf"^{field} must be finite"):
+        SimMIMConfig.from_preset("demo", **stats)
+    SimMIMConfig.from_preset("demo", image_mean=[0.5] * 3, image_std=[0.3] * 3)  # a valid pair still builds

@@ -302,3 +302,25 @@ def test_fsdp_final_save_gathers_a_full_state_dict():
     )
     save_full_model(trainer, "unused")
     assert saved_under == ["StateDictType.FULL_STATE_DICT"]
+
+
+def test_a_zero_image_std_from_the_command_line_is_one_line_and_exit_2(tmp_path, capsys):
+    output = tmp_path / "run"
+    argv = [
+        "--preset",
+        "demo",
+        "--image_mean",
+        "0.5",
+        "0.5",
+        "0.5",
+        "--image_std",
+        "0.3",
+        "0",
+        "0.3",
+        "--output_dir",
+        str(output),
+    ]
+    status, stderr = run_script_in_process("pretrain", [*argv, "--max_steps", "2", "--report_to", "none"], capsys)
+    assert status == 2
+    assert stderr.count("\n") == 1 and stderr.startswith("error: image_std: values must be positive"), stderr
+    assert not output.exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 from transformers import (
@@ -459,6 +460,12 @@ class SimMIMConfig(PretrainedConfig):
                 f"image_mean/image_std need one value per channel (num_channels={self.num_channels}), got "
                 f"{len(self.image_mean)}/{len(self.image_std)}"
             )
+        if not all(math.isfinite(float(v)) and float(v) > 0 for v in self.image_std):
+            raise ValueError(
+                f"image_std must be finite and > 0 for every channel (it divides the pixels), got {self.image_std}"
+            )
+        if not all(math.isfinite(float(v)) for v in self.image_mean):
+            raise ValueError(f"image_mean must be finite for every channel, got {self.image_mean}")
         self._validate_reconstruction()
 
     def _validate_reconstruction(self) -> None:

@@ -24,15 +24,16 @@ from simmim_hf.publish.run_dir import RunDir, read_json, write_atomic
 TEMPLATE_NAME = "simmim_model_card.md"
 SIMMIM_ARXIV_ID = "2111.09886"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_BACKBONE_NAMES = {
-    "vit": "ViT (Dosovitskiy et al., 2021)",
-    "swin": "Swin Transformer (Liu et al., 2021)",
-    "swinv2": "Swin Transformer V2 (Liu et al., 2022)",
-    "beit": "BEiT (Bao et al., 2022)",
-    "deit": "DeiT (Touvron et al., 2021)",
-    "convnext": "ConvNeXt (Liu et al., 2022)",
-    "convnextv2": "ConvNeXt V2 (Woo et al., 2023)",
-    "resnet": "ResNet (He et al., 2016)",
+# Each encoder family: (short name, paper) for the card's title and its text.
+_BACKBONES = {
+    "vit": ("ViT", "Dosovitskiy et al., 2021"),
+    "swin": ("Swin Transformer", "Liu et al., 2021"),
+    "swinv2": ("Swin Transformer V2", "Liu et al., 2022"),
+    "beit": ("BEiT", "Bao et al., 2022"),
+    "deit": ("DeiT", "Touvron et al., 2021"),
+    "convnext": ("ConvNeXt", "Liu et al., 2022"),
+    "convnextv2": ("ConvNeXt V2", "Woo et al., 2023"),
+    "resnet": ("ResNet", "He et al., 2016"),
 }
 _LOSS_NAMES = {"l1": "L1 distance", "l2": "mean squared error", "smooth_l1": "smooth L1 (Huber) distance"}
 _PROTOCOL_NAMES = {
@@ -102,8 +103,14 @@ _FORMAT_NAMES = {
     "imagefolder": "an image folder",
     "arrow": "Arrow files",
 }
-_BACKBONE_SHORT = {"vit": "ViT", "swin": "Swin", "swinv2": "Swin V2", "beit": "BEiT", "deit": "DeiT",
-                   "convnext": "ConvNeXt", "convnextv2": "ConvNeXt V2", "resnet": "ResNet"}  # fmt: skip
+
+
+def _backbone_name(backbone: str, with_paper: bool = False) -> str:
+    """`"Swin Transformer"`, or with its paper `"Swin Transformer (Liu et al., 2021)"`; unknown types as they are."""
+    if backbone not in _BACKBONES:
+        return backbone
+    name, paper = _BACKBONES[backbone]
+    return f"{name} ({paper})" if with_paper else name
 
 
 def pretraining_data(run: dict[str, Any]) -> tuple[str, str, str | None]:
@@ -388,7 +395,7 @@ def card_title(run: dict[str, Any], repo_id: str | None, backbone: str) -> str:
     if repo_id:
         return repo_id.split("/")[-1]
     preset = f" ({run['preset']} preset)" if run.get("preset") else ""
-    return f"SimMIM {_BACKBONE_SHORT.get(backbone, backbone)}{preset} pretrained on {pretraining_data(run)[0]}"
+    return f"SimMIM {_backbone_name(backbone)}{preset} pretrained on {pretraining_data(run)[0]}"
 
 
 def _features_text(entry: dict[str, Any]) -> str:
@@ -493,7 +500,7 @@ def render_model_card(
         model_title=model_name,
         repo_ref=repo_id or str(folder.encoder),
         backbone=backbone,
-        backbone_name=_BACKBONE_NAMES.get(backbone, backbone),
+        backbone_name=_backbone_name(backbone, with_paper=True),
         architecture=architectures[0],
         num_parameters=_format_count(_safetensors_num_parameters(weights)),
         image_size=run.get("image_size") or encoder_config.get("image_size"),
