@@ -184,3 +184,19 @@ def test_trainer_normalises_uint8_batches_with_fused_adamw_and_compile(tmp_path,
     expected = normalize_pixel_values(torch.stack([e["pixel_values"] for e in examples]), [0.3] * 3, [0.2] * 3)
     torch.testing.assert_close(torch.sort(seen[0].flatten())[0], torch.sort(expected.flatten())[0], atol=1e-6, rtol=0)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def test_normalisation_statistics_are_built_once_and_the_values_follow_the_formula():
+    from simmim_hf.data.images import channel_statistics
+
+    pixels = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    mean, std = [0.2, 0.4, 0.6], [0.5, 0.25, 0.125]
+    channel_statistics.cache_clear()
+    first = normalize_pixel_values(pixels, mean, std)
+    second = normalize_pixel_values(pixels, mean, std)
+    info = channel_statistics.cache_info()
+    assert (info.misses, info.hits) == (1, 1)  # the second step reuses the tensors
+    expected = torch.stack([(pixels[:, c].double() / 255 - mean[c]) / std[c] for c in range(3)], dim=1)
+    assert torch.allclose(first.double(), expected, atol=1e-6) and torch.equal(first, second)
+    cached_mean, _ = channel_statistics(tuple(mean), tuple(std), pixels.device)
+    assert cached_mean.flatten().tolist() == pytest.approx(mean)  # not modified in place by the normalisation

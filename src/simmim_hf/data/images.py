@@ -24,6 +24,7 @@ draws from the global RNG as usual.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -80,10 +81,22 @@ def normalize_pixel_values(pixel_values: torch.Tensor, mean: Sequence[float], st
 
     `pixel_values: (..., C, H, W)` uint8 (0-255); returns `(pixel_values / 255 - mean) / std` per channel, float32.
     """
-    view = (-1, 1, 1)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pixel_values.device).view(view)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=pixel_values.device).view(view)
+    mean_t, std_t = channel_statistics(
+        tuple(float(v) for v in mean), tuple(float(v) for v in std), pixel_values.device
+    )
     return pixel_values.to(torch.float32).div_(255.0).sub_(mean_t).div_(std_t)
+
+
+@functools.lru_cache(maxsize=16)
+def channel_statistics(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mean`, `std` as float32 `(C, 1, 1)` tensors on `device`, built once per (values, device) and reused every
+    step (no host-to-device copy per batch). Callers must not modify them in place."""
+    return (
+        torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1),
+        torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1),
+    )
 
 
 def random_resized_crop_box(
