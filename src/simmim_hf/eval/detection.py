@@ -26,7 +26,7 @@ from torch import nn
 from simmim_hf.data.images import decode_image
 from simmim_hf.eval.dense import load_dense_backbone, multiscale_settings
 from simmim_hf.eval.dense_data import DenseData
-from simmim_hf.eval.finetune import processor_size
+from simmim_hf.eval.finetune import fine_tuning_arguments, processor_size
 from simmim_hf.metrics.coco_map import MAX_DETECTIONS, coco_map
 
 
@@ -227,7 +227,7 @@ def finetune_detector(
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes the detector on `data.train`; returns `coco_map` on `data.eval` (boxes in the images' pixels)."""
-    from transformers import AutoImageProcessor, TrainingArguments
+    from transformers import AutoImageProcessor
 
     device = device or torch.device("cpu")
     processor = AutoImageProcessor.from_pretrained(image_processor or encoder_path)
@@ -240,24 +240,10 @@ def finetune_detector(
                   num_channels=channels, num_labels=data.num_labels, grid=grid)  # fmt: skip
     train_rows = DetectionRows(data.train, train=True, **common)
     steps = epochs * -(-len(train_rows) // batch_size)
-    arguments = TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        lr_scheduler_type="cosine",
-        warmup_steps=math.ceil(steps * warmup_ratio),
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=num_workers,
-        logging_steps=max(1, steps // 10),
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,
-        use_cpu=device.type == "cpu",
-    )
+    arguments = fine_tuning_arguments(
+        output_dir, epochs, steps, batch_size, learning_rate, weight_decay, warmup_ratio, seed, num_workers,
+        device.type == "cpu",
+    )  # fmt: skip
     _DetectionTrainer.make(model, arguments, train_rows).train()
     eval_rows = DetectionRows(data.eval, train=False, **common)
     predictions, references = [], []

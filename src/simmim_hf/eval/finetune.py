@@ -50,6 +50,45 @@ class LayerDecayTrainer(Trainer):
         return self.optimizer
 
 
+def fine_tuning_arguments(
+    output_dir: Any,
+    epochs: int,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    warmup_ratio: float,
+    seed: int,
+    num_workers: int,
+    use_cpu: bool,
+    **extra: Any,
+) -> Any:
+    """The `TrainingArguments` every fine-tuning protocol (classification, segmentation, detection) trains with:
+    cosine LR after `ceil(steps x warmup_ratio)` warmup steps, seeded, ~10 log lines, no evaluation, saving or
+    integrations during training; `extra` adds protocol-specific fields."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(steps * warmup_ratio),
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=num_workers,
+        logging_steps=max(1, steps // 10),
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=use_cpu,
+        **extra,
+    )
+
+
 def processor_size(processor: Any) -> tuple[int, int]:
     """`(height, width)` the processor resizes to (`{"height", "width"}`, `{"shortest_edge"}` or a crop size)."""
     size = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
@@ -164,7 +203,7 @@ def finetune_classifier(
     `model_name_or_path` is a stock encoder folder/Hub id; its `AutoImageProcessor` (or `image_processor`) gives
     the input size and normalisation. With `save_model`, the classifier and processor are saved in `output_dir`.
     """
-    from transformers import AutoImageProcessor, TrainingArguments
+    from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(image_processor or model_name_or_path)
     model = build_classifier(model_name_or_path, data.class_names, random_init, drop_path_rate, seed)
@@ -174,26 +213,11 @@ def finetune_classifier(
     )
     eval_set = _ClassificationDataset(data.eval, data.image_column, data.eval_labels, channels, None)
     steps = epochs * -(-len(train_set) // batch_size)
-    training_args = TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        per_device_train_batch_size=batch_size,
+    training_args = fine_tuning_arguments(
+        output_dir, epochs, steps, batch_size, learning_rate, weight_decay, warmup_ratio, seed, num_workers, use_cpu,
         per_device_eval_batch_size=eval_batch_size,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        lr_scheduler_type="cosine",
-        warmup_steps=math.ceil(steps * warmup_ratio),
         label_smoothing_factor=label_smoothing,
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=num_workers,
-        logging_steps=max(1, steps // 10),
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,
-        use_cpu=use_cpu,
-    )
+    )  # fmt: skip
     trainer = LayerDecayTrainer(
         model=model,
         args=training_args,

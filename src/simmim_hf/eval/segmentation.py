@@ -8,7 +8,6 @@ logits upsampled (bilinear) to each reference mask's own size, so the score is a
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from simmim_hf.data.images import decode_image
 from simmim_hf.eval.dense import load_dense_backbone, multiscale_settings
 from simmim_hf.eval.dense_data import DenseData, mask_array
-from simmim_hf.eval.finetune import processor_size
+from simmim_hf.eval.finetune import fine_tuning_arguments, processor_size
 
 METRIC_PATH = Path(__file__).parent.parent / "metrics" / "mean_iou.py"
 
@@ -165,7 +164,7 @@ def finetune_segmenter(
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes UperNet on `data.train` and returns the mean-IoU metric's output on `data.eval`."""
-    from transformers import AutoImageProcessor, Trainer, TrainingArguments
+    from transformers import AutoImageProcessor, Trainer
 
     device = device or torch.device("cpu")
     processor = AutoImageProcessor.from_pretrained(image_processor or encoder_path)
@@ -182,24 +181,10 @@ def finetune_segmenter(
     )
     train_rows = SegmentationRows(data.train, train=True, **common)
     steps = epochs * -(-len(train_rows) // batch_size)
-    arguments = TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        lr_scheduler_type="cosine",
-        warmup_steps=math.ceil(steps * warmup_ratio),
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=num_workers,
-        logging_steps=max(1, steps // 10),
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,
-        use_cpu=device.type == "cpu",
-    )
+    arguments = fine_tuning_arguments(
+        output_dir, epochs, steps, batch_size, learning_rate, weight_decay, warmup_ratio, seed, num_workers,
+        device.type == "cpu",
+    )  # fmt: skip
     Trainer(model=model, args=arguments, train_dataset=train_rows, data_collator=_stack).train()
     predictions, references = predict_masks(
         model, SegmentationRows(data.eval, train=False, **common), eval_batch_size, device
