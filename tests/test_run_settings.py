@@ -192,7 +192,7 @@ def test_a_finish_cut_short_at_any_step_is_completed_by_the_rerun_without_traini
     with monkeypatch.context() as patch:
         patch.setattr(target, attribute, fault())
         with pytest.raises(
-            error, match="cannot finish the run in .*no space left on device" if error is RunFault else ""
+            error, match="cannot finish the run in .*no space left on device" if error is RunFault else None
         ):
             pretrain(argv)
     order = [run.encoder, run.reconstruction, run.summary, run.card]
