@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 STEPS=${STEPS:-1000}
+MODELS=${MODELS:-"beit-demo convnextv2-demo"}  # e.g. MODELS=beit-demo for one encoder
 OUT=runs/dense-evidence
 mkdir -p "$OUT"
 if [ ! -f runs/demo-data/prepare_data.json ]; then
@@ -20,7 +21,7 @@ declare -A PRETRAIN=(
   [beit-demo]="--preset beit-base-patch16-224 --mask_patch_size 8 --image_stats dataset --config_overrides $BEIT_DEMO"
   [convnextv2-demo]="--preset convnextv2-demo"
 )
-for name in beit-demo convnextv2-demo; do
+for name in $MODELS; do
   if [ ! -f "$OUT/$name/encoder/config.json" ]; then
     # shellcheck disable=SC2086
     python scripts/pretrain.py --config configs/pretrain/demo.yaml ${PRETRAIN[$name]} \
