@@ -2,6 +2,8 @@
 
 * The augmentation is made deterministic (resize + normalise), so an image always gives the same tensor and
   `samples-rank{R}.txt` (one line per batch: the sha1 of every example, in order) identifies what each rank read.
+  SIMMIM_PROBE_REAL_AUGMENT=1 keeps the real one (random resized crop and flip, seeded per example): the digests are
+  then those of the augmented tensors, which differ from pass to pass.
 * After training each rank writes `weights-rank{R}.txt`, a digest of its parameters, and `world-rank{R}.txt`.
 * A resumed rank writes, when training starts, the weights it restored (`resumed-model-rank{R}.safetensors`, by
   in-memory name) and its restored optimizer state (`resumed-optimizer-rank{R}.pt`).
@@ -58,7 +60,8 @@ def deterministic_transform(config):
     )
 
 
-data.build_pretrain_transform = deterministic_transform
+if not os.environ.get("SIMMIM_PROBE_REAL_AUGMENT"):
+    data.build_pretrain_transform = deterministic_transform
 original_call = collate.SimMIMCollator.__call__
 
 

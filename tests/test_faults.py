@@ -34,19 +34,23 @@ MAX_STEPS = 8
 KILL_STEP = random.Random(8).randint(3, MAX_STEPS - 1)  # seeded: the same step on every run of the suite
 
 
-def kill_and_rerun(shards, base: Path, launcher: list[str], env: dict | None = None) -> SimpleNamespace:
-    """An uninterrupted run, a run SIGKILLed at the end of `KILL_STEP`, and the same command again."""
+def kill_and_rerun(
+    shards, base: Path, launcher: list[str], env: dict | None = None, extra: tuple = (), kill_step: int = KILL_STEP
+) -> SimpleNamespace:
+    """An uninterrupted run, a run SIGKILLed at the end of `kill_step`, and the same command again."""
 
     def command(name: str, output: str) -> list[str]:
-        args = pretrain_args(shards, base / output, MAX_STEPS, "--save_steps", "2", "--dataloader_num_workers", "1")
+        args = pretrain_args(
+            shards, base / output, MAX_STEPS, "--save_steps", "2", "--dataloader_num_workers", "1", *extra
+        )
         return [*launcher, str(base / name), *args]
 
     run(command("p-straight", "straight"), env)
-    killed = launch(command("p-killed", "run"), {**(env or {}), "SIMMIM_PROBE_KILL_AT_STEP": str(KILL_STEP)})
+    killed = launch(command("p-killed", "run"), {**(env or {}), "SIMMIM_PROBE_KILL_AT_STEP": str(kill_step)})
     assert killed.returncode != 0 and not (base / "run" / "simmim_run.json").exists()
     resumed = run(command("p-resumed", "run"), env)
     return SimpleNamespace(
-        base=base, resumed=resumed, checkpoint=base / "run" / f"checkpoint-{2 * ((KILL_STEP - 1) // 2)}"
+        base=base, resumed=resumed, checkpoint=base / "run" / f"checkpoint-{2 * ((kill_step - 1) // 2)}"
     )
 
 
@@ -113,6 +117,48 @@ def test_two_ranks_resume_restores_every_weight(two_ranks):
 
 def test_two_ranks_killed_run_continues_the_uninterrupted_one(two_ranks):
     assert_same_run(two_ranks)
+
+
+# The real augmentation (random resized crop and flip, uint8 pixels normalised on the device), not the probe's fixed
+# resize: 64 images a batch make a pass over the 256 images 4 steps long, so the 8 steps read every image twice, two
+# DataLoader workers each read two shards, and the kill at step 7 resumes from checkpoint-6, in the second pass.
+REAL_AUGMENT_KILL_STEP = 7
+
+
+@pytest.fixture(scope="module")
+def real_augment(shards, tmp_path_factory):
+    env = {"SIMMIM_PROBE_REAL_AUGMENT": "1", "SIMMIM_PROBE_DIGESTS": "1"}
+    extra = ("--per_device_train_batch_size", "64", "--dataloader_num_workers", "2")
+    base = tmp_path_factory.mktemp("real_augment")
+    return kill_and_rerun(shards, base, PROBE, env, extra, kill_step=REAL_AUGMENT_KILL_STEP)
+
+
+def probe_lines(faults: SimpleNamespace, probe: str, name: str) -> list[str]:
+    return (faults.base / probe / name).read_text().splitlines()
+
+
+def test_real_augmentation_varies_from_pass_to_pass(real_augment):
+    """Each image is read twice: a fixed resize would give 256 distinct input tensors out of 512."""
+    batches = [line.split() for line in probe_lines(real_augment, "p-straight", "samples-rank0.txt")]
+    assert [len(batch) for batch in batches] == [64] * MAX_STEPS
+    digests = [digest for batch in batches for digest in batch]
+    assert len(set(digests)) >= 0.95 * len(digests), len(set(digests))
+
+
+def test_killed_run_with_the_real_augmentation_continues_the_uninterrupted_one(real_augment):
+    checkpoint_step = int(real_augment.checkpoint.name.split("-")[1])
+    assert checkpoint_step == 6 and f"Resuming from {real_augment.checkpoint}" in real_augment.resumed.stderr
+    for name in ("samples-rank0.txt", "digests-rank0.txt"):  # the augmented inputs; weights + optimizer per step
+        straight = probe_lines(real_augment, "p-straight", name)
+        killed, resumed = probe_lines(real_augment, "p-killed", name), probe_lines(real_augment, "p-resumed", name)
+        assert len(straight) == MAX_STEPS and len(killed) == REAL_AUGMENT_KILL_STEP, name
+        assert killed[:checkpoint_step] + resumed == straight, name
+    straight, resumed = loss_curve(real_augment.base / "straight"), loss_curve(real_augment.base / "run")
+    assert [step for step, _ in resumed] == list(range(1, MAX_STEPS + 1))
+    assert resumed == straight  # bitwise: the same floats
+    assert probe_lines(real_augment, "p-straight", "weights-rank0.txt") == probe_lines(
+        real_augment, "p-resumed", "weights-rank0.txt"
+    )
 
 
 def test_rerun_of_a_finished_run_changes_nothing_and_more_steps_continue_it(one_rank, shards, tmp_path):

@@ -19,8 +19,9 @@ import torch
 from hub_server import HubServer
 from huggingface_hub import ModelCard
 from PIL import Image
-from tiny_configs import tiny_simmim_config, tiny_vit
-from transformers import AutoImageProcessor, AutoModel, ViTImageProcessor, ViTModel
+from pretrain_helpers import TINY, run
+from tiny_configs import tiny_simmim_config
+from transformers import AutoImageProcessor, AutoModel, ViTImageProcessor
 
 from simmim_hf import SimMIMForMaskedImageModeling, SimMIMMaskGenerator
 from simmim_hf.errors import HubPublishError, NotARunDirError
@@ -40,37 +41,9 @@ USER, ORG, READ_ONLY_ORG = "alice", "alice-lab", "big-corp"
 REPO_ID = f"{ORG}/tiny-vit-simmim"
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The run folder under test: the one place to switch to a real tiny pretraining output (scripts/pretrain.py, demo).
+# The run folder under test: a real tiny run of scripts/pretrain.py (the demo preset, a tiny ViT, real Fashion-MNIST
+# images), so what is pushed is what a user's run writes: checkpoint, encoder/, simmim_run.json, pictures and card.
 # ----------------------------------------------------------------------------------------------------------------------
-RUN_SUMMARY = {
-    "preset": "demo",
-    "backbone": "vit",
-    "image_size": 32,
-    "num_channels": 3,
-    "mask_patch_size": 8,
-    "mask_ratio": 0.6,
-    "max_steps": 37,
-    "per_device_batch_size": 8,
-    "num_processes": 1,
-    "gradient_accumulation_steps": 2,
-    "global_batch_size": 16,
-    "images_seen": 592,
-    "base_learning_rate": 0.0008,
-    "learning_rate": 2.5e-05,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 3,
-    "weight_decay": 0.05,
-    "precision": "fp32",
-    "hardware": "2x CPU",
-    "wall_time_seconds": 3725.0,
-    "dataset_name": "fashion_mnist",
-    "dataset_config_name": None,
-    "base_model": None,
-    "final_loss": 0.4321,
-    "transformers_version": "5.23.0",
-    "torch_version": "2.14.1",
-    "simmim_hf_version": "0.1.0",
-}
 EVAL_JSON = {
     "model": "runs/demo/encoder",
     "dataset": "fashion_mnist",
@@ -89,29 +62,21 @@ EVAL_JSON = {
 }  # fmt: skip
 
 
-def build_run_dir(run_dir: Path) -> Path:
-    """What scripts/pretrain.py leaves in output_dir, built directly: the full SimMIM checkpoint (with its remote-code
-    files), encoder/ (stock tiny ViTModel + ViTImageProcessor), simmim_run.json and reconstruction.png."""
-    torch.manual_seed(0)
-    SimMIMForMaskedImageModeling(tiny_simmim_config("vit")).save_pretrained(run_dir)
-    ViTModel(tiny_vit()).save_pretrained(run_dir / "encoder")
-    processor = ViTImageProcessor(
-        size={"height": 32, "width": 32},
-        resample=3,
-        image_mean=[0.286] * 3,
-        image_std=[0.353] * 3,
-        do_convert_rgb=True,  # greyscale inputs become the 3 channels the encoder was trained on
-    )
-    processor.save_pretrained(run_dir / "encoder")
-    (run_dir / "simmim_run.json").write_text(json.dumps(RUN_SUMMARY, indent=2))
-    ramp = np.linspace(0, 255, 32 * 96 * 3).reshape(32, 96, 3).astype(np.uint8)
-    Image.fromarray(ramp).save(run_dir / "reconstruction.png")
-    return run_dir
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return build_run_dir(tmp_path_factory.mktemp("run"))
+def run_dir(fashion_mnist_dir, tmp_path_factory) -> Path:
+    """scripts/pretrain.py for 3 optimizer steps (2 accumulated batches of 8 each) on 48 Fashion-MNIST images."""
+    output = tmp_path_factory.mktemp("run") / "demo"
+    run([sys.executable, "scripts/pretrain.py", "--preset", "demo", "--config_overrides", TINY,
+         "--dataset_name", "fashion-mnist", "--streaming", "false", "--max_train_samples", "48",
+         "--output_dir", str(output), "--max_steps", "3", "--per_device_train_batch_size", "8",
+         "--gradient_accumulation_steps", "2", "--warmup_steps", "1", "--logging_steps", "1", "--report_to", "none",
+         "--num_visualize_images", "2", "--seed", "0"])  # fmt: skip
+    return output
+
+
+def run_summary(run_dir: Path) -> dict:
+    """What the run recorded about itself (simmim_run.json)."""
+    return json.loads((run_dir / "simmim_run.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +87,9 @@ def eval_path(tmp_path_factory) -> Path:
 
 
 def copy_run(run_dir: Path, destination: Path, **summary_overrides) -> Path:
+    """A copy of the run whose simmim_run.json has `summary_overrides` written over what the run recorded."""
     shutil.copytree(run_dir, destination)
-    summary = {**RUN_SUMMARY, **summary_overrides}
+    summary = {**run_summary(run_dir), **summary_overrides}
     (destination / "simmim_run.json").write_text(json.dumps(summary))
     return destination
 
@@ -156,14 +122,24 @@ def test_card_body_shows_snippet_run_facts_picture_and_citation(run_dir, eval_pa
     text = render_model_card(run_dir, eval_results=eval_path, repo_id=REPO_ID).text
     assert f'AutoModel.from_pretrained("{REPO_ID}")' in text
     assert f'AutoImageProcessor.from_pretrained("{REPO_ID}")' in text
+    summary = run_summary(run_dir)
+    assert (summary["max_steps"], summary["global_batch_size"], summary["images_seen"]) == (3, 16, 48)
     for key in ("preset", "max_steps", "global_batch_size", "images_seen", "lr_scheduler_type", "precision"):
-        value = RUN_SUMMARY[key]
+        value = summary[key]
         shown = f"{value:,}" if isinstance(value, int) else str(value)
         assert f"| {shown}" in text, key
-    assert RUN_SUMMARY["hardware"] in text and "1h 02m 05s" in text  # wall time 3725 s
-    assert "](reconstruction.png)" in text
+    assert f"| Hardware | {summary['hardware']} |" in text
+    assert [step for step, _ in summary["loss_curve"]] == [1, 2, 3]
+    assert f"| Final reconstruction loss | {summary['final_loss']:.3g} |" in text
+    for picture in ("reconstruction.png", "features_pca.png", "features_attention.png", "curves.png"):
+        assert (run_dir / picture).is_file() and f"]({picture})" in text, picture
     assert f"{100 * EVAL_JSON['results'][1]['value']:.2f}%" in text
     assert "arxiv.org/abs/2111.09886" in text and "@inproceedings{xie2022simmim" in text
+
+
+def test_card_shows_a_long_wall_time_in_hours(run_dir, tmp_path):
+    long_run = copy_run(run_dir, tmp_path / "run", wall_time_seconds=3725)
+    assert "| Wall time | 1h 02m 05s |" in render_model_card(long_run).text
 
 
 def test_card_without_eval_base_model_hub_dataset_or_picture(run_dir, tmp_path):
@@ -333,10 +309,22 @@ def test_push_makes_one_commit_with_the_card_last(hub, pushed, run_dir):
     paths = [json.loads(line)["value"].get("path") for line in commit[0].body.splitlines()[1:]]
     assert paths[-1] == "README.md"
     files = head_files(hub)
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+    encoder = {"config.json", "model.safetensors", "preprocessor_config.json"}
+    pictures = {"reconstruction.png", "features_pca.png", "features_attention.png", "curves.png"}
+    assert {name for name in files if not name.startswith(("simmim/", "."))} == encoder | pictures | {"README.md"}
+    for name in encoder:
         assert files[name] == (run_dir / "encoder" / name).read_bytes()
-    assert files["reconstruction.png"] == (run_dir / "reconstruction.png").read_bytes()
+    for name in pictures:
+        assert files[name] == (run_dir / name).read_bytes()
     assert pushed.stdout.strip().endswith(f"/{REPO_ID}/commit/{repo.refs['main']}")
+
+
+def test_pushed_card_states_what_the_run_recorded(hub, pushed, run_dir):
+    summary, text = run_summary(run_dir), ModelCard(head_files(hub)["README.md"].decode()).text
+    assert f"| Optimizer steps | {summary['max_steps']} |" in text
+    assert f"| Images seen | {summary['images_seen']} |" in text
+    assert f"| Final reconstruction loss | {summary['final_loss']:.3g} |" in text
+    assert f"transformers {summary['transformers_version']}, torch {summary['torch_version']}" in text
 
 
 def test_push_adds_the_full_checkpoint_under_simmim(hub, pushed, run_dir):
