@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 STEPS=${STEPS:-1000}
+EPOCHS=${EPOCHS:-20}  # fine-tuning epochs of every dense evaluation
 MODELS=${MODELS:-"beit-demo convnextv2-demo"}  # e.g. MODELS=beit-demo for one encoder
 OUT=runs/dense-evidence
 mkdir -p "$OUT"
@@ -31,7 +32,7 @@ for name in $MODELS; do
     for init in pretrained random; do
       flag=(); [ "$init" = random ] && flag=(--random_init)
       python scripts/evaluate.py --model "$OUT/$name/encoder" --dataset_name fashion-mnist-scenes \
-        --protocols "$protocol" --epochs 20 --batch_size 32 --learning_rate 1e-3 --seed 0 \
+        --protocols "$protocol" --epochs "$EPOCHS" --batch_size 32 --learning_rate 1e-3 --seed 0 \
         --update_model_card false "${flag[@]}" --output "$OUT/$name-$protocol-$init.json" "$@"
     done
   done
