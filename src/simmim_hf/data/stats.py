@@ -11,7 +11,6 @@ validation and warns when greyscale statistics meet colour images.
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import logging
@@ -23,7 +22,7 @@ import numpy as np
 import PIL.Image
 
 from simmim_hf.data.faults import format_counts
-from simmim_hf.data.sources import split_data_files
+from simmim_hf.data.sources import split_files
 from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -121,11 +120,10 @@ def is_greyscale_stats(mean: list[float], std: list[float]) -> bool:
 
 
 def _data_files_of(data_args: Any) -> list[str]:
-    """The run's data files (its split's `--data_files` entries, globs expanded)."""
-    files: list[str] = []
-    for pattern in split_data_files(data_args.data_files, getattr(data_args, "train_split", "train")) or []:
-        files.extend(sorted(glob.glob(pattern)) or [pattern])
-    return files
+    """The run's data files: its split's `--data_files`, expanded as the training stream expands them
+    (`sources.split_files`)."""
+    split = getattr(data_args, "train_split", "train")
+    return split_files(data_args.dataset_name, data_args.data_files, split) or []
 
 
 def find_prepare_summary(data_args: Any) -> tuple[dict[str, Any], Path] | None:
