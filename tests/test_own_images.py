@@ -18,7 +18,7 @@ import skimage.data
 from huggingface_hub import ModelCard
 
 from simmim_hf.configuration_simmim import IMAGENET_MEAN, SimMIMConfig
-from simmim_hf.data.stats import resolve_image_stats
+from simmim_hf.data.stats import apply_image_stats, resolve_image_stats
 from simmim_hf.data.stream import DataArguments
 from simmim_hf.data.write_shards import PrepareDataArguments, prepare_data
 from simmim_hf.errors import UsageError
@@ -72,10 +72,16 @@ def _shards_args(shards: Path) -> DataArguments:
     return DataArguments(dataset_name="webdataset", data_files=[str(shards / "train-*.tar")])
 
 
+def _resolve(model_args, data_args, config):
+    """(the run's config, the statistics' source), as pretraining resolves and applies them."""
+    stats = resolve_image_stats(model_args, data_args, config)
+    return apply_image_stats(config, stats, data_args), stats.source
+
+
 def test_colour_corpus_with_greyscale_statistics_warns_once(photo_shards, caplog):
     config = SimMIMConfig.from_preset("demo")  # Fashion-MNIST's grey statistics on every channel
     with caplog.at_level(logging.WARNING, logger="simmim_hf"):
-        source = resolve_image_stats(ModelArguments(), _shards_args(photo_shards), config)
+        config, source = _resolve(ModelArguments(), _shards_args(photo_shards), config)
     warnings = [r for r in caplog.records if "greyscale statistics" in r.getMessage()]
     assert len(warnings) == 1 and "12 of 14" in warnings[0].getMessage()
     assert "preset demo" in source and config.image_mean == [0.286] * 3
@@ -85,12 +91,13 @@ def test_dataset_statistics_are_the_recorded_ones_and_silence_the_warning(photo_
     recorded = json.loads((photo_shards / "prepare_data.json").read_text())["image_stats"]
     config = SimMIMConfig.from_preset("demo")
     with caplog.at_level(logging.WARNING, logger="simmim_hf"):
-        source = resolve_image_stats(ModelArguments(image_stats="dataset"), _shards_args(photo_shards), config)
+        run_config, source = _resolve(ModelArguments(image_stats="dataset"), _shards_args(photo_shards), config)
     assert not caplog.records
-    assert config.image_mean == recorded["mean"] and config.image_std == recorded["std"]
+    assert run_config.image_mean == recorded["mean"] and run_config.image_std == recorded["std"]
+    assert config.image_mean == [0.286] * 3  # the config it started from is left as it was
     assert "prepare_data.py" in source
     grey = SimMIMConfig.from_preset("demo", num_channels=1)
-    resolve_image_stats(ModelArguments(image_stats="dataset"), _shards_args(photo_shards), grey)
+    grey, _ = _resolve(ModelArguments(image_stats="dataset"), _shards_args(photo_shards), grey)
     assert grey.image_mean == recorded["grey_mean"]
 
 
@@ -100,7 +107,7 @@ def test_dataset_statistics_are_measured_on_the_stream_when_not_recorded(photo_s
     recorded = json.loads((photo_shards / "prepare_data.json").read_text())["image_stats"]
     config = SimMIMConfig.from_preset("demo")
     args = ModelArguments(image_stats="dataset", image_stats_samples=100)
-    source = resolve_image_stats(args, _shards_args(tmp_path), config)
+    config, source = _resolve(args, _shards_args(tmp_path), config)
     assert "first 14 images of the stream" in source
     np.testing.assert_allclose(config.image_mean, recorded["mean"], atol=1e-4)
 
@@ -108,18 +115,18 @@ def test_dataset_statistics_are_measured_on_the_stream_when_not_recorded(photo_s
 def test_explicit_and_imagenet_statistics_and_their_errors(photo_shards):
     data = _shards_args(photo_shards)
     config = SimMIMConfig.from_preset("demo")
-    resolve_image_stats(ModelArguments(image_stats="imagenet"), data, config)
-    assert config.image_mean == IMAGENET_MEAN
-    resolve_image_stats(ModelArguments(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.2, 0.2]), data, config)
-    assert config.image_mean == [0.5, 0.4, 0.3]
+    assert _resolve(ModelArguments(image_stats="imagenet"), data, config)[0].image_mean == IMAGENET_MEAN
+    given = ModelArguments(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.2, 0.2])
+    assert _resolve(given, data, config)[0].image_mean == [0.5, 0.4, 0.3]
     for bad, field in [
         (dict(image_mean=[0.5, 0.5]), "image_mean/image_std"),
-        (dict(image_mean=[0.5, 0.5], image_std=[0.2, 0.2]), "need 3 values"),
+        (dict(image_mean=[0.5, 0.5], image_std=[0.2, 0.2]), r"need one value per channel \(num_channels=3\)"),
+        (dict(image_mean=[0.5] * 3, image_std=[0.2, 0.0, 0.2]), r"image_std must be .*\(--image_mean/--image_std\)"),
         (dict(image_stats="mine"), "image_stats"),
         (dict(image_stats="imagenet", image_mean=[0.5] * 3, image_std=[0.2] * 3), "either"),
     ]:
         with pytest.raises(UsageError, match=field):
-            resolve_image_stats(ModelArguments(**bad), data, SimMIMConfig.from_preset("demo"))
+            _resolve(ModelArguments(**bad), data, SimMIMConfig.from_preset("demo"))
 
 
 def test_short_runs_get_a_default_warmup_unless_one_is_given(tmp_path):

@@ -280,10 +280,10 @@ def test_an_image_above_the_one_limit_is_skipped_and_counted_everywhere(odd_corp
             tar.addfile(info, io.BytesIO(data))
     config = SimMIMConfig.from_preset("demo")
     data_args = DataArguments(dataset_name="webdataset", data_files=[str(tar_path)])
-    source = resolve_image_stats(ModelArguments(image_stats="dataset", image_stats_samples=100), data_args, config)
-    assert source == "measured on the first 10 images of the stream; skipped too_large 1"
-    np.testing.assert_allclose(config.image_mean, ten["mean"], atol=1e-4)
-    np.testing.assert_allclose(config.image_std, ten["std"], atol=1e-4)
+    stats = resolve_image_stats(ModelArguments(image_stats="dataset", image_stats_samples=100), data_args, config)
+    assert stats.source == "measured on the first 10 images of the stream; skipped too_large 1"
+    np.testing.assert_allclose(stats.overrides["image_mean"], ten["mean"], atol=1e-4)
+    np.testing.assert_allclose(stats.overrides["image_std"], ten["std"], atol=1e-4)
 
     # Statistics recorded with a larger limit than the run's: one warning naming both limits.
     shards = DataArguments(

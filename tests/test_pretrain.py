@@ -446,3 +446,26 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, caplog):
     assert message.startswith("warmup_steps 50 >= max_steps 30: the learning rate never reaches its peak")
     assert warnings(max_steps=30, warmup_steps=29) == []
     assert warnings(max_steps=30) == []  # the default warmup, 10% of max_steps
+
+
+def test_visualize_a_greyscale_model_on_colour_images_says_so_once_and_shows_no_loading_bar(tmp_path):
+    from PIL import Image
+    from skimage import data as photos
+
+    SimMIMForMaskedImageModeling(tiny_simmim_config("vit", num_channels=1)).save_pretrained(tmp_path / "ckpt")
+    paths = []
+    for name in ("astronaut", "coffee", "camera"):  # two colour photos and a greyscale one
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(getattr(photos, name)()).save(paths[-1])
+    output = tmp_path / "grid.png"
+    result = run([sys.executable, "scripts/visualize.py", str(tmp_path / "ckpt"), *map(str, paths), "--output",
+                  str(output)])  # fmt: skip
+    console = result.stdout + result.stderr
+    note = (
+        "note: 2 of 3 image(s) have colour; the model takes 1 channel, so they are converted to greyscale (as in its "
+        "pretraining)"
+    )
+    assert console.count(note) == 1, console
+    assert "Loading weights" not in console, console
+    assert result.stdout.splitlines() == [note, f"wrote {output} (rows: original, masked input, reconstruction)"]
+    assert Image.open(output).size == ((3 * 34 + 2) * 4, (3 * 34 + 2) * 4)

@@ -225,3 +225,69 @@ def test_a_save_to_disk_folder_is_the_same_source_for_pretraining_and_evaluation
     data = load_eval_data(EvaluationArguments(model="pixels", dataset_name=str(folder)))
     assert len(pretraining) == len(data.train) == 8 and len(data.eval) == 4 and data.eval_split == "test"
     assert data.num_classes == 2
+
+
+# --- one home for --data_files: stats and training see the same files ------------------------------------------------
+def _tar_of(path: Path, levels: list[int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for index, level in enumerate(levels):
+            buffer = io.BytesIO()
+            PIL.Image.new("RGB", (8, 8), (level, level, level)).save(buffer, format="PNG")
+            info = tarfile.TarInfo(f"{index:09d}.png")
+            info.size = len(buffer.getvalue())
+            tar.addfile(info, io.BytesIO(buffer.getvalue()))
+
+
+def test_statistics_and_training_expand_a_glob_to_the_same_files(tmp_path):
+    """A recursive `**` glob reaching shards two folders down: the statistics lookup finds the prepare_data.json
+    beside them (the files it lists are the ones the stream reads), and the stream trains on exactly those files."""
+    import json
+
+    from simmim_hf.configuration_simmim import SimMIMConfig
+    from simmim_hf.data.stats import resolve_image_stats
+    from simmim_hf.pretrain.arguments import ModelArguments
+
+    deep = tmp_path / "corpus" / "part" / "shards"
+    _tar_of(deep / "train-0.tar", [10, 20, 30])
+    _tar_of(deep / "train-1.tar", [40, 50])
+    (deep / "train-2.tar").mkdir()  # a folder the glob also matches: neither reader takes it
+    stats = {"mean": [0.1] * 3, "std": [0.2] * 3, "grey_mean": [0.1], "grey_std": [0.2], "num_images": 5,
+             "num_colour_images": 0, "num_skipped": {}, "weighting": "per_image"}  # fmt: skip
+    summary = {"shards": ["train-0.tar", "train-1.tar"], "image_stats": stats}
+    (deep / "prepare_data.json").write_text(json.dumps(summary))
+    args = DataArguments(
+        dataset_name="webdataset", data_files=[str(tmp_path / "corpus" / "**" / "train-*.tar")], shuffle_buffer_size=1
+    )
+    chosen = resolve_image_stats(ModelArguments(image_stats="dataset"), args, SimMIMConfig.from_preset("demo"))
+    assert chosen.source == "measured by prepare_data.py on 5 images"  # found through the recursive glob
+    assert chosen.overrides["image_std"] == [0.2] * 3
+    dataset = load_source_dataset("webdataset", data_files=args.data_files, streaming=True)
+    assert dataset.simmim_shard_source[1] == [str(deep / "train-0.tar"), str(deep / "train-1.tar")]
+    levels = sorted(
+        int(example["pixel_values"][0, 0, 0]) for example in load_pretrain_dataset(args, transform=_pixels)
+    )
+    assert levels == [10, 20, 30, 40, 50]
+
+
+def test_a_glob_with_no_match_is_one_error_naming_data_files_for_stats_and_training(tmp_path, capsys):
+    import sys
+
+    from simmim_hf.cli import run_script
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import pretrain
+    finally:
+        sys.path.pop(0)
+    missing = str(tmp_path / "nowhere" / "train-*.tar")
+    for stats in ("dataset", "preset"):  # the statistics lookup first, or the training stream
+        argv = ["--preset", "demo", "--dataset_name", "webdataset", "--data_files", missing, "--streaming", "true",
+                "--image_stats", stats, "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+                "--report_to", "none"]  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            run_script(lambda argv=argv: pretrain.main(argv))
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2, stderr
+        assert stderr == f"error: --data_files: {missing!r} matches no file\n", stderr
+        assert not (tmp_path / "run").exists()

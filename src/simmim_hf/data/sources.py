@@ -109,12 +109,26 @@ def resolve_split_files(
     `resolve_data_files` (a `UsageError` naming --data_files for a missing file); a Hub dataset's data files are
     paths inside its repository and URLs are remote, so both pass through unchanged."""
     parsed = parse_data_files(data_files, default_split)
-    if parsed is None or name.lower() not in LOCAL_BUILDERS:
-        return parsed
-    return {
-        split: patterns if any(is_remote(p) for p in patterns) else resolve_data_files(patterns)
-        for split, patterns in parsed.items()
-    }
+    if parsed is None:
+        return None
+    return {split: _expand_patterns(name, patterns) for split, patterns in parsed.items()}
+
+
+def split_files(name: str, data_files: str | Sequence[str] | None, split: str) -> list[str] | None:
+    """The data files of one `split` of `--data_files`, parsed once (`split_data_files`) and, for a local builder,
+    expanded and checked once (`resolve_data_files`: a glob that matches nothing is a `UsageError` naming
+    --data_files). What every reader of the run's files uses - the training stream, the shard reader and the
+    statistics lookup - so they all see the same list. None when no file is given."""
+    patterns = split_data_files(data_files, split)
+    return None if patterns is None else _expand_patterns(name, patterns)
+
+
+def _expand_patterns(name: str, patterns: list[str]) -> list[str]:
+    """A local builder's local files expanded and checked (`resolve_data_files`); a Hub dataset's data files (paths
+    inside its repository) and URLs pass through unchanged."""
+    if name.lower() not in LOCAL_BUILDERS or any(is_remote(p) for p in patterns):
+        return list(patterns)
+    return resolve_data_files(patterns)
 
 
 def split_data_files(data_files: str | Sequence[str] | None, split: str) -> list[str] | None:
@@ -273,16 +287,16 @@ def load_source_dataset(
                 raise UsageError(f"split {split!r} not in the saved dataset {name}; splits: {list(loaded)}")
             loaded = loaded[split]
         return loaded.to_iterable_dataset(num_shards=min(STREAM_SHARDS, len(loaded))) if streaming else loaded
-    data_files = split_data_files(data_files, split)
     check_local_source(name, data_files, data_dir)
-    if streaming and name in SHARD_KINDS and data_files and not any(is_remote(f) for f in data_files):
-        files = resolve_data_files(data_files)
+    files = split_files(name, data_files, split)
+    if streaming and name in SHARD_KINDS and files and not any(is_remote(f) for f in files):
         column = parquet_image_column(files) if name == "parquet" else None
         dataset = shard_stream(name, files, column)
         dataset.simmim_shard_reader = True  # examples are already `pixel_values` + fault markers
         return dataset
-    files = resolve_split_files(name, data_files, split)
-    return load_dataset(name, config_name, data_dir=data_dir, data_files=files, split=split, streaming=streaming)
+    return load_dataset(
+        name, config_name, data_dir=data_dir, data_files=files and {split: files}, split=split, streaming=streaming
+    )
 
 
 def load_dataset(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -303,7 +317,7 @@ def looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def check_local_source(name: str, data_files: Sequence[str] | None, data_dir: str | None) -> None:
+def check_local_source(name: str, data_files: str | Sequence[str] | None, data_dir: str | None) -> None:
     """Raises `UsageError` (one line naming the argument) for a local folder or file that is not there."""
     if looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
         raise UsageError(f"--dataset_name: the folder {name!r} does not exist")

@@ -5,24 +5,24 @@ weighing as one image (values in [0, 1], images converted to RGB as the pretrain
 "L" channel for 1-channel models), counts the images that carry colour and those skipped (above `--max_image_pixels`,
 undecodable). `scripts/prepare_data.py` records the result in its output folder's `prepare_data.json`;
 `resolve_image_stats` reads it back for `--image_stats dataset` (or measures the first images of the stream, with the
-run's `--max_image_pixels`, when no record is found) and warns when greyscale statistics meet colour images.
+run's `--max_image_pixels`, when no record is found); `apply_image_stats` applies the choice through the config's own
+validation and warns when greyscale statistics meet colour images.
 """
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import PIL.Image
 
 from simmim_hf.data.faults import format_counts
-from simmim_hf.data.sources import split_data_files
+from simmim_hf.data.sources import split_files
 from simmim_hf.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -120,11 +120,10 @@ def is_greyscale_stats(mean: list[float], std: list[float]) -> bool:
 
 
 def _data_files_of(data_args: Any) -> list[str]:
-    """The run's data files (its split's `--data_files` entries, globs expanded)."""
-    files: list[str] = []
-    for pattern in split_data_files(data_args.data_files, getattr(data_args, "train_split", "train")) or []:
-        files.extend(sorted(glob.glob(pattern)) or [pattern])
-    return files
+    """The run's data files: its split's `--data_files`, expanded as the training stream expands them
+    (`sources.split_files`)."""
+    split = getattr(data_args, "train_split", "train")
+    return split_files(data_args.dataset_name, data_args.data_files, split) or []
 
 
 def find_prepare_summary(data_args: Any) -> tuple[dict[str, Any], Path] | None:
@@ -205,12 +204,21 @@ def stream_images(
             return
 
 
-def resolve_image_stats(model_args: Any, data_args: Any, config: Any, warn: bool = True) -> str:
-    """Applies the run's choice of normalisation statistics to `config` (in place) and returns where they came from.
+class ImageStats(NamedTuple):
+    """The run's choice of normalisation statistics (`resolve_image_stats`): the `image_mean` / `image_std` overrides
+    (empty: the config's own), where they came from, and (images with colour, images looked at) when measured."""
+
+    overrides: dict[str, list[float]]
+    source: str
+    colour: tuple[int, int] | None = None
+
+
+def resolve_image_stats(model_args: Any, data_args: Any, config: Any) -> ImageStats:
+    """The run's choice of normalisation statistics for `config` (left untouched; `apply_image_stats` applies them).
 
     `model_args.image_mean/image_std` (explicit lists) win; else `model_args.image_stats`: `preset` (the default:
     the preset's or checkpoint's own), `imagenet`, or `dataset` (recorded by prepare_data.py, else measured on the
-    first `image_stats_samples` images). Warns (once, when `warn`) if greyscale statistics meet colour images.
+    first `image_stats_samples` images).
     """
     mean = getattr(model_args, "image_mean", None)
     std = getattr(model_args, "image_std", None)
@@ -247,41 +255,49 @@ def resolve_image_stats(model_args: Any, data_args: Any, config: Any, warn: bool
         colour = (stats["num_colour_images"], stats["num_images"])
     else:
         where = f"preset {config.preset}" if config.preset else "checkpoint"
-        source = f"the {where}'s own"
-    if mean is not None:
-        if len(mean) != channels or len(std) != channels:
-            raise UsageError(
-                f"image_mean/image_std: need {channels} values each (num_channels={channels}), got "
-                f"{len(mean)}/{len(std)}"
-            )
-        if any(value <= 0 for value in std):
-            raise UsageError(f"image_std: values must be positive, got {std}")
-        config.image_mean, config.image_std = [float(v) for v in mean], [float(v) for v in std]
+        return ImageStats({}, f"the {where}'s own")
+    return ImageStats({"image_mean": [float(v) for v in mean], "image_std": [float(v) for v in std]}, source, colour)
+
+
+def apply_image_stats(config: Any, stats: ImageStats, data_args: Any, warn: bool = True) -> Any:
+    """`config` with the chosen statistics, through `SimMIMConfig.with_overrides` (so its own validation applies,
+    to measured statistics as to given ones: a `UsageError` naming the field and where the values came from), the
+    same config when there is nothing to change. Warns (when `warn`) if greyscale statistics meet colour images."""
+    if stats.overrides:
+        try:
+            config = config.with_overrides(**stats.overrides)
+        except ValueError as error:
+            raise UsageError(f"{error} ({stats.source})") from None
     if warn and is_greyscale_stats(config.image_mean, config.image_std):
-        if colour is None:
-            found = find_recorded_stats(data_args)
-            if found is not None:
-                colour = (found[0]["num_colour_images"], found[0]["num_images"])
-            else:
-                sample = ImageStatsAccumulator()
-                try:
-                    for image in itertools.islice(stream_images(data_args, 16), 16):
-                        sample.add(image)
-                except Exception as error:  # noqa: BLE001 - the check is advice; the run reports data errors itself
-                    logger.debug("Could not sample images for the colour check: %s", error)
-                colour = (sample.num_colour_images, sample.num_images)
-        if colour[0] > 0:
-            logger.warning(
-                "Normalising colour images with greyscale statistics (mean %s, std %s: %s): %d of %d images looked "
-                "at have colour. Pass --image_stats dataset (the data's own statistics), --image_stats imagenet, or "
-                "--image_mean/--image_std.",
-                _short(config.image_mean),
-                _short(config.image_std),
-                source,
-                colour[0],
-                colour[1],
-            )
-    return source
+        _warn_on_colour(config, data_args, stats)
+    return config
+
+
+def _warn_on_colour(config: Any, data_args: Any, stats: ImageStats) -> None:
+    colour = stats.colour
+    if colour is None:
+        found = find_recorded_stats(data_args)
+        if found is not None:
+            colour = (found[0]["num_colour_images"], found[0]["num_images"])
+        else:
+            sample = ImageStatsAccumulator()
+            try:
+                for image in itertools.islice(stream_images(data_args, 16), 16):
+                    sample.add(image)
+            except Exception as error:  # noqa: BLE001 - the check is advice; the run reports data errors itself
+                logger.debug("Could not sample images for the colour check: %s", error)
+            colour = (sample.num_colour_images, sample.num_images)
+    if colour[0] > 0:
+        logger.warning(
+            "Normalising colour images with greyscale statistics (mean %s, std %s: %s): %d of %d images looked "
+            "at have colour. Pass --image_stats dataset (the data's own statistics), --image_stats imagenet, or "
+            "--image_mean/--image_std.",
+            _short(config.image_mean),
+            _short(config.image_std),
+            stats.source,
+            colour[0],
+            colour[1],
+        )
 
 
 def _warn_on_other_limit(data_args: Any, summary_path: Path) -> None:

@@ -5,7 +5,9 @@
   `AutoModel` loads (a folder or Hub id: ViT, DeiT, BEiT, Swin, ConvNeXt, ResNet; a SimMIM run uses its encoder);
 * `--features attention`: the last block's CLS-to-patch attention per head (plain ViT/DeiT/BEiT encoders).
 
-The images are preprocessed by the model's own image processor (`--image_processor` to override).
+The images are preprocessed by the model's own image processor (`--image_processor` to override). Colour images
+shown to a 1-channel (greyscale) model are converted to grey, as in pretraining, and one line says so. transformers'
+"Loading weights" progress bars are off (`transformers.utils.logging.disable_progress_bar`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import argparse
 import tempfile
 from typing import Any
 
+import huggingface_hub.utils
+import numpy as np
 import torch
+import transformers
 
 from simmim_hf.cli import parse_script_arguments
 from simmim_hf.data.images import decode_image
@@ -46,14 +51,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_images(paths: list[str], num_channels: int) -> list[Any]:
-    """The images decoded as in pretraining (`UsageError` naming an unreadable file)."""
-    images = []
+    """The images decoded as in pretraining (`UsageError` naming an unreadable file). For a 1-channel model, prints
+    one line when any of them has colour (it is averaged to grey, which changes what the pictures show)."""
+    images, colour = [], 0
     for path in paths:
         try:
-            images.append(decode_image(path, num_channels=num_channels))
+            image = decode_image(path)
         except OSError as error:
             raise UsageError(f"cannot read image {path}: {error}") from error
+        colour += num_channels == 1 and has_colour(image)
+        images.append(decode_image(image, num_channels=num_channels))
+    if colour:
+        print(
+            f"note: {colour} of {len(paths)} image(s) have colour; the model takes 1 channel, so they are converted "
+            "to greyscale (as in its pretraining)"
+        )
     return images
+
+
+def has_colour(image: Any) -> bool:
+    """Whether an image's pixels differ between colour channels anywhere (a grey image stored as RGB has none)."""
+    if image.mode in ("1", "L", "LA", "I", "F"):
+        return False
+    rgb = np.asarray(image.convert("RGB"))
+    return bool((rgb.max(axis=-1) != rgb.min(axis=-1)).any())
 
 
 def load_pixels(paths: list[str], config: Any) -> torch.Tensor:
@@ -84,6 +105,9 @@ def feature_picture(model: str, images: list[str], kind: str, image_processor: s
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # No "Loading weights" bar per from_pretrained; the Hub's download bars stay (as in pretraining's console).
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()
     if args.features is not None:
         output = args.output or (RunDir.PCA_NAME if args.features == "pca" else RunDir.ATTENTION_NAME)
         feature_picture(args.checkpoint, args.images, args.features, args.image_processor).save(output)

@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 # The paper scales the learning rate linearly with the global batch, relative to 512 images.
 REFERENCE_BATCH_SIZE = 512
 # `--lr_schedule`: "trainer" (the Trainer's `--lr_scheduler_type` or `--lr_milestones`, after SimMIM's warmup) or
-# "official" (microsoft/SimMIM's per-step timm cosine from a warmup start LR; `pretrain.trainer.official_cosine_lambda`).
+# "official" (microsoft/SimMIM's per-step schedules from a warmup start LR: its timm cosine,
+# `pretrain.trainer.official_cosine_lambda`, or with `--lr_milestones` its multistep, `official_multistep_lambda`).
 LR_SCHEDULES = ("trainer", "official")
 
 
@@ -120,8 +121,9 @@ class SimMIMTrainingArguments(TrainingArguments):
     lr_milestones: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated steps for a multistep schedule (x lr_gamma at each, after warmup), as in the "
-            "official ViT-B 800-epoch recipe; replaces --lr_scheduler_type."
+            "help": "Comma-separated steps for a multistep schedule (x lr_gamma at each, counted from step 0), as in "
+            "the official ViT-B 800-epoch recipe; replaces --lr_scheduler_type (with --lr_schedule official: the "
+            "official multistep)."
         },
     )
     lr_gamma: float = field(default=0.1, metadata={"help": "Decay factor at each multistep milestone."})
@@ -129,9 +131,9 @@ class SimMIMTrainingArguments(TrainingArguments):
         default="trainer",
         metadata={
             "help": "`trainer`: --lr_scheduler_type (or --lr_milestones) after SimMIM's warmup. `official`: "
-            "microsoft/SimMIM's per-step timm cosine: linear warmup from --warmup_start_ratio x the peak, cosine "
-            "over the whole run (not only after the warmup) down to --min_learning_rate_ratio x the peak "
-            "(docs/official_recipe_schedule.md).",
+            "microsoft/SimMIM's per-step schedule: linear warmup from --warmup_start_ratio x the peak, then its "
+            "cosine over the whole run (not only after the warmup) down to --min_learning_rate_ratio x the peak, "
+            "or with --lr_milestones its multistep (docs/official_recipe_schedule.md).",
             "choices": ["trainer", "official"],
         },
     )
@@ -139,7 +141,8 @@ class SimMIMTrainingArguments(TrainingArguments):
         default=0.0,
         metadata={
             "help": "--lr_schedule official: the LR the warmup starts from, as a fraction of the peak (microsoft/"
-            "SimMIM's WARMUP_LR / BASE_LR: 1e-6 / 2e-4 = 0.005 for Swin-B 100 epochs)."
+            "SimMIM's WARMUP_LR / BASE_LR: 1e-6 / 2e-4 = 0.005 for Swin-B 100 epochs, 5e-7 / 1e-4 = 0.005 for ViT-B "
+            "800 epochs)."
         },
     )
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on the no-decay set)."})
@@ -263,8 +266,18 @@ class SimMIMTrainingArguments(TrainingArguments):
             parse_milestones(self.lr_milestones)  # fail early on a typo
         if self.lr_schedule not in LR_SCHEDULES:
             raise UsageError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.lr_schedule == "official" and self.lr_milestones:
-            raise UsageError("--lr_schedule official is the cosine; --lr_milestones belongs to --lr_schedule trainer")
+        if self.lr_schedule == "official" and self.lr_milestones and self.min_learning_rate_ratio:
+            raise UsageError(
+                "--min_learning_rate_ratio is the official cosine's floor; the official multistep (--lr_milestones) "
+                "has none"
+            )
+        if self.lr_schedule == "official" and self.lr_milestones and self.warmup_steps >= 1:
+            first = parse_milestones(self.lr_milestones)[0]
+            if self.warmup_steps > first:
+                raise UsageError(
+                    f"--lr_schedule official: --warmup_steps {self.warmup_steps} must end by the first of "
+                    f"--lr_milestones ({first})"
+                )
         if self.lr_schedule != "official" and self.warmup_start_ratio:
             raise UsageError("--warmup_start_ratio applies to --lr_schedule official only")
         if not 0 <= self.warmup_start_ratio <= 1 or not 0 <= self.min_learning_rate_ratio <= 1:

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import PrinterCallback, ProgressCallback
 
 from simmim_hf.pretrain.arguments import learning_rate_rule
+from simmim_hf.pretrain.run_settings import schedule_name
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -140,7 +141,7 @@ def run_header(
         if getattr(args, "warmup_origin", "given") == "default"
         else "--warmup_steps"
     )
-    schedule = "multistep" if args.lr_milestones else str(args.lr_scheduler_type).split(".")[-1].lower()
+    schedule = schedule_name(args)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     steps_line = (
         f"steps    {args.max_steps} ({batch * args.max_steps:,} images), {warmup} warmup ({why}), then {schedule}; "

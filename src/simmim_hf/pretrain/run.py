@@ -25,7 +25,7 @@ from simmim_hf.backbones import SUPPORTED_ENCODERS, check_attention_kernel, is_c
 from simmim_hf.cli import parse_arguments
 from simmim_hf.configuration_simmim import SimMIMConfig
 from simmim_hf.data.collate import SimMIMCollator
-from simmim_hf.data.stats import data_provenance, resolve_image_stats
+from simmim_hf.data.stats import apply_image_stats, data_provenance, resolve_image_stats
 from simmim_hf.data.stream import DataArguments, StreamLoader, is_stream, load_pretrain_dataset
 from simmim_hf.errors import RunFault, TrainingDiverged, UsageError
 from simmim_hf.feature_pictures import attention_picture, has_cls_attention, pca_picture
@@ -88,7 +88,9 @@ def _run_pretraining(
     try:
         set_seed(args.seed)
         config = build_config(model_args)
-        stats_source = resolve_image_stats(model_args, data_args, config, warn=args.should_log)
+        image_stats = resolve_image_stats(model_args, data_args, config)
+        config = apply_image_stats(config, image_stats, data_args, warn=args.should_log)
+        stats_source = image_stats.source
         monitor_set = prepare_monitor_set(args, config, args.process_index, args.world_size)  # checked before data
         model = build_model(model_args, config)
         check_gradient_checkpointing(args, model)

@@ -70,10 +70,10 @@ def _plain(value: Any) -> Any:
 
 
 def schedule_name(args: Any) -> str:
-    """The run's LR schedule in a word: "official-cosine" (`--lr_schedule official`), "multistep", else the Trainer's
-    `--lr_scheduler_type`."""
+    """The run's LR schedule in a word: "official-multistep" / "official-cosine" (`--lr_schedule official` with or
+    without `--lr_milestones`), "multistep", else the Trainer's `--lr_scheduler_type`."""
     if getattr(args, "lr_schedule", "trainer") == "official":
-        return "official-cosine"
+        return "official-multistep" if args.lr_milestones else "official-cosine"
     return "multistep" if args.lr_milestones else str(args.lr_scheduler_type).split(".")[-1].lower()
 
 

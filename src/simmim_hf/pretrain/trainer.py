@@ -26,7 +26,7 @@ from simmim_hf.configuration_simmim import to_pair
 from simmim_hf.data.faults import FAULT_REASONS, add_counts
 from simmim_hf.data.images import normalize_pixel_values
 from simmim_hf.data.stream import StreamLoader
-from simmim_hf.errors import RunFault, TrainingDiverged
+from simmim_hf.errors import RunFault, TrainingDiverged, UsageError
 from simmim_hf.pretrain.arguments import parse_milestones
 from simmim_hf.pretrain.callbacks import NonFiniteGuard, RunEpoch
 from simmim_hf.pretrain.checkpoints import (
@@ -86,6 +86,30 @@ def official_cosine_lambda(
         if t >= total_steps:
             return floor
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t / total_steps))
+
+    return factor
+
+
+def official_multistep_lambda(
+    warmup_steps: int, milestones: list[int], gamma: float, warmup_start: float
+) -> Callable[[int], float]:
+    """microsoft/SimMIM's multistep schedule (its `MultiStepLRScheduler`, stepped per iteration; the ViT-B 800-epoch
+    recipe) as a multiplier of the peak, at optimizer step `step` (0-based).
+
+    With `t = max(step - 1, 0)` (as in `official_cosine_lambda`): `warmup_start + t * (1 - warmup_start) /
+    warmup_steps` while `t < warmup_steps`; then `gamma ** (number of milestones <= t)`. The milestones count from
+    step 0 (warmup included), and the official code requires the warmup to end by the first milestone."""
+    if milestones and warmup_steps > min(milestones):
+        raise UsageError(
+            f"--lr_schedule official: the warmup ({warmup_steps} steps) must end by the first of --lr_milestones "
+            f"({min(milestones)})"
+        )
+
+    def factor(step: int) -> float:
+        t = max(step - 1, 0)
+        if t < warmup_steps:
+            return warmup_start + t * (1 - warmup_start) / warmup_steps
+        return gamma ** sum(t >= milestone for milestone in milestones)
 
     return factor
 
@@ -441,14 +465,17 @@ class SimMIMTrainer(Trainer):
 def build_lr_scheduler(
     args: Any, optimizer: torch.optim.Optimizer, num_training_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The run's LR schedule over `num_training_steps`: microsoft/SimMIM's (`--lr_schedule official`), else warmup
+    """The run's LR schedule over `num_training_steps`: microsoft/SimMIM's (`--lr_schedule official`: its multistep
+    with `--lr_milestones`, else its cosine), else warmup
     then multistep (`--lr_milestones`), SimMIM's cosine with a floor (`--min_learning_rate_ratio` > 0), or the stock
     transformers schedule `--lr_scheduler_type`. The multipliers are functions of the step (a `LambdaLR`), so a resume
     rebuilds the same schedule from the arguments and the checkpoint's step (`realign_schedule`)."""
     warmup = args.get_warmup_steps(num_training_steps)
     milestones = parse_milestones(args.lr_milestones) if getattr(args, "lr_milestones", None) else None
     floor = getattr(args, "min_learning_rate_ratio", 0.0)
-    if getattr(args, "lr_schedule", "trainer") == "official":
+    if getattr(args, "lr_schedule", "trainer") == "official" and milestones:
+        factor = official_multistep_lambda(warmup, milestones, args.lr_gamma, args.warmup_start_ratio)
+    elif getattr(args, "lr_schedule", "trainer") == "official":
         factor = official_cosine_lambda(warmup, num_training_steps, args.warmup_start_ratio, floor)
     elif milestones:
         factor = warmup_multistep_lambda(warmup, milestones, args.lr_gamma)
