@@ -24,6 +24,7 @@ from pretrain_helpers import (
     PROBE,
     ROOT,
     cut,
+    in_background,
     launch,
     loss_curve,
     nan_bytes,
@@ -57,12 +58,19 @@ def digests(probe: Path) -> dict[int, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def interrupted(shards, tmp_path_factory):
+def interrupted_started(shards, tmp_path_factory):
+    """The `interrupted` run, started (on a thread of its own): `contested` asks for it first, so that the two
+    independent runs overlap."""
     base = tmp_path_factory.mktemp("interrupted")
     env = {"SIMMIM_PROBE_DIGESTS": "1", "SIMMIM_PROBE_ENOSPC_IN_SAVE": str(FULL_AT)}
-    result = launch(command(shards, base / "run", base / "probe"), env)
+    return base, in_background(launch, command(shards, base / "run", base / "probe"), env)
+
+
+@pytest.fixture(scope="module")
+def interrupted(interrupted_started, shards):
+    base, started = interrupted_started
     return SimpleNamespace(
-        run=base / "run", probe=base / "probe", result=result, command=lambda *a: command(shards, *a)
+        run=base / "run", probe=base / "probe", result=started.result(), command=lambda *a: command(shards, *a)
     )
 
 
@@ -83,7 +91,7 @@ def checkpoint_of(run_dir: Path, step: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def contested(shards, tmp_path_factory):
+def contested(interrupted_started, shards, tmp_path_factory):
     """Jobs A and B (the same command) started together on one folder, then C while the winner trains (paused at
     step 3 until C has exited), then the winner finishes."""
     base = tmp_path_factory.mktemp("contested")
@@ -145,7 +153,7 @@ def every_corruption(interrupted, tmp_path_factory):
     return SimpleNamespace(run=base / "run", probe=base / "probe", result=result)
 
 
-def test_a_rerun_passes_over_every_corrupt_checkpoint_and_continues_the_run(every_corruption, interrupted, contested):
+def test_a_rerun_passes_over_every_corrupt_checkpoint_and_continues_the_run(contested, every_corruption, interrupted):
     result = every_corruption.result
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
