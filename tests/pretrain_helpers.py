@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from simmim_hf.publish.run_dir import RunDir
@@ -38,6 +39,22 @@ def run(command, env=None):
     result = launch(command, env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def in_background(job: Callable, *args) -> Future:
+    """`job(*args)` (e.g. `launch` of a command) on a thread of its own, started now; `.result()` waits for it and
+    re-raises what it raised. Independent end-to-end runs overlap this way: most of a tiny run is the interpreter
+    importing torch and transformers on one core, so two at once take little longer than one."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(job, *args)
+    pool.shutdown(wait=False)
+    return future
+
+
+def together(*jobs: tuple) -> list:
+    """Runs each `(job, *args)` at once (each on its own thread); their results, in order."""
+    futures = [in_background(*job) for job in jobs]
+    return [future.result() for future in futures]
 
 
 def pretrain_args(shards, output_dir, max_steps, *extra, preset="demo", overrides=TINY):

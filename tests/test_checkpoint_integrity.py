@@ -3,7 +3,7 @@
 Two shared subprocess runs of tests/pretrain_probe.py (a tiny ViT, one checkpoint per step): `interrupted` stops on
 a full disk (an injected ENOSPC) while checkpoint 9 is written, leaving checkpoints 1-8; `contested` is the
 uninterrupted run of the same command while two more jobs try its folder. Every corruption case works on a copy of
-`interrupted`.
+`interrupted`. `interrupted` and the rerun of its damaged copy run alongside `contested` (separate folders).
 """
 
 import contextlib
@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from pretrain_helpers import (
     PROBE,
     ROOT,
     cut,
+    in_background,
     launch,
     loss_curve,
     nan_bytes,
@@ -57,13 +59,24 @@ def digests(probe: Path) -> dict[int, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def interrupted(shards, tmp_path_factory):
+def interrupted_started(request, shards, tmp_path_factory):
+    """The `interrupted` run, started on a thread of its own, then (when its test is selected) the `every_corruption`
+    rerun of a damaged copy of it on another: `contested` asks for this first, so that these runs overlap it."""
     base = tmp_path_factory.mktemp("interrupted")
     env = {"SIMMIM_PROBE_DIGESTS": "1", "SIMMIM_PROBE_ENOSPC_IN_SAVE": str(FULL_AT)}
-    result = launch(command(shards, base / "run", base / "probe"), env)
-    return SimpleNamespace(
-        run=base / "run", probe=base / "probe", result=result, command=lambda *a: command(shards, *a)
-    )
+    started = in_background(launch, command(shards, base / "run", base / "probe"), env)
+    selected = {item.originalname for item in request.session.items if getattr(item, "module", None) is request.module}
+    corrupted = None
+    if "test_a_rerun_passes_over_every_corrupt_checkpoint_and_continues_the_run" in selected:
+        corrupted = tmp_path_factory.mktemp("every_corruption")
+        corrupted = (corrupted, in_background(rerun_every_corruption, started, base / "run", corrupted, shards))
+    return base, started, corrupted
+
+
+@pytest.fixture(scope="module")
+def interrupted(interrupted_started):
+    base, started, _ = interrupted_started
+    return SimpleNamespace(run=base / "run", probe=base / "probe", result=started.result())
 
 
 def in_process(argv: list[str]) -> tuple[int, str]:
@@ -83,7 +96,7 @@ def checkpoint_of(run_dir: Path, step: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def contested(shards, tmp_path_factory):
+def contested(interrupted_started, shards, tmp_path_factory):
     """Jobs A and B (the same command) started together on one folder, then C while the winner trains (paused at
     step 3 until C has exited), then the winner finishes."""
     base = tmp_path_factory.mktemp("contested")
@@ -132,20 +145,25 @@ CORRUPTIONS = {  # checkpoint step -> (what is done to it, what the log must say
 }
 
 
-@pytest.fixture(scope="module")
-def every_corruption(interrupted, tmp_path_factory):
-    """A copy of `interrupted` with checkpoints 2-8 each damaged one way and the lock of a dead process of this host
-    left behind (a SIGKILLed job), rerun: it must resume from checkpoint-1."""
-    base = tmp_path_factory.mktemp("every_corruption")
-    shutil.copytree(interrupted.run, base / "run")
+def rerun_every_corruption(interrupted: Future, run: Path, base: Path, shards) -> subprocess.CompletedProcess:
+    """Once `interrupted` has finished: a copy of its folder with checkpoints 2-8 each damaged one way and the lock of
+    a dead process of this host left behind (a SIGKILLed job), rerun (the same command): its finished process."""
+    interrupted.result()
+    shutil.copytree(run, base / "run")
     for step, (corrupt, _) in CORRUPTIONS.items():
         corrupt(checkpoint_of(base / "run", step))
     RunDir(base / "run").lock.write_text(json.dumps(dead_holder()))
-    result = launch(interrupted.command(base / "run", base / "probe"), {"SIMMIM_PROBE_DIGESTS": "1"})
-    return SimpleNamespace(run=base / "run", probe=base / "probe", result=result)
+    return launch(command(shards, base / "run", base / "probe"), {"SIMMIM_PROBE_DIGESTS": "1"})
 
 
-def test_a_rerun_passes_over_every_corrupt_checkpoint_and_continues_the_run(every_corruption, interrupted, contested):
+@pytest.fixture(scope="module")
+def every_corruption(interrupted_started, interrupted):
+    """The rerun of `rerun_every_corruption`: it must resume from checkpoint-1."""
+    base, started = interrupted_started[2]
+    return SimpleNamespace(run=base / "run", probe=base / "probe", result=started.result())
+
+
+def test_a_rerun_passes_over_every_corrupt_checkpoint_and_continues_the_run(contested, every_corruption, interrupted):
     result = every_corruption.result
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

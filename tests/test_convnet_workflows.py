@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pretrain_helpers import LAUNCH_TWO, PROBE, PROBE_SCRIPT, launch, loss_curve, pretrain_args, run
+from pretrain_helpers import LAUNCH_TWO, PROBE, PROBE_SCRIPT, launch, loss_curve, pretrain_args, run, together
 from test_faults import run_script_in_process
 from tiny_configs import CONVNETS
 from transformers import AutoModel, AutoModelForImageClassification, ViTImageProcessor
@@ -57,10 +57,13 @@ def save_stock(folder: Path, family: str, classifier: bool) -> Path:
 def chain(shards, tmp_path_factory):
     """A tiny ConvNeXt V2 run uninterrupted, the same run SIGKILLed at the end of KILL_STEP, and its rerun."""
     base = tmp_path_factory.mktemp("convnext_chain")
-    run([*PROBE, str(base / "p-straight"), *convnext_args(shards, base / "straight")])
-    killed = launch(
-        [*PROBE, str(base / "p-killed"), *convnext_args(shards, base / "run")],
-        {"SIMMIM_PROBE_KILL_AT_STEP": str(KILL_STEP)},
+    _, killed = together(  # independent (two folders): both at once
+        (run, [*PROBE, str(base / "p-straight"), *convnext_args(shards, base / "straight")]),
+        (
+            launch,
+            [*PROBE, str(base / "p-killed"), *convnext_args(shards, base / "run")],
+            {"SIMMIM_PROBE_KILL_AT_STEP": str(KILL_STEP)},
+        ),
     )
     assert killed.returncode != 0 and not (base / "run" / "simmim_run.json").exists()
     resumed = run([*PROBE, str(base / "p-resumed"), *convnext_args(shards, base / "run")])

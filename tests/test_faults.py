@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +29,7 @@ from pretrain_helpers import (
     loss_curve,
     pretrain_args,
     run,
+    together,
 )
 from safetensors.torch import load_file
 
@@ -48,13 +50,47 @@ def kill_and_rerun(
         )
         return [*launcher, str(base / name), *args]
 
-    run(command("p-straight", "straight"), env)
-    killed = launch(command("p-killed", "run"), {**(env or {}), "SIMMIM_PROBE_KILL_AT_STEP": str(kill_step)})
+    # The uninterrupted run and the run to kill are independent (two folders): both at once.
+    _, killed = together(
+        (run, command("p-straight", "straight"), env),
+        (launch, command("p-killed", "run"), {**(env or {}), "SIMMIM_PROBE_KILL_AT_STEP": str(kill_step)}),
+    )
     assert killed.returncode != 0 and not (base / "run" / "simmim_run.json").exists()
     resumed = run(command("p-resumed", "run"), env)
     return SimpleNamespace(
         base=base, resumed=resumed, checkpoint=base / "run" / f"checkpoint-{2 * ((kill_step - 1) // 2)}"
     )
+
+
+def nonfinite_streak_run(shards, base: Path) -> subprocess.CompletedProcess:
+    args = pretrain_args(shards, base / "run", 10, "--save_steps", "2", "--max_nonfinite_steps", "3")
+    return launch(
+        [*PROBE, str(base / "probe"), *args], {"SIMMIM_PROBE_NAN_AT": "3,5,6,7", "SIMMIM_PROBE_DIGESTS": "1"}
+    )
+
+
+def single_nonfinite_run(shards, base: Path) -> subprocess.CompletedProcess:
+    return launch([*PROBE, str(base / "probe"), *pretrain_args(shards, base / "run", 3)], {"SIMMIM_PROBE_NAN_AT": "2"})
+
+
+def world_size_one_run(shards, base: Path) -> subprocess.CompletedProcess:
+    return launch([*LAUNCH_TWO, "scripts/pretrain.py", *pretrain_args(shards, base / "run", 2)])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_runs(request, tmp_path_factory):
+    """Test name -> (its folder, the future of its finished run), for the selected tests of SINGLE_RUNS (at the end
+    of this file): their runs start with the module's first test, one at a time on a thread of their own, and so
+    overlap the kill-and-rerun chains; each test waits for its own run, then checks its outcome."""
+    selected = {item.originalname for item in request.session.items if getattr(item, "module", None) is request.module}
+    lane = ThreadPoolExecutor(max_workers=1)
+    runs = {}
+    for name, job in SINGLE_RUNS.items():
+        if name in selected:
+            base = tmp_path_factory.mktemp(name[5:30])
+            runs[name] = (base, lane.submit(job, request.getfixturevalue("shards"), base))
+    yield runs
+    lane.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.fixture(scope="module")
@@ -165,26 +201,32 @@ def test_killed_run_with_the_real_augmentation_continues_the_uninterrupted_one(r
 
 
 def test_rerun_of_a_finished_run_changes_nothing_and_more_steps_continue_it(one_rank, shards, tmp_path):
-    output = tmp_path / "straight"
+    # Two copies of the finished run, both at once: the same command again on one, more steps on the other.
+    output, longer = tmp_path / "again" / "straight", tmp_path / "more" / "straight"
     shutil.copytree(one_rank.base / "straight", output)
+    shutil.copytree(one_rank.base / "straight", longer)
     before = folder_digest(output)
+    assert folder_digest(longer) == before
     args = pretrain_args(shards, output, MAX_STEPS, "--save_steps", "2", "--dataloader_num_workers", "1")
-    result = run([sys.executable, "scripts/pretrain.py", *args])
+    more = pretrain_args(shards, longer, MAX_STEPS + 2, "--save_steps", "2", "--dataloader_num_workers", "1")
+    result, continued = together(
+        (run, [sys.executable, "scripts/pretrain.py", *args]), (run, [sys.executable, "scripts/pretrain.py", *more])
+    )
     assert "finished run of 8 steps" in result.stdout
     assert folder_digest(output) == before
-    more = pretrain_args(shards, output, MAX_STEPS + 2, "--save_steps", "2", "--dataloader_num_workers", "1")
-    result = run([sys.executable, "scripts/pretrain.py", *more])
-    assert f"Resuming from {output / f'checkpoint-{MAX_STEPS}'}" in result.stderr
-    summary = json.loads((output / "simmim_run.json").read_text())
+    assert f"Resuming from {longer / f'checkpoint-{MAX_STEPS}'}" in continued.stderr
+    summary = json.loads((longer / "simmim_run.json").read_text())
     assert summary["steps_completed"] == MAX_STEPS + 2
     old = json.loads(before["simmim_run.json"])["loss_curve"]
     assert summary["loss_curve"][:MAX_STEPS] == old
 
 
-def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(shards, tmp_path):
-    output = tmp_path / "run"
-    args = [*PROBE, str(tmp_path / "probe"), *pretrain_args(shards, output, 6, "--save_steps", "2",
-                                                            "--save_total_limit", "2")]  # fmt: skip
+def kill_during_save_and_rerun(shards, base: Path) -> subprocess.CompletedProcess:
+    """Killed while checkpoint 4 is written (checked here: a failure raises from the test's `.result()`), a legacy
+    cut-short checkpoint-5 added, the same command again: its finished process."""
+    output = base / "run"
+    args = [*PROBE, str(base / "probe"), *pretrain_args(shards, output, 6, "--save_steps", "2",
+                                                        "--save_total_limit", "2")]  # fmt: skip
     killed = launch(args, {"SIMMIM_PROBE_KILL_IN_SAVE": "4"})
     assert killed.returncode != 0
     assert (output / ".tmp-checkpoint-4" / "checkpoint-4" / "model.safetensors").is_file()
@@ -193,7 +235,13 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(shard
     legacy = output / "checkpoint-5"
     legacy.mkdir()
     (legacy / "model.safetensors").write_bytes((output / "checkpoint-2" / "model.safetensors").read_bytes())
-    result = run(args)
+    return run(args)
+
+
+def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(single_runs):
+    base, started = single_runs["test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one"]
+    output, result = base / "run", started.result()
+    legacy = output / "checkpoint-5"
     assert f"Not resuming from {legacy} (incomplete: no trainer_state.json)" in result.stderr
     assert ".tmp-checkpoint-4 (a checkpoint write that never finished)" in result.stderr
     assert f"Resuming from {output / 'checkpoint-2'}" in result.stderr
@@ -202,10 +250,9 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(shard
     assert sorted(p.name for p in output.iterdir() if "checkpoint" in p.name) == ["checkpoint-4", "checkpoint-6"]
 
 
-def test_nonfinite_steps_are_skipped_then_a_streak_stops_the_run(shards, tmp_path):
-    output, probe = tmp_path / "run", tmp_path / "probe"
-    args = pretrain_args(shards, output, 10, "--save_steps", "2", "--max_nonfinite_steps", "3")
-    result = launch([*PROBE, str(probe), *args], {"SIMMIM_PROBE_NAN_AT": "3,5,6,7", "SIMMIM_PROBE_DIGESTS": "1"})
+def test_nonfinite_steps_are_skipped_then_a_streak_stops_the_run(single_runs):
+    base, started = single_runs["test_nonfinite_steps_are_skipped_then_a_streak_stops_the_run"]
+    output, probe, result = base / "run", base / "probe", started.result()
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line[line.index("error: ") :] for line in result.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1, errors  # one line (a progress bar may share it)
@@ -232,9 +279,9 @@ def test_nonfinite_steps_are_skipped_then_a_streak_stops_the_run(shards, tmp_pat
     assert losses[3] != losses[3] and all(losses[step] > 0 for step in (1, 2, 4))  # nan, never 0
 
 
-def test_single_nonfinite_step_leaves_an_honest_summary(shards, tmp_path):
-    output = tmp_path / "run"
-    result = launch([*PROBE, str(tmp_path / "probe"), *pretrain_args(shards, output, 3)], {"SIMMIM_PROBE_NAN_AT": "2"})
+def test_single_nonfinite_step_leaves_an_honest_summary(single_runs):
+    base, started = single_runs["test_single_nonfinite_step_leaves_an_honest_summary"]
+    output, result = base / "run", started.result()
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "simmim_run.json").read_text())
     assert summary["loss_curve"][1] == [2, None] and summary["nonfinite_steps"] == 1
@@ -242,9 +289,9 @@ def test_single_nonfinite_step_leaves_an_honest_summary(shards, tmp_path):
     assert (output / "encoder" / "model.safetensors").is_file()
 
 
-def test_processes_that_each_see_world_size_one_stop_at_start(shards, tmp_path):
-    output = tmp_path / "run"
-    result = launch([*LAUNCH_TWO, "scripts/pretrain.py", *pretrain_args(shards, output, 2)])
+def test_processes_that_each_see_world_size_one_stop_at_start(single_runs):
+    base, started = single_runs["test_processes_that_each_see_world_size_one_stop_at_start"]
+    output, result = base / "run", started.result()
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors and "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2" in errors[0]
@@ -316,8 +363,16 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path, capsys, script,
     assert not output.exists()
 
 
-def test_no_token_in_argument_errors(tmp_path, capsys):
-    token = "hf_" + "A1b2C3d4" * 4
+TOKEN = "hf_" + "A1b2C3d4" * 4
+
+
+def push_with_a_token_flag(shards, base: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "scripts/push_to_hub.py", str(base), "--repo_id", "a/b", "--hub_token", TOKEN]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_no_token_in_argument_errors(tmp_path, capsys, single_runs):
+    token = TOKEN
     # A typo'd flag, and a token given where a number belongs: neither error message shows it.
     for argv in (
         ["--output_dir", str(tmp_path), "--hub_tokn", token],
@@ -326,8 +381,7 @@ def test_no_token_in_argument_errors(tmp_path, capsys):
         status, stderr = run_script_in_process("pretrain", argv, capsys)
         assert status == 2 and "error" in stderr and token not in stderr
     # The case of the issue, end to end: push_to_hub.py has no token flag at all.
-    command = [sys.executable, "scripts/push_to_hub.py", str(tmp_path), "--repo_id", "a/b", "--hub_token", token]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = single_runs["test_no_token_in_argument_errors"][1].result()
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert token not in result.stdout + result.stderr and "hub_token" in result.stderr
 
@@ -396,3 +450,13 @@ def test_a_zero_image_std_measured_on_the_data_is_one_line_and_exit_2(tmp_path, 
     assert stderr.count("\n") == 1 and stderr.startswith("error: image_std must be finite and > 0"), stderr
     assert "got [0.0, 0.0, 0.0] (measured on the first 4 images of the stream)" in stderr, stderr
     assert not output.exists()
+
+
+# Tests whose fault is a run (or a chain of runs) of their own, prepared by `single_runs`.
+SINGLE_RUNS = {
+    "test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one": kill_during_save_and_rerun,
+    "test_nonfinite_steps_are_skipped_then_a_streak_stops_the_run": nonfinite_streak_run,
+    "test_single_nonfinite_step_leaves_an_honest_summary": single_nonfinite_run,
+    "test_processes_that_each_see_world_size_one_stop_at_start": world_size_one_run,
+    "test_no_token_in_argument_errors": push_with_a_token_flag,
+}

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from pretrain_helpers import LAUNCH_TWO, PROBE, PROBE_SCRIPT, launch, pretrain_args, run
+from pretrain_helpers import LAUNCH_TWO, PROBE, PROBE_SCRIPT, launch, pretrain_args, run, together
 
 from simmim_hf import SimMIMConfig, SimMIMForMaskedImageModeling
 from simmim_hf.pretrain.monitor import encoder_features, prepare_monitor_set
@@ -28,9 +28,11 @@ def monitor_points(output_dir):
 def runs(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("monitor")
     whole = pretrain_args(shards, root / "whole", 4, *MONITOR)
-    run([*PROBE, str(root / "probe-whole"), *whole], env=ENV)
     cut = pretrain_args(shards, root / "cut", 4, *MONITOR)
-    killed = launch([*PROBE, str(root / "probe-cut"), *cut], env={**ENV, "SIMMIM_PROBE_KILL_AT_STEP": "3"})
+    _, killed = together(  # independent (two folders): both at once
+        (run, [*PROBE, str(root / "probe-whole"), *whole], ENV),
+        (launch, [*PROBE, str(root / "probe-cut"), *cut], {**ENV, "SIMMIM_PROBE_KILL_AT_STEP": "3"}),
+    )
     assert killed.returncode != 0
     run([*PROBE, str(root / "probe-resumed"), *cut], env=ENV)
     return SimpleNamespace(root=root, whole=root / "whole", cut=root / "cut")

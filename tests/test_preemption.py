@@ -17,7 +17,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from pretrain_helpers import LAUNCH_TWO, PROBE, PROBE_SCRIPT, ROOT, launch, loss_curve, pretrain_args, run
+from pretrain_helpers import (
+    LAUNCH_TWO,
+    PROBE,
+    PROBE_SCRIPT,
+    ROOT,
+    in_background,
+    launch,
+    loss_curve,
+    pretrain_args,
+    run,
+)
 
 from simmim_hf.pretrain.checkpoints import incompleteness
 
@@ -103,13 +113,14 @@ def assert_same_as(reference: Path, chain: Path, ranks: int) -> None:
 def one_process(shards, tmp_path_factory):
     """Uninterrupted; SIGTERM at STOPS[0] with a second SIGTERM during its save; SIGINT at STOPS[1]; the finish."""
     reference, base = tmp_path_factory.mktemp("one_straight"), tmp_path_factory.mktemp("one_chain")
-    run(command(PROBE, reference, "p-straight", shards))
+    straight = in_background(run, command(PROBE, reference, "p-straight", shards))  # its own folder: alongside
     term = launch(
         command(PROBE, base, "p-term", shards),
         {"SIMMIM_PROBE_SIGNAL_AT_STEP": f"{STOPS[0]}:SIGTERM", "SIMMIM_PROBE_SIGNAL_IN_SAVE": "SIGTERM"},
     )
     interrupt = launch(command(PROBE, base, "p-int", shards), {"SIMMIM_PROBE_SIGNAL_AT_STEP": f"{STOPS[1]}:SIGINT"})
     finish = run(command(PROBE, base, "p-finish", shards))
+    straight.result()
     return SimpleNamespace(reference=reference, base=base, term=term, interrupt=interrupt, finish=finish)
 
 
@@ -119,8 +130,7 @@ def two_processes(shards, tmp_path_factory):
     SIGINT to the launcher at STOPS[2]; the finish."""
     reference, base = tmp_path_factory.mktemp("two_straight"), tmp_path_factory.mktemp("two_chain")
     one_machine = [*LAUNCH_TWO, PROBE_SCRIPT]
-    straight = run(command(one_machine, reference, "p-straight", shards), CPU)
-    assert (reference / "p-straight" / "world-rank1.txt").read_text() == "2", straight.stderr[-2000:]
+    straight = in_background(run, command(one_machine, reference, "p-straight", shards), CPU)  # alongside the chain
     term = launch(
         command(one_machine, base, "p-term", shards),
         {**CPU, "SIMMIM_PROBE_SIGNAL_AT_STEP": f"{STOPS[0]}:SIGTERM:0:launcher"},
@@ -134,6 +144,8 @@ def two_processes(shards, tmp_path_factory):
         {**CPU, "SIMMIM_PROBE_SIGNAL_AT_STEP": f"{STOPS[2]}:SIGINT:1:launcher"},
     )
     finish = run(command(one_machine, base, "p-finish", shards), CPU)
+    straight = straight.result()
+    assert (reference / "p-straight" / "world-rank1.txt").read_text() == "2", straight.stderr[-2000:]
     return SimpleNamespace(
         reference=reference, base=base, term=term, machines=machines, interrupt=interrupt, finish=finish
     )

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from pretrain_helpers import ROOT, TINY, pretrain_args, read_batches, run
+from pretrain_helpers import ROOT, TINY, pretrain_args, read_batches, run, together
 from tiny_configs import tiny_simmim_config
 from transformers import HfArgumentParser
 
@@ -74,8 +74,10 @@ def test_resume_continues_the_stream_without_replaying_it(shards, tmp_path):
     straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
     probe_script = [sys.executable, "tests/pretrain_probe.py"]
     buffer = ("--shuffle_buffer_size", "64")  # a real shuffle buffer: its keys are part of the saved position
-    run([*probe_script, str(straight), *pretrain_args(shards, tmp_path / "a", 6, *buffer)])
-    run([*probe_script, str(first), *pretrain_args(shards, tmp_path / "b", 3, "--save_steps", "3", *buffer)])
+    together(  # independent (two folders): both at once
+        (run, [*probe_script, str(straight), *pretrain_args(shards, tmp_path / "a", 6, *buffer)]),
+        (run, [*probe_script, str(first), *pretrain_args(shards, tmp_path / "b", 3, "--save_steps", "3", *buffer)]),
+    )
     checkpoint = tmp_path / "b" / "checkpoint-3"
     assert (checkpoint / "stream_state_rank0.json").is_file()
     assert json.loads((checkpoint / "simmim_wall_time.json").read_text())["wall_time_seconds"] > 0
