@@ -178,10 +178,21 @@ def test_official_schedule_flags_are_checked(tmp_path):
             output_dir=str(tmp_path), use_cpu=True, lr_schedule="official", lr_milestones="50",
             min_learning_rate_ratio=0.05,
         )  # fmt: skip
-    with pytest.raises(UsageError, match="lr_milestones"):
+    with pytest.raises(
+        UsageError, match=r"warmup \(10 steps, --warmup_steps\) must end by the first of --lr_milestones \(5\)"
+    ):
         SimMIMTrainingArguments(
             output_dir=str(tmp_path), use_cpu=True, lr_schedule="official", lr_milestones="5", warmup_steps=10
         )
+    # The default warmup (0.1 of max_steps = 100 steps) is checked at parse time too, not when training starts.
+    with pytest.raises(UsageError, match=r"warmup \(100 steps, --warmup_steps\) must end by the first"):
+        SimMIMTrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, lr_schedule="official", lr_milestones="50", max_steps=1000,
+        )  # fmt: skip
+    SimMIMTrainingArguments(  # a warmup that ends by the milestone is accepted
+        output_dir=str(tmp_path), use_cpu=True, lr_schedule="official", lr_milestones="100", max_steps=1000,
+        warmup_steps=0.1,
+    )  # fmt: skip
     with pytest.raises(UsageError, match="warmup_start_ratio"):
         SimMIMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, warmup_start_ratio=0.01)
     with pytest.raises(UsageError, match="lr_schedule"):

@@ -159,8 +159,13 @@ def find_recorded_stats(data_args: Any) -> tuple[dict[str, Any], Path] | None:
 def data_provenance(data_args: Any) -> dict[str, Any]:
     """What the run's data is, for the run summary and the model card: the source `prepare_data.py` sharded (the
     embedded Fashion-MNIST, a Hub dataset id, a save_to_disk folder or an image folder), its kind, the file format and
-    the image count. Empty values when the data was not written by prepare_data.py."""
-    found = find_prepare_summary(data_args)
+    the image count. Empty values when the data was not written by prepare_data.py, or when its files can no longer
+    be listed: this runs after training, for the record, and a shard deleted since must not stop the export."""
+    try:
+        found = find_prepare_summary(data_args)
+    except UsageError as error:
+        logger.warning("data provenance not recorded: %s", error)
+        found = None
     if found is None:
         return {"data_source": None, "data_source_type": None, "data_format": None, "num_source_images": None}
     summary = found[0]

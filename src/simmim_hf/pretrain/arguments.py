@@ -271,11 +271,14 @@ class SimMIMTrainingArguments(TrainingArguments):
                 "--min_learning_rate_ratio is the official cosine's floor; the official multistep (--lr_milestones) "
                 "has none"
             )
-        if self.lr_schedule == "official" and self.lr_milestones and self.warmup_steps >= 1:
+        if self.lr_schedule == "official" and self.lr_milestones and (self.warmup_steps >= 1 or self.max_steps > 0):
+            # The warmup in steps, a fraction of max_steps included (the default ratio too), checked before any data
+            # is read or folder written.
+            warmup = self.get_warmup_steps(self.max_steps) if self.max_steps > 0 else int(self.warmup_steps)
             first = parse_milestones(self.lr_milestones)[0]
-            if self.warmup_steps > first:
+            if warmup > first:
                 raise UsageError(
-                    f"--lr_schedule official: --warmup_steps {self.warmup_steps} must end by the first of "
+                    f"--lr_schedule official: the warmup ({warmup} steps, --warmup_steps) must end by the first of "
                     f"--lr_milestones ({first})"
                 )
         if self.lr_schedule != "official" and self.warmup_start_ratio:
