@@ -76,16 +76,38 @@ def _step(trainer):
     trainer.lr_scheduler.step()
 
 
-def test_official_schedule_is_the_formula_at_every_step(tmp_path):
-    trainer = _trainer(tmp_path)
-    assert schedule_name(trainer.args) == "official-cosine"
+def _lrs_checked_against(trainer, formula) -> list[float]:
+    """The LR of every step 0 .. TOTAL + 2 (one LR for all parameter groups), each checked against `formula(step)`."""
     seen = []
     for step in range(TOTAL + 3):
         lrs = {group["lr"] for group in trainer.optimizer.param_groups}
         assert len(lrs) == 1
         seen.append(lrs.pop())
-        assert seen[-1] == pytest.approx(official_lr(step), rel=1e-12, abs=1e-18), step
+        assert seen[-1] == pytest.approx(formula(step), rel=1e-12, abs=1e-18), step
         _step(trainer)
+    return seen
+
+
+def _resumed_at(build, tmp_path, at: int):
+    """A trainer from `build` that trained `at` steps, saved its optimizer and scheduler, and a fresh one from
+    `build` that loaded them as the Trainer does at a resume."""
+    first = build(tmp_path / "a")
+    for _ in range(at):
+        _step(first)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    torch.save(first.optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(first.lr_scheduler.state_dict(), folder / "scheduler.pt")
+    resumed = build(tmp_path / "b")
+    resumed.state.global_step = at
+    resumed._load_optimizer_and_scheduler(str(folder))
+    return resumed
+
+
+def test_official_schedule_is_the_formula_at_every_step(tmp_path):
+    trainer = _trainer(tmp_path)
+    assert schedule_name(trainer.args) == "official-cosine"
+    seen = _lrs_checked_against(trainer, official_lr)
     scale = BATCH / 512
     # The named points: the warmup start, the end of the warmup, the middle of the run, the end.
     assert seen[0] == seen[1] == pytest.approx(WARMUP_LR * scale)
@@ -99,16 +121,7 @@ def test_official_schedule_is_the_formula_at_every_step(tmp_path):
 
 
 def test_resume_keeps_the_official_schedule(tmp_path):
-    first = _trainer(tmp_path / "a")
-    for _ in range(WARMUP + 7):
-        _step(first)
-    folder = tmp_path / "checkpoint"
-    folder.mkdir()
-    torch.save(first.optimizer.state_dict(), folder / "optimizer.pt")
-    torch.save(first.lr_scheduler.state_dict(), folder / "scheduler.pt")
-    resumed = _trainer(tmp_path / "b")
-    resumed.state.global_step = WARMUP + 7
-    resumed._load_optimizer_and_scheduler(str(folder))
+    resumed = _resumed_at(_trainer, tmp_path, WARMUP + 7)
     for step in range(WARMUP + 7, TOTAL + 2):
         assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(official_lr(step), rel=1e-12), step
         _step(resumed)
@@ -124,13 +137,7 @@ def _vit_trainer(tmp_path):
 def test_official_multistep_is_the_formula_at_every_step(tmp_path):
     trainer = _vit_trainer(tmp_path)
     assert schedule_name(trainer.args) == "official-multistep"
-    seen = []
-    for step in range(TOTAL + 3):
-        lrs = {group["lr"] for group in trainer.optimizer.param_groups}
-        assert len(lrs) == 1
-        seen.append(lrs.pop())
-        assert seen[-1] == pytest.approx(official_multistep_lr(step), rel=1e-12, abs=1e-18), step
-        _step(trainer)
+    seen = _lrs_checked_against(trainer, official_multistep_lr)
     scale = BATCH / 512
     peak, start = VIT_BASE * scale, VIT_WARMUP_LR * scale
     # Warmup start (steps 0 and 1), its last step, the peak right after it, and the x0.1 one step after the
@@ -142,16 +149,7 @@ def test_official_multistep_is_the_formula_at_every_step(tmp_path):
 
 
 def test_resume_keeps_the_official_multistep_and_detects_a_changed_schedule(tmp_path):
-    first = _vit_trainer(tmp_path / "a")
-    for _ in range(VIT_MILESTONE - 2):
-        _step(first)
-    folder = tmp_path / "checkpoint"
-    folder.mkdir()
-    torch.save(first.optimizer.state_dict(), folder / "optimizer.pt")
-    torch.save(first.lr_scheduler.state_dict(), folder / "scheduler.pt")
-    resumed = _vit_trainer(tmp_path / "b")
-    resumed.state.global_step = VIT_MILESTONE - 2
-    resumed._load_optimizer_and_scheduler(str(folder))
+    resumed = _resumed_at(_vit_trainer, tmp_path, VIT_MILESTONE - 2)
     for step in range(VIT_MILESTONE - 2, TOTAL + 2):
         assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(official_multistep_lr(step), rel=1e-12), step
         _step(resumed)
