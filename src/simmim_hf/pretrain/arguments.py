@@ -275,12 +275,7 @@ class SimMIMTrainingArguments(TrainingArguments):
             # The warmup in steps, a fraction of max_steps included (the default ratio too), checked before any data
             # is read or folder written.
             warmup = self.get_warmup_steps(self.max_steps) if self.max_steps > 0 else int(self.warmup_steps)
-            first = parse_milestones(self.lr_milestones)[0]
-            if warmup > first:
-                raise UsageError(
-                    f"--lr_schedule official: the warmup ({warmup} steps, --warmup_steps) must end by the first of "
-                    f"--lr_milestones ({first})"
-                )
+            check_official_warmup(warmup, parse_milestones(self.lr_milestones))
         if self.lr_schedule != "official" and self.warmup_start_ratio:
             raise UsageError("--warmup_start_ratio applies to --lr_schedule official only")
         if not 0 <= self.warmup_start_ratio <= 1 or not 0 <= self.min_learning_rate_ratio <= 1:
@@ -351,6 +346,15 @@ def wants_auto_bf16(args: Any) -> bool:
 def scaled_learning_rate(base_lr: float, per_device_batch: int, world_size: int, accumulation: int) -> float:
     """The paper's linear scaling rule: base_lr * (per-device batch x world size x accumulation) / 512."""
     return base_lr * per_device_batch * world_size * accumulation / REFERENCE_BATCH_SIZE
+
+
+def check_official_warmup(warmup_steps: int, milestones: list[int]) -> None:
+    """microsoft/SimMIM's multistep requires the warmup to end by the first milestone: `UsageError` otherwise."""
+    if milestones and warmup_steps > min(milestones):
+        raise UsageError(
+            f"--lr_schedule official: the warmup ({warmup_steps} steps, --warmup_steps) must end by the first of "
+            f"--lr_milestones ({min(milestones)})"
+        )
 
 
 def parse_milestones(text: str) -> list[int]:

@@ -26,8 +26,8 @@ from simmim_hf.configuration_simmim import to_pair
 from simmim_hf.data.faults import FAULT_REASONS, add_counts
 from simmim_hf.data.images import normalize_pixel_values
 from simmim_hf.data.stream import StreamLoader
-from simmim_hf.errors import RunFault, TrainingDiverged, UsageError
-from simmim_hf.pretrain.arguments import parse_milestones
+from simmim_hf.errors import RunFault, TrainingDiverged
+from simmim_hf.pretrain.arguments import check_official_warmup, parse_milestones
 from simmim_hf.pretrain.callbacks import NonFiniteGuard, RunEpoch
 from simmim_hf.pretrain.checkpoints import (
     STAGING_PREFIX,
@@ -99,11 +99,7 @@ def official_multistep_lambda(
     With `t = max(step - 1, 0)` (as in `official_cosine_lambda`): `warmup_start + t * (1 - warmup_start) /
     warmup_steps` while `t < warmup_steps`; then `gamma ** (number of milestones <= t)`. The milestones count from
     step 0 (warmup included), and the official code requires the warmup to end by the first milestone."""
-    if milestones and warmup_steps > min(milestones):
-        raise UsageError(
-            f"--lr_schedule official: the warmup ({warmup_steps} steps) must end by the first of --lr_milestones "
-            f"({min(milestones)})"
-        )
+    check_official_warmup(warmup_steps, milestones)
 
     def factor(step: int) -> float:
         t = max(step - 1, 0)
