@@ -1,13 +1,17 @@
 """Helpers shared by the end-to-end pretraining tests (test_pretrain.py, test_faults.py) and scripts/fault_matrix.py:
 subprocess runs of scripts/pretrain.py (or tests/pretrain_probe.py) with a tiny ViT on Fashion-MNIST shards."""
 
+import io
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import tarfile
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+import PIL.Image
 
 from simmim_hf.publish.run_dir import RunDir
 
@@ -25,6 +29,22 @@ def make_shards(output: Path, num_shards: int = 4, max_samples: int = 256) -> li
     run([sys.executable, "scripts/prepare_data.py", "--source", "fashion-mnist", "--output", str(output),
          "--num_shards", str(num_shards), "--max_samples", str(max_samples), "--overwrite", "true"])  # fmt: skip
     return sorted(str(p) for p in Path(output).glob("*.tar"))
+
+
+def write_png_tar(path: Path, images: Iterable["PIL.Image.Image | bytes"]) -> Path:
+    """A webdataset shard at `path` (folders made): one `{index:09d}.png` member per image, a PIL image saved as
+    PNG or bytes stored as they are."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for index, image in enumerate(images):
+            if isinstance(image, PIL.Image.Image):
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                image = buffer.getvalue()
+            info = tarfile.TarInfo(f"{index:09d}.png")
+            info.size = len(image)
+            tar.addfile(info, io.BytesIO(image))
+    return path
 
 
 def launch(command, env=None, timeout=600) -> subprocess.CompletedProcess:

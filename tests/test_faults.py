@@ -5,13 +5,11 @@ Runs are subprocesses of tests/pretrain_probe.py (a tiny ViT on 256 Fashion-MNIS
 SIGKILL and the outcome is what a user sees: files, exit status, stderr, weights.
 """
 
-import io
 import json
 import random
 import shutil
 import subprocess
 import sys
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +28,7 @@ from pretrain_helpers import (
     pretrain_args,
     run,
     together,
+    write_png_tar,
 )
 from safetensors.torch import load_file
 
@@ -433,15 +432,8 @@ def test_a_zero_image_std_from_the_command_line_is_one_line_and_exit_2(tmp_path,
 def test_a_zero_image_std_measured_on_the_data_is_one_line_and_exit_2(tmp_path, capsys):
     """--image_stats dataset on images of one grey level measures std 0: the config's own check refuses it, naming
     image_std and where the values came from, before anything trains."""
-    shard = tmp_path / "flat" / "train-0.tar"
-    shard.parent.mkdir()
-    with tarfile.open(shard, "w") as tar:
-        for index in range(4):
-            buffer = io.BytesIO()
-            PIL.Image.new("RGB", (32, 32), (128, 128, 128)).save(buffer, format="PNG")
-            info = tarfile.TarInfo(f"{index:09d}.png")
-            info.size = len(buffer.getvalue())
-            tar.addfile(info, io.BytesIO(buffer.getvalue()))
+    grey = PIL.Image.new("RGB", (32, 32), (128, 128, 128))
+    shard = write_png_tar(tmp_path / "flat" / "train-0.tar", [grey] * 4)
     output = tmp_path / "run"
     argv = ["--preset", "demo", "--dataset_name", "webdataset", "--data_files", str(shard), "--streaming", "true",
             "--image_stats", "dataset", "--output_dir", str(output), "--max_steps", "2", "--report_to", "none"]  # fmt: skip

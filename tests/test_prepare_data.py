@@ -7,7 +7,6 @@ import os
 import struct
 import subprocess
 import sys
-import tarfile
 import zlib
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import pytest
+from pretrain_helpers import write_png_tar
 
 from simmim_hf.cli import run_script
 from simmim_hf.configuration_simmim import SimMIMConfig
@@ -270,14 +270,9 @@ def test_an_image_above_the_one_limit_is_skipped_and_counted_everywhere(odd_corp
     assert decoder(big) is None and decoder.fault_counts()["too_large"] == 1
 
     # --image_stats dataset on shards without a record measures the stream with the run's limit and counts the skip.
-    tar_path = root / "stream" / "train-0.tar"
-    tar_path.parent.mkdir()
-    with tarfile.open(tar_path, "w") as tar:
-        for index, path in enumerate(sorted((root / "odd_12k").iterdir())):
-            data = path.read_bytes()
-            info = tarfile.TarInfo(f"{index:09d}.png")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    tar_path = write_png_tar(
+        root / "stream" / "train-0.tar", [p.read_bytes() for p in sorted((root / "odd_12k").iterdir())]
+    )
     config = SimMIMConfig.from_preset("demo")
     data_args = DataArguments(dataset_name="webdataset", data_files=[str(tar_path)])
     stats = resolve_image_stats(ModelArguments(image_stats="dataset", image_stats_samples=100), data_args, config)

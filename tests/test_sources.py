@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from pretrain_helpers import write_png_tar
 
 from simmim_hf.data.images import decode_image
 from simmim_hf.data.labelled import detect_columns, load_eval_data
@@ -229,14 +230,7 @@ def test_a_save_to_disk_folder_is_the_same_source_for_pretraining_and_evaluation
 
 # --- one home for --data_files: stats and training see the same files ------------------------------------------------
 def _tar_of(path: Path, levels: list[int]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for index, level in enumerate(levels):
-            buffer = io.BytesIO()
-            PIL.Image.new("RGB", (8, 8), (level, level, level)).save(buffer, format="PNG")
-            info = tarfile.TarInfo(f"{index:09d}.png")
-            info.size = len(buffer.getvalue())
-            tar.addfile(info, io.BytesIO(buffer.getvalue()))
+    write_png_tar(path, [PIL.Image.new("RGB", (8, 8), (level, level, level)) for level in levels])
 
 
 def test_statistics_and_training_expand_a_glob_to_the_same_files(tmp_path):
